@@ -1,0 +1,112 @@
+"""The `foresight` command.
+
+    foresight train RECIPE [section.key=value ...] [--run-dir DIR] [--resume]
+    foresight config RECIPE [section.key=value ...] [--world-size N]
+    foresight config --keys [--stage STAGE]
+
+`train` runs one stage on however many processes launched it: plain `foresight train` is one
+process; `torchrun --nproc_per_node N -m megatron_foresight train ...` is N; `srun foresight
+train ...` is one per Slurm task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+
+from megatron_foresight.configtree import ConfigError
+
+OVERRIDES_HELP = ("recipe overrides, e.g. schedule.train_steps=20 "
+                  "parallel.tensor_model_parallel_size=2 (see `foresight config --keys`)")
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("recipe", nargs=None if required else "?", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="foresight",
+        description="megatron-foresight: train LLM agents to plan with an internal world model, "
+                    "on Megatron-Core.",
+        epilog="Run `foresight COMMAND --help` for a command's options.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = sub.add_parser(
+        "train", help="run one training stage from a recipe",
+        description="Run one training stage from a recipe. Writes checkpoints, metrics.jsonl, "
+                    "TensorBoard events and the resolved config.yaml into one run directory, "
+                    "whose path it prints. Under torchrun or srun it runs on every process.",
+        epilog="Examples:\n"
+               "  foresight train recipes/tiny-cpu/lm.yaml\n"
+               "  foresight train recipes/tiny-cpu/lm.yaml schedule.train_steps=20\n"
+               "  torchrun --nproc_per_node 2 -m megatron_foresight train "
+               "recipes/tiny-cpu/lm.yaml parallel.tensor_model_parallel_size=2\n"
+               "  foresight train recipes/tiny-cpu/lm.yaml --run-dir runs/a --resume",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe_args(train)
+    train.add_argument("--run-dir", help="run directory (default: <logging.runs_root>/"
+                                         "<recipe>-<date>-<time>, or logging.run_name)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in the run directory (without "
+                            "--run-dir: the newest run of this recipe); starts at step 0 if "
+                            "there is none yet, so a requeued job can always pass it")
+    train.add_argument("--verbose", action="store_true", help="debug logging on every rank")
+
+    config = sub.add_parser(
+        "config", help="validate a recipe and print it resolved (a dry run), or list all keys",
+        description="Validate a recipe with its overrides, as `train` would before starting any "
+                    "process, and print every key with its resolved value. Nothing is run.")
+    _add_recipe_args(config, required=False)
+    config.add_argument("--world-size", type=int, default=None,
+                        help="also check the layout against this many processes "
+                             "(default: the launcher's WORLD_SIZE, else 1)")
+    config.add_argument("--keys", action="store_true",
+                        help="list every recipe key with its type, default and meaning")
+    config.add_argument("--stage", default=None, help="with --keys: include this stage's section")
+    return parser
+
+
+def _cmd_train(args) -> int:
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.training.loop import train
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    train(cfg, run_dir=args.run_dir, resume=args.resume, verbose=args.verbose)
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from megatron_foresight.config import describe_recipe, load_recipe
+    from megatron_foresight.training.plugin import available_stages, load_plugin
+
+    if args.keys:
+        stages = [args.stage] if args.stage else available_stages()
+        print(describe_recipe({s: load_plugin(s).Config for s in stages}))
+        return 0
+    if not args.recipe:
+        raise SystemExit("error: give a RECIPE to validate, or --keys")
+    cfg = load_recipe(args.recipe, args.overrides)
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+    cfg.check_world_size(world)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    print(f"# valid for {world} process(es)", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": _cmd_train, "config": _cmd_config}[args.command](args)
+    except ConfigError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

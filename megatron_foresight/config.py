@@ -1,0 +1,443 @@
+"""The recipe schema: one dataclass per section, each validating its own fields.
+
+A recipe YAML maps one-to-one onto `RecipeConfig`; the section named after the stage (for
+example `lm:`) is the stage plugin's own config class. Checks that involve one section live in its
+`__post_init__`; checks across sections live in `RecipeConfig.__post_init__`; checks that need
+the world size (known from the launcher's environment before any process group starts) live in
+`RecipeConfig.check_world_size`. The field docstrings are the documentation: `foresight config
+--keys` prints them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from megatron_foresight.configtree import (
+    ConfigError, apply_overrides, build, check, describe, load_yaml, to_dict,
+)
+from megatron_foresight.models.presets import PRESETS
+
+
+@dataclass
+class ModelConfig:
+    """The transformer (a Megatron-Core GPTModel)."""
+
+    preset: Optional[str] = None
+    """Start from a named shape (models/presets.py); keys set beside it override the preset."""
+    family: Literal["llama", "qwen2"] = "llama"
+    """Architecture family, which fixes the Hugging Face mapping used by conversion."""
+    num_layers: int = 4
+    """Transformer layers."""
+    hidden_size: int = 256
+    """Model width."""
+    ffn_hidden_size: int = 704
+    """Width of the MLP (per SwiGLU branch)."""
+    num_attention_heads: int = 8
+    """Query heads."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; null means one per query head."""
+    kv_channels: Optional[int] = None
+    """Head dimension; null means hidden_size / num_attention_heads."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size; null takes it from the tokenizer."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding is padded to a multiple of this; must be divisible by the TP size, so the
+    padded size (and the initial weights) do not change with the parallel layout."""
+    max_position_embeddings: int = 1024
+    """Longest sequence the position encoding is set up for."""
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    """Normalization layer."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the normalization layers."""
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    """MLP activation; swiglu is a gated SiLU (Llama, Qwen)."""
+    add_qkv_bias: bool = False
+    """Bias on the query/key/value projection (Qwen2)."""
+    position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
+    """Position encoding."""
+    rotary_base: int = 10_000
+    """RoPE base frequency."""
+    rope_scaling: bool = False
+    """Llama-3.1 style RoPE frequency scaling."""
+    rope_scaling_factor: float = 8.0
+    """Factor of the Llama-3.1 RoPE scaling."""
+    untie_embeddings_and_output_weights: bool = True
+    """Separate input embedding and output layer (false ties them)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialization."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter and compute precision; the optimizer keeps fp32 master weights for bf16/fp16."""
+    fp8: Optional[Literal["hybrid", "e4m3"]] = None
+    """Transformer Engine FP8 format (CUDA only); hybrid = E4M3 forward, E5M2 backward."""
+    fp8_amax_history_len: int = 1024
+    """FP8 delayed scaling: how many steps of amax history to keep."""
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    """FP8 delayed scaling: how the scale is chosen from the amax history."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Layer implementation: auto picks Transformer Engine on CUDA when it imports, else local."""
+    recompute_granularity: Optional[Literal["selective", "full"]] = None
+    """Activation recomputation: selective (attention core) or full (whole layers)."""
+    recompute_num_layers: int = 1
+    """With full recomputation: layers per recomputed chunk."""
+    init_on_cpu: Optional[bool] = None
+    """Initialize weights on the CPU, full-size then split, so the initial model does not depend
+    on the TP/PP layout; null means yes without CUDA, no with CUDA (faster on GPUs)."""
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "max_position_embeddings", "make_vocab_size_divisible_by"):
+            check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        groups = self.num_query_groups or self.num_attention_heads
+        check(groups > 0 and self.num_attention_heads % groups == 0, "num_query_groups",
+              f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+              f"num_query_groups ({groups})")
+        if self.kv_channels is None:
+            check(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                  f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                  f"({self.num_attention_heads}), or set kv_channels")
+        check(self.vocab_size is None or self.vocab_size > 0, "vocab_size", "must be positive")
+        check(0.0 <= self.hidden_dropout < 1.0, "hidden_dropout", "must be in [0, 1)")
+        check(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must be in [0, 1)")
+        check(self.init_method_std > 0, "init_method_std", "must be positive")
+        check(self.fp8 is None or self.transformer_impl != "local", "fp8",
+              "FP8 needs transformer_impl: transformer_engine (or auto on a CUDA machine)")
+        check(self.fp8 is None or self.precision != "fp32", "fp8",
+              "FP8 runs inside a bf16 (or fp16) model: set model.precision: bf16")
+        check(self.recompute_num_layers > 0, "recompute_num_layers", "must be positive")
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and data are split over processes. The data-parallel size is what is left:
+    world_size / (tensor * pipeline * context)."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor parallelism: each layer's matrices split over this many processes."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline parallelism: layers split into this many stages."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Interleaved pipeline: model chunks per pipeline stage."""
+    context_parallel_size: int = 1
+    """Context parallelism: the sequence split over this many processes (CUDA)."""
+    expert_model_parallel_size: int = 1
+    """Expert parallelism for mixture-of-experts models."""
+    sequence_parallel: bool = False
+    """Split norms and dropout along the sequence within the tensor-parallel group."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient all-reduce with the backward pass."""
+    distributed_timeout_minutes: int = 30
+    """How long a collective may wait before the job fails."""
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "context_parallel_size", "expert_model_parallel_size",
+                     "distributed_timeout_minutes"):
+            check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        vpp = self.virtual_pipeline_model_parallel_size
+        check(vpp is None or vpp >= 1, "virtual_pipeline_model_parallel_size", "must be at least 1")
+        check(vpp is None or self.pipeline_model_parallel_size > 1,
+              "virtual_pipeline_model_parallel_size",
+              "an interleaved pipeline needs pipeline_model_parallel_size > 1")
+        check(not self.sequence_parallel or self.tensor_model_parallel_size > 1,
+              "sequence_parallel", "needs tensor_model_parallel_size > 1")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                * self.context_parallel_size)
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer (Megatron-Core's, with fp32 master weights)."""
+
+    type: Literal["adam", "sgd"] = "adam"
+    """Adam is AdamW (decoupled weight decay)."""
+    lr: float = 3e-4
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; norms and biases are exempt."""
+    adam_beta1: float = 0.9
+    """Adam first-moment decay."""
+    adam_beta2: float = 0.95
+    """Adam second-moment decay."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    sgd_momentum: float = 0.9
+    """SGD momentum."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self):
+        check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        check(self.weight_decay >= 0, "weight_decay", "must be non-negative")
+        check(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
+        check(0 <= self.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
+        check(self.adam_eps > 0, "adam_eps", "must be positive")
+        check(self.clip_grad >= 0, "clip_grad", "must be non-negative (0 disables clipping)")
+
+
+@dataclass
+class ScheduleConfig:
+    """Steps, batch sizes and the learning-rate schedule."""
+
+    train_steps: int = 100
+    """Optimizer steps to train for."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step, over all data-parallel ranks."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward pass; gradients accumulate to the global batch."""
+    warmup_steps: int = 10
+    """Linear warmup from 0 to optimizer.lr."""
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay from optimizer.lr to optimizer.min_lr after warmup."""
+    decay_steps: Optional[int] = None
+    """Steps over which the decay runs (counting warmup); null means train_steps."""
+    eval_interval: int = 0
+    """Evaluate on the validation split every this many steps (0: only at the end)."""
+    eval_steps: int = 2
+    """Validation batches per evaluation (0 disables evaluation)."""
+
+    def __post_init__(self):
+        check(self.train_steps >= 1, "train_steps", f"must be at least 1, got {self.train_steps}")
+        check(self.micro_batch_size >= 1, "micro_batch_size", "must be at least 1")
+        check(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size",
+              f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+              f"micro_batch_size ({self.micro_batch_size})")
+        check(self.lr_decay_steps >= 1, "decay_steps", "must be at least 1")
+        check(0 <= self.warmup_steps < self.lr_decay_steps, "warmup_steps",
+              f"must be in [0, decay_steps={self.lr_decay_steps}), got {self.warmup_steps}")
+        check(self.eval_interval >= 0, "eval_interval", "must be non-negative")
+        check(self.eval_steps >= 0, "eval_steps", "must be non-negative")
+
+    @property
+    def lr_decay_steps(self) -> int:
+        return self.decay_steps if self.decay_steps is not None else self.train_steps
+
+
+@dataclass
+class TokenizerConfig:
+    """The tokenizer."""
+
+    type: Literal["byte"] = "byte"
+    """byte: UTF-8 bytes plus special tokens, needs no files."""
+    path: Optional[str] = None
+    """Tokenizer file or directory, for types that load one."""
+
+
+@dataclass
+class DataConfig:
+    """What the data loaders share; each stage's section says which data to read."""
+
+    seq_length: int = 256
+    """Tokens per training sequence."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """The tokenizer."""
+    cache_dir: Optional[str] = None
+    """Where tokenized datasets and their indices are cached; null means <runs_root>/cache."""
+    num_workers: int = 2
+    """Background processes that read and batch samples (0 reads in the training process)."""
+
+    def __post_init__(self):
+        check(self.seq_length >= 2, "seq_length", f"must be at least 2, got {self.seq_length}")
+        check(self.num_workers >= 0, "num_workers", "must be non-negative")
+
+
+@dataclass
+class CheckpointConfig:
+    """Megatron distributed checkpoints in <run_dir>/checkpoints."""
+
+    save_interval: int = 0
+    """Save every this many steps (0: only at the end). The final step is always saved."""
+    keep_last: int = 2
+    """How many checkpoints to keep; older ones are deleted after a newer one is complete."""
+    init_from: Optional[str] = None
+    """Start from the model weights of this checkpoint (a run directory or a checkpoint
+    directory); optimizer and progress start fresh. Ignored when resuming."""
+    save_optimizer: bool = True
+    """Save optimizer state (needed to resume exactly; not needed to convert or evaluate)."""
+    optimizer_sharding: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    """Distributed-optimizer state format: fully_reshardable loads at any TP/PP/DP size but
+    gathers state on data-parallel rank 0 while saving; dp_reshardable saves in parallel (the
+    choice for large models) but loads only at the same TP/PP size."""
+
+    def __post_init__(self):
+        check(self.save_interval >= 0, "save_interval", "must be non-negative")
+        check(self.keep_last >= 1, "keep_last", "must be at least 1")
+
+
+@dataclass
+class LoggingConfig:
+    """Where runs go and what they log."""
+
+    runs_root: str = "runs"
+    """Directory holding run directories."""
+    run_name: Optional[str] = None
+    """Name of the run directory; null means <recipe name>-<date>-<time>."""
+    log_interval: int = 1
+    """Write metrics every this many steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files to <run_dir>/tensorboard."""
+    progress_bar: bool = True
+    """Show a progress bar when the console is a terminal."""
+
+    def __post_init__(self):
+        check(self.log_interval >= 1, "log_interval", "must be at least 1")
+
+
+@dataclass
+class RecipeConfig:
+    """A recipe: one stage of training at one model size."""
+
+    stage: str = "lm"
+    """The stage plugin to run (a package under plugins/); its own section has the same name."""
+    seed: int = 1234
+    """Seed of weights, data order and dropout."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Schedule."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+    stage_config: object = field(default=None, init=False, repr=False, compare=False)
+    name: str = field(default="recipe", init=False, compare=False)
+
+    def __post_init__(self):
+        m, p = self.model, self.parallel
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        check(m.num_attention_heads % tp == 0, "model.num_attention_heads",
+              f"num_attention_heads ({m.num_attention_heads}) must be divisible by "
+              f"tensor_model_parallel_size ({tp})")
+        check(m.query_groups % tp == 0, "model.num_query_groups",
+              f"num_query_groups ({m.query_groups}) must be divisible by "
+              f"tensor_model_parallel_size ({tp})")
+        check(m.ffn_hidden_size % tp == 0, "model.ffn_hidden_size",
+              f"ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by "
+              f"tensor_model_parallel_size ({tp})")
+        check(m.make_vocab_size_divisible_by % tp == 0, "model.make_vocab_size_divisible_by",
+              f"make_vocab_size_divisible_by ({m.make_vocab_size_divisible_by}) must be divisible "
+              f"by tensor_model_parallel_size ({tp})")
+        chunks = pp * (p.virtual_pipeline_model_parallel_size or 1)
+        check(m.num_layers % chunks == 0, "model.num_layers",
+              f"num_layers ({m.num_layers}) must be divisible by pipeline_model_parallel_size "
+              f"({pp}) x virtual_pipeline_model_parallel_size "
+              f"({p.virtual_pipeline_model_parallel_size or 1}) = {chunks}")
+        check(self.data.seq_length <= m.max_position_embeddings, "data.seq_length",
+              f"seq_length ({self.data.seq_length}) exceeds model.max_position_embeddings "
+              f"({m.max_position_embeddings})")
+        check(not p.sequence_parallel or self.data.seq_length % tp == 0, "data.seq_length",
+              f"with sequence_parallel, seq_length ({self.data.seq_length}) must be divisible by "
+              f"tensor_model_parallel_size ({tp})")
+        cp = p.context_parallel_size
+        check(self.data.seq_length % (2 * cp) == 0 or cp == 1, "data.seq_length",
+              f"with context_parallel_size {cp}, seq_length ({self.data.seq_length}) must be "
+              f"divisible by 2 x context_parallel_size = {2 * cp}")
+        check(p.use_distributed_optimizer is False or self.optimizer.type == "adam",
+              "parallel.use_distributed_optimizer", "is supported with optimizer.type: adam")
+
+    def check_world_size(self, world_size: int) -> None:
+        """Checks that need the number of processes; run before any process group starts."""
+        p, s = self.parallel, self.schedule
+        mp = p.model_parallel_size
+        check(world_size % mp == 0, "parallel",
+              f"world size ({world_size} processes) must be divisible by tensor x pipeline x "
+              f"context parallel size ({p.tensor_model_parallel_size} x "
+              f"{p.pipeline_model_parallel_size} x {p.context_parallel_size} = {mp})")
+        dp = world_size // mp
+        check(s.global_batch_size % (s.micro_batch_size * dp) == 0, "schedule.global_batch_size",
+              f"global_batch_size ({s.global_batch_size}) must be a multiple of micro_batch_size "
+              f"({s.micro_batch_size}) x data-parallel size ({dp}) = {s.micro_batch_size * dp}")
+        vpp = p.virtual_pipeline_model_parallel_size
+        if vpp:
+            micro = s.global_batch_size // (s.micro_batch_size * dp)
+            check(micro % p.pipeline_model_parallel_size == 0, "schedule.global_batch_size",
+                  f"the interleaved pipeline needs microbatches per step ({micro}) divisible by "
+                  f"pipeline_model_parallel_size ({p.pipeline_model_parallel_size})")
+
+    def padded_vocab_size(self, tokenizer_vocab_size: int) -> int:
+        vocab = self.model.vocab_size or tokenizer_vocab_size
+        if vocab < tokenizer_vocab_size:
+            raise ConfigError("model.vocab_size", f"({vocab}) is smaller than the tokenizer's "
+                                                  f"vocabulary ({tokenizer_vocab_size})")
+        multiple = self.model.make_vocab_size_divisible_by
+        return math.ceil(vocab / multiple) * multiple
+
+    def to_dict(self) -> dict:
+        out = to_dict(self)
+        if self.stage_config is not None:
+            out[self.stage] = to_dict(self.stage_config)
+        return out
+
+
+def _apply_preset(tree: dict, origins: dict) -> dict:
+    model = tree.get("model")
+    if not isinstance(model, dict) or model.get("preset") is None:
+        return tree
+    name = model["preset"]
+    if name not in PRESETS:
+        import difflib
+        close = difflib.get_close_matches(str(name), list(PRESETS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError("model.preset", f"unknown preset {name!r}{hint}; choose one of "
+                                          f"{', '.join(sorted(PRESETS))}", origins.get("model.preset"))
+    return {**tree, "model": {**PRESETS[name], **model}}
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), stage_sections: dict | None = None,
+                ) -> RecipeConfig:
+    """Load, override and validate a recipe. `stage_sections` maps a stage name to its config
+    class (see `plugins.load`); the default looks the stage up among the installed plugins."""
+    tree, origins = load_yaml(path)
+    tree = apply_overrides(tree, origins, list(overrides))
+    tree = _apply_preset(tree, origins)
+    stage = tree.get("stage", RecipeConfig.stage)
+    if stage_sections is None:
+        from megatron_foresight.training.plugin import load_plugin
+        try:
+            stage_sections = {stage: load_plugin(stage).Config}
+        except ConfigError as e:
+            raise e.located(origins.get("stage")) from None
+    stage_cls = stage_sections.get(stage)
+    stage_tree = tree.pop(stage, {}) if stage_cls else {}
+    cfg = build(RecipeConfig, tree, origins)
+    if stage_cls is not None:
+        cfg.stage_config = build(stage_cls, stage_tree, origins, stage)
+    path = Path(path)
+    cfg.name = f"{path.parent.name}-{path.stem}" if path.parent.name else path.stem
+    return cfg
+
+
+def describe_recipe(stage_sections: dict | None = None) -> str:
+    return "\n".join(describe(RecipeConfig, extra_sections=stage_sections))
+
+
+__all__ = [
+    "CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig",
+    "OptimizerConfig", "ParallelConfig", "RecipeConfig", "ScheduleConfig", "TokenizerConfig",
+    "describe_recipe", "load_recipe",
+]

@@ -1,0 +1,107 @@
+"""Tokenized corpora as Megatron indexed datasets (`.bin` / `.idx`), cached by content, and the
+GPT datasets Megatron's `BlendedMegatronDatasetBuilder` makes of them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from megatron_foresight.runtime.dist import barrier, is_rank0
+
+
+class DataFileError(ValueError):
+    """A problem in a user's data file, located by file, line and field."""
+
+    def __init__(self, path, line: int, field: str | None, message: str):
+        where = f"{path}:{line}" + (f": field {field!r}" if field else "")
+        super().__init__(f"{where}: {message}")
+
+
+def read_text_documents(path: str | Path) -> Iterator[str]:
+    """Documents of a `.jsonl` file (a `text` field per line) or a `.txt` file (one per line).
+    Streams; a bad line raises `DataFileError` naming the file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.suffix != ".jsonl":
+                yield line.rstrip("\n")
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFileError(path, lineno, None, f"not valid JSON ({e.msg} at column "
+                                                        f"{e.colno})") from None
+            if not isinstance(record, dict) or "text" not in record:
+                raise DataFileError(path, lineno, "text", "missing: each line must be an object "
+                                                          "with a 'text' string")
+            if not isinstance(record["text"], str):
+                raise DataFileError(path, lineno, "text", f"must be a string, got "
+                                                          f"{type(record['text']).__name__}")
+            yield record["text"]
+
+
+def _write_indexed(documents: Iterable[str], tokenizer, prefix: Path, desc: str) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
+    tmp = prefix.with_name(prefix.name + f".tmp{os.getpid()}")
+    builder = IndexedDatasetBuilder(str(tmp) + ".bin", dtype=dtype)
+    for doc in tqdm(documents, desc=f"tokenizing {desc}", unit=" docs", mininterval=2,
+                    disable=None):
+        ids = tokenizer.encode(doc) + [tokenizer.eod]
+        builder.add_document(torch.tensor(ids), [len(ids)])
+    builder.finalize(str(tmp) + ".idx")
+    # Rename the index last: a prefix whose .idx exists is complete.
+    os.replace(str(tmp) + ".bin", str(prefix) + ".bin")
+    os.replace(str(tmp) + ".idx", str(prefix) + ".idx")
+
+
+def cached_indexed_dataset(key: dict, documents, tokenizer, cache_dir: str | Path, name: str) -> str:
+    """Tokenize `documents` (a zero-argument callable returning an iterable of strings) into an
+    indexed dataset under `cache_dir`, once per distinct `key`; returns the path prefix. Rank 0
+    builds while the others wait."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    prefix = Path(cache_dir) / f"{name}-{digest}"
+    if is_rank0() and not Path(str(prefix) + ".idx").exists():
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        _write_indexed(documents(), tokenizer, prefix, name)
+    barrier()
+    return str(prefix)
+
+
+def file_fingerprint(path: str | Path) -> dict:
+    stat = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def build_gpt_datasets(prefixes: list[str], weights: list[float] | None, *, seq_length: int,
+                       seed: int, split: str, num_samples: tuple[int, int], tokenizer,
+                       cache_dir: str | Path):
+    """Train and validation `GPTDataset`s over the blend of `prefixes`, with `num_samples`
+    (train, validation) sequences each, built by Megatron's `BlendedMegatronDatasetBuilder`."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    blend = (prefixes, weights) if len(prefixes) > 1 else (prefixes, None)
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=blend, split=split,
+        tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
+        eod_mask_loss=False, create_attention_mask=False, path_to_cache=str(cache_dir),
+        mmap_bin_files=True,
+    )
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [num_samples[0], num_samples[1], 0], lambda: True, config).build()
+    return train, valid

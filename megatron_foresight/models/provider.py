@@ -1,0 +1,174 @@
+"""Builds Megatron-Core `GPTModel`s from a recipe: the Transformer Engine layer spec on CUDA
+(FP8 through TE's recipes when asked), Megatron-Core's local spec on the CPU.
+
+The initial weights do not depend on the parallel layout when they are initialized on the CPU
+(the default without CUDA): Megatron then draws each weight full-size from the CPU generator and
+keeps this rank's shard, which makes tensor parallelism layout-free; and `SeededTransformerLayer`
+reseeds that generator from (seed, global layer number) before building each layer, which makes
+pipeline parallelism layout-free, since a pipeline stage no longer depends on how many layers the
+stages before it drew. So TP=2 or PP=2 starts from exactly the model TP=1/PP=1 starts from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from megatron_foresight.config import ConfigError, RecipeConfig
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def use_transformer_engine(cfg: RecipeConfig) -> bool:
+    """Whether to build Transformer Engine layers; raises a ConfigError when the recipe asks for
+    something this machine cannot run."""
+    impl, cuda = cfg.model.transformer_impl, torch.cuda.is_available()
+    if not cuda and cfg.model.fp8:
+        raise ConfigError("model.fp8", f"FP8 ({cfg.model.fp8!r}) needs a CUDA GPU with Transformer "
+                                       "Engine; this machine has no CUDA. Set model.fp8=null for "
+                                       "the CPU path.")
+    if impl == "local":
+        return False
+    if not cuda:
+        if impl == "transformer_engine":
+            raise ConfigError("model.transformer_impl", "transformer_engine needs a CUDA GPU; "
+                                                        "use local (or auto) on this machine")
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError as e:
+        if impl == "transformer_engine" or cfg.model.fp8:
+            raise ConfigError("model.transformer_impl", f"Transformer Engine does not import "
+                              f"({e}); install the [gpu] extra or use the NGC container") from None
+        log.warning("Transformer Engine is not installed: using Megatron-Core's local layers "
+                    "(slower; no FP8). Install the [gpu] extra or use the NGC PyTorch container.")
+        return False
+    return True
+
+
+def transformer_config(cfg: RecipeConfig, use_te: bool):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m, p = cfg.model, cfg.parallel
+    dtype = _DTYPES[m.precision]
+    cuda = torch.cuda.is_available()
+    fp8 = {}
+    if m.fp8:
+        fp8 = dict(fp8=m.fp8, fp8_recipe="delayed", fp8_amax_history_len=m.fp8_amax_history_len,
+                   fp8_amax_compute_algo=m.fp8_amax_compute_algo)
+    recompute = {}
+    if m.recompute_granularity:
+        recompute = dict(recompute_granularity=m.recompute_granularity)
+        if m.recompute_granularity == "full":
+            recompute.update(recompute_method="uniform", recompute_num_layers=m.recompute_num_layers)
+    return TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads, num_query_groups=m.query_groups,
+        kv_channels=m.kv_channels, normalization=m.normalization, layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=m.activation == "swiglu",
+        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        add_bias_linear=False, add_qkv_bias=m.add_qkv_bias,
+        hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
+        bf16=m.precision == "bf16", fp16=m.precision == "fp16", params_dtype=dtype,
+        pipeline_dtype=dtype,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        use_cpu_initialization=m.init_on_cpu if m.init_on_cpu is not None else not cuda,
+        # The fused kernels need CUDA (and TE or Apex for some); the local CPU path runs the
+        # plain torch versions of the same math.
+        bias_activation_fusion=use_te, bias_dropout_fusion=use_te, masked_softmax_fusion=use_te,
+        apply_rope_fusion=use_te, gradient_accumulation_fusion=use_te, persist_layer_norm=use_te,
+        # Loss is summed per token and divided by the global token count once per step, so the
+        # result does not depend on how the batch is split into microbatches or DP ranks.
+        calculate_per_token_loss=True,
+        **fp8, **recompute,
+    )
+
+
+def layer_spec(cfg: RecipeConfig, use_te: bool):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_te:
+        spec = specs.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = specs.get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+    return dataclasses.replace(spec, module=_seeded_layer_class(),
+                               params={**spec.params, "init_seed": cfg.seed})
+
+
+_SEEDED_LAYER = None
+
+
+def _seeded_layer_class():
+    global _SEEDED_LAYER
+    if _SEEDED_LAYER is not None:
+        return _SEEDED_LAYER
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_layer import (
+        TransformerLayer, get_transformer_layer_offset,
+    )
+
+    class SeededTransformerLayer(TransformerLayer):
+        """A TransformerLayer whose weights are drawn from a generator seeded by (seed, global
+        layer number), so they are the same whichever pipeline stage builds the layer."""
+
+        def __init__(self, config, submodules, layer_number=1, *, init_seed: int, **kwargs):
+            offset = get_transformer_layer_offset(config, kwargs.get("vp_stage"),
+                                                  ps.get_pipeline_model_parallel_rank())
+            torch.manual_seed(init_seed * 1_000_003 + layer_number + offset)
+            super().__init__(config, submodules, layer_number, **kwargs)
+
+    _SEEDED_LAYER = SeededTransformerLayer
+    return _SEEDED_LAYER
+
+
+def build_model(cfg: RecipeConfig, padded_vocab_size: int, pg_collection=None) -> list:
+    """One GPTModel per virtual pipeline chunk on this rank (one without an interleaved pipeline),
+    on this process's device, wrapped for bf16/fp16; the caller's RNG state is left as found."""
+    use_te = use_transformer_engine(cfg)
+    config = transformer_config(cfg, use_te)
+    spec = layer_spec(cfg, use_te)
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):  # layers reseed the generator while building
+        chunks = [_build_chunk(cfg, config, spec, padded_vocab_size, vp if vpp else None,
+                               pg_collection) for vp in range(vpp or 1)]
+    m = cfg.model
+    log.info("model: %s, %d layers, hidden %d, %s layers, %.2fM parameters on this rank",
+             m.preset or m.family, m.num_layers, m.hidden_size,
+             "Transformer Engine" if use_te else "local",
+             sum(p.numel() for c in chunks for p in c.parameters()) / 1e6)
+    return chunks
+
+
+def _build_chunk(cfg: RecipeConfig, config, spec, padded_vocab_size: int, vp_stage, pg_collection):
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.module import Float16Module
+
+    m = cfg.model
+    model = GPTModel(
+        config=config, transformer_layer_spec=spec, vocab_size=padded_vocab_size,
+        max_sequence_length=m.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+        position_embedding_type=m.position_embedding_type, rotary_base=m.rotary_base,
+        rope_scaling=m.rope_scaling, rope_scaling_factor=m.rope_scaling_factor,
+        vp_stage=vp_stage, pg_collection=pg_collection,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if config.fp16 or config.bf16:
+        model = Float16Module(config, model)
+    return model

@@ -1,0 +1,1 @@
+"""The train loop on Megatron schedules, its optimizer and schedule, and checkpoints."""

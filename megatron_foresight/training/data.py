@@ -1,0 +1,56 @@
+"""Which samples each rank reads at each step, and the loaders that read them.
+
+Sample order is a pure function of the step: at step t, microbatch m, data-parallel rank r
+reads samples  t*G + m*(M*D) + r*M + [0, M)  (G global batch, M micro batch, D data-parallel
+size), as Megatron's pretraining sampler does. So resuming at step k needs only k, a different
+data-parallel size sees the same global batches, and no sampler state is saved."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+class StepSampler(Sampler):
+    """Yields this rank's index lists, one per microbatch, from `start_step` on; wraps around
+    the dataset (for validation, which re-reads the same batches at every evaluation)."""
+
+    def __init__(self, dataset_len: int, global_batch: int, micro_batch: int, dp_rank: int,
+                 dp_size: int, start_step: int = 0, num_steps: int | None = None):
+        if dataset_len < global_batch:
+            raise ValueError(f"dataset has {dataset_len} samples, fewer than one global batch "
+                             f"({global_batch}); add data or lower schedule.global_batch_size")
+        self.n, self.g, self.m = dataset_len, global_batch, micro_batch
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.start, self.num_steps = start_step, num_steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        micro_per_step = self.g // (self.m * self.dp_size)
+        while self.num_steps is None or step < self.start + self.num_steps:
+            for micro in range(micro_per_step):
+                first = step * self.g + micro * self.m * self.dp_size + self.dp_rank * self.m
+                yield [(first + j) % self.n for j in range(self.m)]
+            step += 1
+
+    def __len__(self) -> int:
+        if self.num_steps is None:
+            raise TypeError("an open-ended sampler has no length")
+        return self.num_steps * (self.g // (self.m * self.dp_size))
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]
+            if samples[0][k] is not None}
+
+
+def loader(dataset, sampler: StepSampler, num_workers: int) -> Iterator[dict]:
+    """Batches on this process's device."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    data = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                      pin_memory=device is not None, persistent_workers=num_workers > 0)
+    for batch in data:
+        yield batch if device is None else {k: v.to(device, non_blocking=True)
+                                            for k, v in batch.items()}

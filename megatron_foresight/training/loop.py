@@ -1,0 +1,346 @@
+"""The train loop: Megatron's forward/backward schedules, Megatron DDP and optimizer, a stage
+plugin for data and loss. `train()` is the whole of it:
+
+    start processes -> run directory -> data -> model -> optimizer -> (resume) -> steps -> save
+
+Each step: zero grads -> forward/backward over the microbatches (pipelined when PP > 1) ->
+all-reduce grads across data-parallel ranks -> clip -> Adam -> LR schedule -> log -> maybe save.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from megatron_foresight.config import RecipeConfig
+from megatron_foresight.data.tokenizer import build_tokenizer
+from megatron_foresight.models.provider import build_model
+from megatron_foresight.runtime.dist import (
+    ParallelContext, barrier, broadcast_object, init_distributed, init_parallel_state,
+    read_launch_env, shutdown,
+)
+from megatron_foresight.runtime.log import MetricsWriter, setup_logging
+from megatron_foresight.runtime.seed import seed_all
+from megatron_foresight.training import checkpoint as ckpt
+from megatron_foresight.training.data import StepSampler, loader
+from megatron_foresight.training.optimizer import build_optimizer, build_scheduler
+from megatron_foresight.training.plugin import BuildContext, load_plugin
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """Everything a running stage holds."""
+
+    cfg: RecipeConfig
+    ctx: ParallelContext
+    run_dir: Path
+    plugin: object
+    chunks: list  # model chunks (GPTModel, or Float16Module around it)
+    ddp: list  # the same chunks wrapped in Megatron DDP
+    optimizer: object
+    scheduler: object
+    train_data: object
+    valid_data: object
+    step: int = 0
+    stop_requested: bool = False
+    history: list = field(default_factory=list)
+
+    @property
+    def num_microbatches(self) -> int:
+        s = self.cfg.schedule
+        return s.global_batch_size // (s.micro_batch_size * self.ctx.dp_size)
+
+
+# --------------------------------------------------------------------------------------------
+# start-up
+
+
+def start_processes(cfg: RecipeConfig, verbose: bool = False) -> ParallelContext:
+    launch = read_launch_env()
+    cfg.check_world_size(launch.world_size)
+    setup_logging(launch.rank, verbose)
+    device = init_distributed(launch, cfg.parallel.distributed_timeout_minutes)
+    ctx = init_parallel_state(cfg.parallel, device)
+    seed_all(cfg.seed)
+    log.info("%d process(es) on %s: TP=%d PP=%d DP=%d CP=%d (%s)", ctx.world_size, device,
+             ctx.tp_size, ctx.pp_size, ctx.dp_size, ctx.cp_size, launch.launcher)
+    return ctx
+
+
+def resolve_run_dir(cfg: RecipeConfig, run_dir: str | None, resume: bool) -> Path:
+    """Rank 0 picks the run directory and tells the others (timestamps differ across hosts)."""
+    chosen = None
+    if dist.get_rank() == 0:
+        chosen = _pick_run_dir(cfg, run_dir, resume)
+        chosen.mkdir(parents=True, exist_ok=True)
+        (chosen / "config.yaml").write_text(
+            f"# resolved recipe of stage {cfg.stage!r} ({cfg.name}); every key, defaults included\n"
+            + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return Path(broadcast_object(str(chosen) if chosen else None))
+
+
+def _pick_run_dir(cfg: RecipeConfig, run_dir: str | None, resume: bool) -> Path:
+    root = Path(cfg.logging.runs_root)
+    if run_dir is None and resume:
+        candidates = sorted((p for p in root.glob(f"{cfg.logging.run_name or cfg.name}*")
+                             if ckpt.find_checkpoint(p)), key=lambda p: p.stat().st_mtime)
+        if candidates:
+            return candidates[-1]
+    if run_dir is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        return root / (cfg.logging.run_name or f"{cfg.name}-{stamp}")
+    path = Path(run_dir)
+    if not resume and ckpt.find_checkpoint(path):
+        raise SystemExit(f"error: run directory {path} already has checkpoints; pass --resume to "
+                         "continue it, or choose another --run-dir")
+    return path
+
+
+def build_run(cfg: RecipeConfig, ctx: ParallelContext, run_dir: Path) -> Run:
+    from megatron.core.distributed import (
+        DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
+    )
+
+    plugin = load_plugin(cfg.stage)
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    s = cfg.schedule
+    data = plugin.build_data(BuildContext(
+        cfg=cfg, stage_cfg=cfg.stage_config, tokenizer=tokenizer,
+        num_train_samples=s.train_steps * s.global_batch_size,
+        num_valid_samples=s.eval_steps * s.global_batch_size if s.eval_steps else 0,
+        cache_dir=Path(cfg.data.cache_dir or Path(cfg.logging.runs_root) / "cache"),
+    ))
+    chunks = build_model(cfg, cfg.padded_vocab_size(tokenizer.vocab_size), ctx.pg_collection)
+    config = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+    ddp = [DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0)
+           for i, c in enumerate(chunks)]
+    optimizer = build_optimizer(cfg, ddp)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = [d.no_sync for d in ddp] if len(ddp) > 1 else ddp[0].no_sync
+    return Run(cfg=cfg, ctx=ctx, run_dir=run_dir, plugin=plugin, chunks=chunks, ddp=ddp,
+               optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer),
+               train_data=data.train, valid_data=data.valid)
+
+
+def restore(run: Run, resume: bool) -> None:
+    """Continue from the run's latest checkpoint (--resume), or start from another run's
+    weights (checkpoint.init_from), or start fresh."""
+    found = ckpt.find_checkpoint(run.run_dir) if resume else None
+    if found:
+        common = ckpt.load_checkpoint(found, chunks=run.chunks, ctx=run.ctx,
+                                      optimizer=run.optimizer, scheduler=run.scheduler,
+                                      optimizer_sharding=run.cfg.checkpoint.optimizer_sharding)
+        run.step = common["progress"]["step"]
+        log.info("resumed from %s at step %d", found, run.step)
+        return
+    if resume:
+        log.info("no checkpoint in %s yet: starting from step 0", run.run_dir)
+    init_from = run.cfg.checkpoint.init_from
+    if init_from:
+        source = ckpt.find_checkpoint(init_from)
+        if source is None:
+            raise SystemExit(f"error: checkpoint.init_from={init_from}: no complete checkpoint there")
+        ckpt.load_checkpoint(source, chunks=run.chunks, ctx=run.ctx)
+        log.info("initialized model weights from %s", source)
+
+
+# --------------------------------------------------------------------------------------------
+# steps
+
+
+def _forward_step(plugin, data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(plugin.loss, batch)
+
+
+def _iterators(run: Run, dataset, start_step: int, num_steps: int | None):
+    s = run.cfg.schedule
+    make = lambda: loader(dataset, StepSampler(len(dataset), s.global_batch_size,  # noqa: E731
+                                               s.micro_batch_size, run.ctx.dp_rank,
+                                               run.ctx.dp_size, start_step, num_steps),
+                          run.cfg.data.num_workers)
+    # With an interleaved pipeline each model chunk reads the same microbatches itself.
+    return [make() for _ in run.ddp] if len(run.ddp) > 1 else make()
+
+
+def _run_schedule(run: Run, iterators, forward_only: bool) -> list[dict]:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, run.plugin), data_iterator=iterators,
+        model=run.ddp if len(run.ddp) > 1 else run.ddp[0],
+        num_microbatches=run.num_microbatches, seq_length=run.cfg.data.seq_length,
+        micro_batch_size=run.cfg.schedule.micro_batch_size, forward_only=forward_only)
+
+
+def _reduce_metrics(run: Run, outputs: list[dict]) -> dict[str, float]:
+    """Sum the plugin's (sum, count) pairs over microbatches and data-parallel ranks."""
+    if not run.ctx.is_last_stage or not outputs:
+        return {}
+    names = sorted(outputs[0])
+    totals = torch.stack([sum(o[n].float() for o in outputs) for n in names])
+    dist.all_reduce(totals, group=run.ctx.dp_group)
+    return {n: (t[0] / t[1].clamp(min=1)).item() for n, t in zip(names, totals)}
+
+
+def train_step(run: Run, iterators) -> dict[str, float]:
+    for chunk in run.ddp:
+        chunk.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    outputs = _run_schedule(run, iterators, forward_only=False)
+    updated, grad_norm, _ = run.optimizer.step()
+    if updated:
+        run.scheduler.step(increment=1)
+    metrics = _reduce_metrics(run, outputs)
+    metrics["lr"] = run.optimizer.param_groups[0]["lr"]
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    if not updated:
+        metrics["skipped"] = 1
+    return metrics
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    s = run.cfg.schedule
+    if run.valid_data is None or s.eval_steps == 0:
+        return {}
+    for chunk in run.ddp:
+        chunk.eval()
+    iterators = _iterators(run, run.valid_data, 0, s.eval_steps)
+    totals: list[dict] = []
+    with torch.no_grad():
+        for _ in range(s.eval_steps):
+            totals += _run_schedule(run, iterators, forward_only=True)
+    for chunk in run.ddp:
+        chunk.train()
+    return {f"val/{k}": v for k, v in _reduce_metrics(run, totals).items()}
+
+
+def save(run: Run) -> Path:
+    c = run.cfg.checkpoint
+    path = ckpt.save_checkpoint(
+        run.run_dir / "checkpoints", run.step, chunks=run.chunks, optimizer=run.optimizer,
+        scheduler=run.scheduler, ctx=run.ctx,
+        consumed_samples=run.step * run.cfg.schedule.global_batch_size,
+        config=run.cfg.to_dict(), keep_last=c.keep_last, save_optimizer=c.save_optimizer,
+        optimizer_sharding=c.optimizer_sharding)
+    log.info("saved checkpoint %s", path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+
+
+def _install_stop_signals(run: Run) -> None:
+    """SIGTERM (preemption, scancel) and SIGUSR1 (Slurm's warning before the time limit) make
+    the loop save a checkpoint after the current step and exit cleanly."""
+    def request_stop(signum, _frame):
+        run.stop_requested = True
+        log.warning("received %s: will save and stop after this step", signal.Signals(signum).name)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, request_stop)
+
+
+def _any_rank_stopping(run: Run) -> bool:
+    flag = torch.tensor([1.0 if run.stop_requested else 0.0])
+    if run.ctx.device == "cuda":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _report(run: Run, bar, metrics: dict) -> None:
+    shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in metrics.items())
+    line = f"step {run.step}/{run.cfg.schedule.train_steps} {shown}"
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line, flush=True)
+
+
+def loop(run: Run, writer: MetricsWriter | None) -> None:
+    s, c = run.cfg.schedule, run.cfg.checkpoint
+    tokens_per_step = s.global_batch_size * run.cfg.data.seq_length
+    logging_rank = run.ctx.is_logging_rank
+    bar = tqdm(total=s.train_steps, initial=run.step, desc=f"{run.cfg.stage} training", unit="step",
+               disable=not (logging_rank and run.cfg.logging.progress_bar and sys.stdout.isatty()),
+               dynamic_ncols=True)
+    bar = None if bar.disable else bar
+    iterators = _iterators(run, run.train_data, run.step, s.train_steps - run.step)
+    while run.step < s.train_steps:
+        started = time.perf_counter()
+        metrics = train_step(run, iterators)
+        run.step += 1
+        elapsed = time.perf_counter() - started
+        metrics["tokens_per_s"] = tokens_per_step / elapsed
+        metrics["step_time_s"] = elapsed
+        if s.eval_interval and run.step % s.eval_interval == 0 and run.step < s.train_steps:
+            metrics.update(evaluate(run))
+        if run.step == s.train_steps:
+            metrics.update(evaluate(run))
+        if logging_rank:
+            run.history.append({"step": run.step, **metrics})
+            if run.step % run.cfg.logging.log_interval == 0 or run.step == s.train_steps:
+                writer.write(run.step, metrics)
+                _report(run, bar, metrics)
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics.get('lm_loss', float('nan')):.4f}", refresh=False)
+                bar.update(1)
+        stopping = _any_rank_stopping(run)
+        if (c.save_interval and run.step % c.save_interval == 0) or stopping \
+                or run.step == s.train_steps:
+            save(run)
+        if stopping:
+            log.warning("stopped at step %d on request; resume with --resume", run.step)
+            break
+    if bar is not None:
+        bar.close()
+
+
+def train(cfg: RecipeConfig, run_dir: str | None = None, resume: bool = False,
+          verbose: bool = False) -> Path:
+    """Run one stage to completion (or until a stop signal); returns the run directory."""
+    ctx = start_processes(cfg, verbose)
+    try:
+        path = resolve_run_dir(cfg, run_dir, resume)
+        log.info("run directory: %s", path)
+        run = build_run(cfg, ctx, path)
+        restore(run, resume)
+        if run.step >= cfg.schedule.train_steps:
+            log.info("already trained to step %d of %d: nothing to do", run.step,
+                     cfg.schedule.train_steps)
+            return path
+        _install_stop_signals(run)
+        writer = MetricsWriter(path, cfg.logging.tensorboard, run.step) if ctx.is_logging_rank \
+            else None
+        try:
+            loop(run, writer)
+        finally:
+            if writer is not None:
+                writer.close()
+        barrier()
+        if ctx.rank == 0:
+            print(f"run directory: {path}", flush=True)
+        return path
+    finally:
+        shutdown()

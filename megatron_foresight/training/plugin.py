@@ -1,0 +1,80 @@
+"""What a stage plugin provides, and how the framework finds it.
+
+A stage is a package under `plugins/` exposing `PLUGIN`, an object with:
+
+* `Config`: a dataclass for the stage's own recipe section (named after the stage);
+* `build_data(ctx) -> StageData`: the train (and validation) datasets, each indexable, each
+  sample a dict of equal-length 1-D tensors with at least `tokens`, `labels`, `position_ids` and
+  `loss_mask`;
+* `loss(batch, per_token_loss) -> (loss_sum, num_tokens, metrics)`: the loss of one microbatch
+  as a sum over tokens and the count it should be averaged by (the framework divides once per
+  step by the global count), and named metrics as `tensor([sum, count])` pairs that the
+  framework sums over microbatches and data-parallel ranks before logging `sum / count`.
+
+The loop, parallelism, checkpoints and logging belong to the framework; plugins depend on it,
+never the reverse (plugins are found by name, not imported by the core).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from megatron_foresight.configtree import ConfigError
+
+
+@dataclass
+class StageData:
+    train: Sequence[dict]
+    valid: Sequence[dict] | None = None
+
+
+@dataclass
+class BuildContext:
+    """What a plugin gets to build its data with."""
+
+    cfg: Any  # RecipeConfig
+    stage_cfg: Any
+    tokenizer: Any
+    num_train_samples: int
+    num_valid_samples: int
+    cache_dir: Path
+
+
+class StagePlugin(Protocol):
+    Config: type
+
+    def build_data(self, ctx: BuildContext) -> StageData: ...
+
+    def loss(self, batch: dict, per_token_loss: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+def available_stages() -> list[str]:
+    import plugins
+    return sorted(m.name for m in pkgutil.iter_modules(plugins.__path__) if m.ispkg)
+
+
+def load_plugin(stage: str) -> StagePlugin:
+    stages = available_stages()
+    if stage not in stages:
+        close = difflib.get_close_matches(stage, stages, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError("stage", f"unknown stage {stage!r}{hint}; available: {', '.join(stages)}")
+    module = importlib.import_module(f"plugins.{stage}")
+    return module.PLUGIN
+
+
+def masked_token_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, name: str = "lm_loss"):
+    """Sum of the per-token loss over the tokens `loss_mask` selects (weights allowed), the
+    number of those tokens, and the pair logged as `name`."""
+    mask = loss_mask.to(per_token_loss.dtype).view(-1)
+    loss_sum = (per_token_loss.float().view(-1) * mask).sum()
+    num_tokens = (mask > 0).sum().to(torch.int)
+    return loss_sum, num_tokens, {name: torch.stack([loss_sum.detach(), num_tokens.float()])}

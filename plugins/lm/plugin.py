@@ -1,0 +1,70 @@
+"""The plain language-model stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_foresight.configtree import check
+from megatron_foresight.data.indexed import (
+    build_gpt_datasets, cached_indexed_dataset, file_fingerprint, read_text_documents,
+)
+from megatron_foresight.data.synthetic import synthetic_documents
+from megatron_foresight.training.plugin import BuildContext, StageData, masked_token_loss
+
+
+@dataclass
+class Config:
+    """Plain language modelling on a blend of text corpora."""
+
+    sources: list[str] = field(default_factory=lambda: ["builtin"])
+    """Corpora: `builtin` (the generated corpus), or paths to .jsonl files (a "text" field per
+    line) or .txt files (one document per line)."""
+    weights: Optional[list[float]] = None
+    """Blend weights, one per source; null means equal."""
+    builtin_docs: int = 6000
+    """Documents in the generated corpus."""
+    split: str = "98,2,0"
+    """Train / validation / test split of each corpus, by documents."""
+
+    def __post_init__(self):
+        check(len(self.sources) > 0, "sources", "needs at least one corpus")
+        check(self.weights is None or len(self.weights) == len(self.sources), "weights",
+              f"needs one weight per source ({len(self.sources)}), got {self.weights}")
+        check(self.weights is None or all(w > 0 for w in self.weights), "weights",
+              "must all be positive")
+        check(self.builtin_docs > 0, "builtin_docs", "must be positive")
+        parts = self.split.split(",")
+        check(len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts),
+              "split", f"must be three comma-separated numbers like '98,2,0', got {self.split!r}")
+
+
+class LanguageModelStage:
+    Config = Config
+
+    def build_data(self, ctx: BuildContext) -> StageData:
+        stage: Config = ctx.stage_cfg
+        tok = ctx.tokenizer
+        prefixes = []
+        for source in stage.sources:
+            if source == "builtin":
+                key = {"builtin": 1, "seed": ctx.cfg.seed, "docs": stage.builtin_docs,
+                       "tokenizer": tok.describe()}
+                docs = lambda: synthetic_documents(ctx.cfg.seed, stage.builtin_docs)  # noqa: E731
+                name = "builtin"
+            else:
+                key = {"file": file_fingerprint(source), "tokenizer": tok.describe()}
+                docs = lambda source=source: read_text_documents(source)  # noqa: E731
+                name = source.replace("/", "_").rsplit(".", 1)[0][-40:]
+            prefixes.append(cached_indexed_dataset(key, docs, tok, ctx.cache_dir, name))
+        train, valid = build_gpt_datasets(
+            prefixes, stage.weights, seq_length=ctx.cfg.data.seq_length, seed=ctx.cfg.seed,
+            split=stage.split, num_samples=(ctx.num_train_samples, ctx.num_valid_samples),
+            tokenizer=tok, cache_dir=ctx.cache_dir)
+        return StageData(train=train, valid=valid)
+
+    def loss(self, batch, per_token_loss):
+        return masked_token_loss(per_token_loss, batch["loss_mask"], "lm_loss")
+
+
+PLUGIN = LanguageModelStage()

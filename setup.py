@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-foresight",
+    version="0.1.0",
+    description="Train LLM agents to plan with an internal world model, on Megatron-Core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_foresight*", "plugins*"]),
+    install_requires=[
+        # torch is not pinned here: clusters use their container's CUDA build; a CPU machine
+        # gets torch 2.13.0 from constraints-cpu.txt (see Makefile).
+        "torch>=2.6",
+        "megatron-core==0.16.1",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "psutil",  # megatron.core.dist_checkpointing needs it
+        "tensorboard",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]"],
+        "test": ["pytest", "pytest-timeout", "transformers==5.23.0", "safetensors"],
+    },
+    entry_points={"console_scripts": ["foresight=megatron_foresight.cli:main"]},
+)

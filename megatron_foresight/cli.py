@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the latest checkpoint in the run directory (without "
                             "--run-dir: the newest run of this recipe); starts at step 0 if "
                             "there is none yet, so a requeued job can always pass it")
+    train.add_argument("--stop-at-step", type=int, metavar="N",
+                       help="save and stop after step N, leaving the schedule as the recipe says "
+                            "(to split a run over several jobs; continue with --resume)")
     train.add_argument("--verbose", action="store_true", help="debug logging on every rank")
 
     config = sub.add_parser(
@@ -76,7 +79,8 @@ def _cmd_train(args) -> int:
     from megatron_foresight.training.loop import train
 
     cfg = load_recipe(args.recipe, args.overrides)
-    train(cfg, run_dir=args.run_dir, resume=args.resume, verbose=args.verbose)
+    train(cfg, run_dir=args.run_dir, resume=args.resume, verbose=args.verbose,
+          stop_at_step=args.stop_at_step)
     return 0
 
 

@@ -83,6 +83,9 @@ class ModelConfig:
     """FP8 delayed scaling: how the scale is chosen from the amax history."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """Layer implementation: auto picks Transformer Engine on CUDA when it imports, else local."""
+    local_core_attention: Literal["sdpa", "megatron"] = "sdpa"
+    """Core attention of the local (non Transformer Engine) layers: torch's fused
+    scaled_dot_product_attention, or Megatron-Core's unfused DotProductAttention (slower)."""
     recompute_granularity: Optional[Literal["selective", "full"]] = None
     """Activation recomputation: selective (attention core) or full (whole layers)."""
     recompute_num_layers: int = 1
@@ -410,9 +413,19 @@ def _apply_preset(tree: dict, origins: dict) -> dict:
 
 def load_recipe(path: str | Path, overrides: list[str] = (), stage_sections: dict | None = None,
                 ) -> RecipeConfig:
-    """Load, override and validate a recipe. `stage_sections` maps a stage name to its config
-    class (see `plugins.load`); the default looks the stage up among the installed plugins."""
+    """Load, override and validate a recipe file. `stage_sections` maps a stage name to its
+    config class; by default the stage's plugin supplies it."""
+    path = Path(path)
     tree, origins = load_yaml(path)
+    name = f"{path.parent.name}-{path.stem}" if path.parent.name else path.stem
+    return recipe_from_tree(tree, overrides, origins, stage_sections, name)
+
+
+def recipe_from_tree(tree: dict, overrides: list[str] = (), origins: dict | None = None,
+                     stage_sections: dict | None = None, name: str = "recipe") -> RecipeConfig:
+    """Validate a recipe given as a dict (a file's contents, or the config a checkpoint
+    recorded), with `section.key=value` overrides."""
+    origins = dict(origins or {})
     tree = apply_overrides(tree, origins, list(overrides))
     tree = _apply_preset(tree, origins)
     stage = tree.get("stage", RecipeConfig.stage)
@@ -427,8 +440,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), stage_sections: dic
     cfg = build(RecipeConfig, tree, origins)
     if stage_cls is not None:
         cfg.stage_config = build(stage_cls, stage_tree, origins, stage)
-    path = Path(path)
-    cfg.name = f"{path.parent.name}-{path.stem}" if path.parent.name else path.stem
+    cfg.name = name
     return cfg
 
 
@@ -439,5 +451,5 @@ def describe_recipe(stage_sections: dict | None = None) -> str:
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig",
     "OptimizerConfig", "ParallelConfig", "RecipeConfig", "ScheduleConfig", "TokenizerConfig",
-    "describe_recipe", "load_recipe",
+    "describe_recipe", "load_recipe", "recipe_from_tree",
 ]

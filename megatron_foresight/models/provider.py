@@ -32,6 +32,8 @@ def use_transformer_engine(cfg: RecipeConfig) -> bool:
         raise ConfigError("model.fp8", f"FP8 ({cfg.model.fp8!r}) needs a CUDA GPU with Transformer "
                                        "Engine; this machine has no CUDA. Set model.fp8=null for "
                                        "the CPU path.")
+    if impl == "local" or not cuda:
+        _check_local_path(cfg, impl)
     if impl == "local":
         return False
     if not cuda:
@@ -49,6 +51,16 @@ def use_transformer_engine(cfg: RecipeConfig) -> bool:
                     "(slower; no FP8). Install the [gpu] extra or use the NGC PyTorch container.")
         return False
     return True
+
+
+def _check_local_path(cfg: RecipeConfig, impl: str) -> None:
+    if cfg.parallel.sequence_parallel:
+        try:
+            import apex  # noqa: F401  (Apex's fused norms support sequence parallelism)
+        except ImportError:
+            raise ConfigError("parallel.sequence_parallel", "needs Transformer Engine (or Apex) "
+                              "layers; Megatron-Core's local layers use torch norms, which do not "
+                              "support it. Set it to false on this machine.") from None
 
 
 def transformer_config(cfg: RecipeConfig, use_te: bool):
@@ -91,6 +103,13 @@ def transformer_config(cfg: RecipeConfig, use_te: bool):
         # Loss is summed per token and divided by the global token count once per step, so the
         # result does not depend on how the batch is split into microbatches or DP ranks.
         calculate_per_token_loss=True,
+        # With an interleaved pipeline over 2 stages, each rank's previous and next stage are the
+        # same peer, so a batched isend/irecv carries an activation and a gradient of the same
+        # shape between the same two ranks, and they can be matched the wrong way round
+        # (measured: wrong losses from the 3rd microbatch on). Unbatched p2p puts the two
+        # directions on different communicators.
+        batch_p2p_comm=not (p.virtual_pipeline_model_parallel_size
+                            and p.pipeline_model_parallel_size == 2),
         **fp8, **recompute,
     )
 
@@ -98,12 +117,24 @@ def transformer_config(cfg: RecipeConfig, use_te: bool):
 def layer_spec(cfg: RecipeConfig, use_te: bool):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    from megatron_foresight.models.attention import SDPADotProductAttention
+
     if use_te:
         spec = specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = specs.get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+        if cfg.model.local_core_attention == "sdpa":
+            spec = _with_core_attention(spec, SDPADotProductAttention)
     return dataclasses.replace(spec, module=_seeded_layer_class(),
                                params={**spec.params, "init_seed": cfg.seed})
+
+
+def _with_core_attention(spec, core_attention):
+    attention = spec.submodules.self_attention
+    submodules = dataclasses.replace(attention.submodules, core_attention=core_attention)
+    layer = dataclasses.replace(spec.submodules,
+                                self_attention=dataclasses.replace(attention, submodules=submodules))
+    return dataclasses.replace(spec, submodules=layer)
 
 
 _SEEDED_LAYER = None

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from megatron_foresight.config import RecipeConfig
 from megatron_foresight.data.tokenizer import build_tokenizer
-from megatron_foresight.models.provider import build_model
+from megatron_foresight.models.provider import build_model, use_transformer_engine
 from megatron_foresight.runtime.dist import (
     ParallelContext, barrier, broadcast_object, init_distributed, init_parallel_state,
     read_launch_env, shutdown,
@@ -71,6 +71,7 @@ class Run:
 def start_processes(cfg: RecipeConfig, verbose: bool = False) -> ParallelContext:
     launch = read_launch_env()
     cfg.check_world_size(launch.world_size)
+    use_transformer_engine(cfg)  # refuses what this machine cannot run, before any process group
     setup_logging(launch.rank, verbose)
     device = init_distributed(launch, cfg.parallel.distributed_timeout_minutes)
     ctx = init_parallel_state(cfg.parallel, device)
@@ -278,7 +279,7 @@ def _report(run: Run, bar, metrics: dict) -> None:
         print(line, flush=True)
 
 
-def loop(run: Run, writer: MetricsWriter | None) -> None:
+def loop(run: Run, writer: MetricsWriter | None, stop_at_step: int | None = None) -> None:
     s, c = run.cfg.schedule, run.cfg.checkpoint
     tokens_per_step = s.global_batch_size * run.cfg.data.seq_length
     logging_rank = run.ctx.is_logging_rank
@@ -306,20 +307,22 @@ def loop(run: Run, writer: MetricsWriter | None) -> None:
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics.get('lm_loss', float('nan')):.4f}", refresh=False)
                 bar.update(1)
-        stopping = _any_rank_stopping(run)
+        stopping = _any_rank_stopping(run) or run.step == stop_at_step
         if (c.save_interval and run.step % c.save_interval == 0) or stopping \
                 or run.step == s.train_steps:
             save(run)
         if stopping:
-            log.warning("stopped at step %d on request; resume with --resume", run.step)
+            log.warning("stopped at step %d of %d on request; continue with --resume", run.step,
+                        s.train_steps)
             break
     if bar is not None:
         bar.close()
 
 
 def train(cfg: RecipeConfig, run_dir: str | None = None, resume: bool = False,
-          verbose: bool = False) -> Path:
-    """Run one stage to completion (or until a stop signal); returns the run directory."""
+          verbose: bool = False, stop_at_step: int | None = None) -> Path:
+    """Run one stage to completion, or until a stop signal or `stop_at_step` (then save, so
+    --resume continues exactly); returns the run directory."""
     ctx = start_processes(cfg, verbose)
     try:
         path = resolve_run_dir(cfg, run_dir, resume)
@@ -334,7 +337,7 @@ def train(cfg: RecipeConfig, run_dir: str | None = None, resume: bool = False,
         writer = MetricsWriter(path, cfg.logging.tensorboard, run.step) if ctx.is_logging_rank \
             else None
         try:
-            loop(run, writer)
+            loop(run, writer, stop_at_step)
         finally:
             if writer is not None:
                 writer.close()

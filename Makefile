@@ -1,0 +1,31 @@
+# Set-up and the two commands a newcomer needs. Every target creates .venv first if needed.
+#   make demo    the main job on the tiny built-in default
+#   make test    the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# Pinned CPU versions (torch 2.13.0 CPU build, megatron-core 0.16.1, ...) from
+# requirements/constraints-cpu.txt; the project itself is installed editable.
+$(STAMP): setup.py requirements/constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements/constraints-cpu.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/foresight train recipes/tiny-cpu/lm.yaml
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,46 @@
+"""Run the real `foresight` command line as a user would: one process, or several under torchrun
+(gloo on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TEST_RECIPE = REPO / "tests" / "recipes" / "tiny-test.yaml"
+
+
+def foresight(args: list[str], nproc: int = 1, cwd: Path | None = None, check: bool = True,
+              timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megatron_foresight", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "megatron_foresight", *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else
+                os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"--- stdout ---\n{proc.stdout[-6000:]}\n"
+                             f"--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train(run_dir: Path, overrides: list[str] = (), nproc: int = 1, extra: list[str] = (),
+          recipe: Path = TEST_RECIPE, cache_dir: Path | None = None, **kw):
+    cache = [f"data.cache_dir={cache_dir}"] if cache_dir else []
+    return foresight(["train", str(recipe), *cache, *overrides, "--run-dir", str(run_dir),
+                      *extra], nproc=nproc, **kw)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [m["lm_loss"] for m in metrics(run_dir)]

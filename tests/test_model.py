@@ -1,0 +1,111 @@
+"""The model provider: presets become the GPTModel they describe."""
+
+import torch
+
+from megatron_foresight.config import load_recipe
+from megatron_foresight.models.provider import build_model
+from helpers.run import REPO
+
+RECIPE = REPO / "recipes" / "tiny-cpu" / "lm.yaml"
+
+
+def _expected_params(h, f, layers, heads, groups, vocab, tied, qkv_bias):
+    head_dim = h // heads
+    qkv = h * (h + 2 * groups * head_dim) + (h + 2 * groups * head_dim if qkv_bias else 0)
+    layer = qkv + h * h + h * 2 * f + f * h + 2 * h  # qkv, proj, fc1 (gate+up), fc2, two norms
+    return vocab * h + layers * layer + h + (0 if tied else vocab * h)
+
+
+def test_llama_style_tiny_model_has_the_right_parameters(megatron_cpu):
+    cfg = load_recipe(RECIPE)
+    (model,) = build_model(cfg, 384)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == _expected_params(256, 704, 4, 8, 2, 384, tied=False, qkv_bias=False)
+    names = dict(model.named_parameters())
+    assert "output_layer.weight" in names
+    assert not any("bias" in k for k in names)
+
+
+def test_qwen2_style_has_qkv_bias_and_tied_variant_shares_embeddings(megatron_cpu):
+    cfg = load_recipe(RECIPE, ["model.preset=tiny-qwen2", "model.untie_embeddings_and_output_weights=false"])
+    (model,) = build_model(cfg, 384)
+    names = dict(model.named_parameters())
+    assert "decoder.layers.0.self_attention.linear_qkv.bias" in names
+    assert "output_layer.weight" not in names
+    assert sum(p.numel() for p in model.parameters()) == \
+        _expected_params(256, 704, 4, 8, 2, 384, tied=True, qkv_bias=True)
+
+
+def test_same_seed_same_model_different_seed_different_model(megatron_cpu):
+    a = build_model(load_recipe(RECIPE), 384)[0]
+    b = build_model(load_recipe(RECIPE), 384)[0]
+    c = build_model(load_recipe(RECIPE, ["seed=7"]), 384)[0]
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.decoder.layers[0].mlp.linear_fc1.weight,
+                           c.decoder.layers[0].mlp.linear_fc1.weight)
+    # building a model leaves the caller's random stream where it was
+    torch.manual_seed(3)
+    expected = torch.rand(1)
+    torch.manual_seed(3)
+    build_model(load_recipe(RECIPE), 384)
+    assert torch.equal(torch.rand(1), expected)
+
+
+def test_forward_gives_per_token_loss_and_causal_logits(megatron_cpu):
+    (model,) = build_model(load_recipe(RECIPE), 384)
+    tokens = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).unsqueeze(0).expand(2, -1)
+    loss = model(tokens, pos, None, labels=tokens)
+    assert loss.shape == (2, 16) and torch.isfinite(loss).all()
+    logits = model(tokens, pos, None)
+    changed = tokens.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 259
+    logits2 = model(changed, pos, None)
+    assert torch.allclose(logits[:, :10], logits2[:, :10], atol=1e-5)  # no peeking ahead
+    assert not torch.allclose(logits[:, 10:], logits2[:, 10:])
+
+
+def _attention_pair(cfg_overrides=()):
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_foresight.models.attention import SDPADotProductAttention
+    from megatron_foresight.models.provider import transformer_config
+
+    config = transformer_config(load_recipe(RECIPE, list(cfg_overrides)), use_te=False)
+    args = dict(layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    return DotProductAttention(config, **args), SDPADotProductAttention(config, **args)
+
+
+def test_sdpa_core_attention_equals_megatron_local_attention(megatron_cpu):
+    megatron_attn, sdpa_attn = _attention_pair()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(32, 2, 8, 32, generator=g, requires_grad=True)  # [s, b, heads, d]
+    k = torch.randn(32, 2, 2, 32, generator=g, requires_grad=True)  # 2 query groups (GQA)
+    v = torch.randn(32, 2, 2, 32, generator=g, requires_grad=True)
+    ref = megatron_attn(q, k, v, None)
+    grads_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    out = sdpa_attn(q, k, v, None)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    assert out.shape == ref.shape == (32, 2, 256)
+    assert torch.allclose(out, ref, atol=1e-5)
+    for a, b in zip(grads, grads_ref):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_sdpa_core_attention_decodes_against_a_longer_key_cache(megatron_cpu):
+    """With a KV cache the 3 new queries sit at the end of 10 positions: query i may see keys
+    up to 7 + i (bottom-right aligned causal mask), checked against plain softmax attention."""
+    _, sdpa_attn = _attention_pair()
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 1, 8, 32, generator=g)
+    k = torch.randn(10, 1, 2, 32, generator=g)
+    v = torch.randn(10, 1, 2, 32, generator=g)
+    out = sdpa_attn(q, k, v, None)
+    kx, vx = k.repeat_interleave(4, dim=2), v.repeat_interleave(4, dim=2)
+    scores = torch.einsum("qbhd,kbhd->bhqk", q, kx) / 32 ** 0.5
+    allowed = torch.ones(3, 10, dtype=torch.bool).tril(7)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    ref = torch.einsum("bhqk,kbhd->qbhd", probs, vx).reshape(3, 1, 256)
+    assert torch.allclose(out, ref, atol=1e-5)

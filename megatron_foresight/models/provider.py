@@ -106,8 +106,8 @@ def transformer_config(cfg: RecipeConfig, use_te: bool):
         # With an interleaved pipeline over 2 stages, each rank's previous and next stage are the
         # same peer, so a batched isend/irecv carries an activation and a gradient of the same
         # shape between the same two ranks, and they can be matched the wrong way round
-        # (measured: wrong losses from the 3rd microbatch on). Unbatched p2p puts the two
-        # directions on different communicators.
+        # (measured on gloo: wrong losses from the 3rd microbatch on; Megatron-LM issue #750).
+        # Unbatched p2p puts the two directions on different communicators.
         batch_p2p_comm=not (p.virtual_pipeline_model_parallel_size
                             and p.pipeline_model_parallel_size == 2),
         **fp8, **recompute,

@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -56,7 +56,6 @@ class Run:
     valid_data: object
     step: int = 0
     stop_requested: bool = False
-    history: list = field(default_factory=list)
 
     @property
     def num_microbatches(self) -> int:
@@ -284,7 +283,7 @@ def loop(run: Run, writer: MetricsWriter | None, stop_at_step: int | None = None
     tokens_per_step = s.global_batch_size * run.cfg.data.seq_length
     logging_rank = run.ctx.is_logging_rank
     bar = tqdm(total=s.train_steps, initial=run.step, desc=f"{run.cfg.stage} training", unit="step",
-               disable=not (logging_rank and run.cfg.logging.progress_bar and sys.stdout.isatty()),
+               disable=not (logging_rank and run.cfg.logging.progress_bar and sys.stderr.isatty()),
                dynamic_ncols=True)
     bar = None if bar.disable else bar
     iterators = _iterators(run, run.train_data, run.step, s.train_steps - run.step)
@@ -300,7 +299,6 @@ def loop(run: Run, writer: MetricsWriter | None, stop_at_step: int | None = None
         if run.step == s.train_steps:
             metrics.update(evaluate(run))
         if logging_rank:
-            run.history.append({"step": run.step, **metrics})
             if run.step % run.cfg.logging.log_interval == 0 or run.step == s.train_steps:
                 writer.write(run.step, metrics)
                 _report(run, bar, metrics)

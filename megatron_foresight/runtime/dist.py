@@ -66,6 +66,10 @@ def init_distributed(launch: LaunchEnv, timeout_minutes: int = 30) -> str:
     Returns the device type."""
     timeout = timedelta(minutes=timeout_minutes)
     if torch.cuda.is_available():
+        # One hardware queue keeps tensor-parallel communication kernels ordered ahead of the
+        # compute they overlap with (what Megatron-LM's launch scripts set); must precede the
+        # CUDA context.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
         backend, device = "nccl", "cuda"
     else:

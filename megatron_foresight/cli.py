@@ -18,6 +18,7 @@ import sys
 import yaml
 
 from megatron_foresight.configtree import ConfigError
+from megatron_foresight.errors import UsageError
 
 OVERRIDES_HELP = ("recipe overrides, e.g. schedule.train_steps=20 "
                   "parallel.tensor_model_parallel_size=2 (see `foresight config --keys`)")
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": _cmd_train, "config": _cmd_config}[args.command](args)
-    except ConfigError as e:
+    except (ConfigError, UsageError) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         return 2

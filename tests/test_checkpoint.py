@@ -111,3 +111,31 @@ def test_stop_signal_saves_before_exit(data_cache, tmp_path):
     out = train(run_dir, ["schedule.train_steps=200", "schedule.warmup_steps=1"],
                 cache_dir=data_cache, extra=["--resume", "--stop-at-step", str(steps[-1] + 1)]).stdout
     assert f"at step {steps[-1]}" in out
+
+
+@pytest.mark.parametrize("before,after", [
+    (["parallel.pipeline_model_parallel_size=2"], ["parallel.tensor_model_parallel_size=2"]),
+    (["parallel.use_distributed_optimizer=true"], ["parallel.use_distributed_optimizer=true"]),
+], ids=["pp2_to_tp2", "dp2_distributed_optimizer_to_dp1"])
+def test_resume_at_another_layout_continues_the_same_run(before, after, baseline_run, data_cache,
+                                                          tmp_path):
+    """Stop after step 3 and resume at another layout: model and Adam state are resharded, so
+    steps 4..6 match the uninterrupted single-process run (to float tolerance, as between
+    layouts: only the reduction order differs)."""
+    run_dir = tmp_path / "run"
+    train(run_dir, before, nproc=2, cache_dir=data_cache, extra=["--stop-at-step", "3"])
+    nproc = 2 if "tensor" in " ".join(after) else 1
+    out = train(run_dir, after, nproc=nproc, cache_dir=data_cache, extra=["--resume"]).stdout
+    assert "resumed from" in out
+    assert losses(run_dir) == pytest.approx(losses(baseline_run), abs=2e-4)
+
+
+def test_resume_refuses_to_switch_optimizer_kind(data_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    train(run_dir, ["parallel.use_distributed_optimizer=true"], nproc=2, cache_dir=data_cache,
+          extra=["--stop-at-step", "1"])
+    proc = train(run_dir, cache_dir=data_cache, extra=["--resume"], check=False)
+    assert proc.returncode == 2
+    assert ("saved with parallel.use_distributed_optimizer=true and this run has false"
+            in proc.stderr), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

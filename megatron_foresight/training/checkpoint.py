@@ -27,12 +27,18 @@ import os
 import shutil
 from pathlib import Path
 
+from megatron_foresight.errors import UsageError
 from megatron_foresight.runtime.dist import ParallelContext, barrier, is_rank0
 from megatron_foresight.runtime.seed import get_rng_state, set_rng_state
+from megatron_foresight.training.optimizer import prepare_for_load
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be used the way this run asks; the message says what to do."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -122,8 +128,23 @@ def read_common(path: Path) -> dict:
     return dist_checkpointing.load_common_state_dict(str(path))
 
 
+def _check_optimizer_kind(path: Path, common: dict, distributed_optimizer: bool) -> None:
+    # Megatron-Core stores the distributed optimizer's state in another structure (flat buffers
+    # mapped to parameters, param groups by name) than the plain one: it reshards across TP, PP
+    # and DP, but does not convert from one kind to the other.
+    saved = common.get("config", {}).get("parallel", {}).get("use_distributed_optimizer")
+    if saved is not None and saved != distributed_optimizer:
+        raise CheckpointError(
+            f"{path} was saved with parallel.use_distributed_optimizer={str(saved).lower()} and "
+            f"this run has {str(distributed_optimizer).lower()}: optimizer state does not convert "
+            f"between the two. Resume with parallel.use_distributed_optimizer="
+            f"{str(saved).lower()} (any TP/PP/DP size), or start from its weights with a fresh "
+            "optimizer: checkpoint.init_from=<that run dir> in a new run directory.")
+
+
 def load_checkpoint(path: Path, *, chunks: list, ctx: ParallelContext, optimizer=None,
-                    scheduler=None, optimizer_sharding: str = "fully_reshardable") -> dict:
+                    scheduler=None, optimizer_sharding: str = "fully_reshardable",
+                    distributed_optimizer: bool = False) -> dict:
     """Load model weights, and when `optimizer` is given the optimizer, schedule and RNG too.
     Returns the checkpoint's common state (progress, layout, config)."""
     from megatron.core import dist_checkpointing
@@ -133,9 +154,11 @@ def load_checkpoint(path: Path, *, chunks: list, ctx: ParallelContext, optimizer
     template = _model_state(chunks, metadata)
     if optimizer is not None:
         if not common.get("has_optimizer", True):
-            raise RuntimeError(f"{path} was saved without optimizer state "
+            raise CheckpointError(f"{path} was saved without optimizer state "
                                "(checkpoint.save_optimizer=false); it cannot be resumed exactly. "
                                "Start from it with checkpoint.init_from instead.")
+        _check_optimizer_kind(path, common, distributed_optimizer)
+        prepare_for_load(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(template, is_loading=True,
                                                              metadata=metadata)
     same_layout = common.get("layout") == ctx.layout

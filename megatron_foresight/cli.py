@@ -3,6 +3,8 @@
     foresight train RECIPE [section.key=value ...] [--run-dir DIR] [--resume]
     foresight config RECIPE [section.key=value ...] [--world-size N]
     foresight config --keys [--stage STAGE]
+    foresight convert from-hf --hf-dir DIR --out CKPT_DIR [--tp N] [--pp M]
+    foresight convert to-hf --ckpt CKPT_DIR --out DIR
 
 `train` runs one stage on however many processes launched it: plain `foresight train` is one
 process; `torchrun --nproc_per_node N -m megatron_foresight train ...` is N; `srun foresight
@@ -72,7 +74,63 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--keys", action="store_true",
                         help="list every recipe key with its type, default and meaning")
     config.add_argument("--stage", default=None, help="with --keys: include this stage's section")
+
+    convert = sub.add_parser(
+        "convert", help="convert checkpoints to and from Hugging Face",
+        description="Convert between Hugging Face model directories and Megatron distributed "
+                    "checkpoints (Llama and Qwen2 families). Also available as "
+                    "tools/convert_from_hf.py and tools/convert_to_hf.py.")
+    direction = convert.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    add_convert_from_hf_args(direction.add_parser(
+        "from-hf", help="Hugging Face directory -> Megatron checkpoint at a TP/PP size",
+        description=FROM_HF_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter))
+    add_convert_to_hf_args(direction.add_parser(
+        "to-hf", help="Megatron checkpoint (any TP/PP size) -> Hugging Face directory",
+        description=TO_HF_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
+
+
+FROM_HF_DESCRIPTION = """\
+Convert a Hugging Face model directory (config.json and safetensors, sharded or not; Llama or
+Qwen2) into a Megatron distributed checkpoint laid out for --tp x --pp processes. Runs that many
+processes itself (or runs under torchrun/srun with exactly that many). Writes
+OUT/checkpoints/step_0000000 and OUT/model.yaml, the recipe sections that match it: use it as a
+recipe's `base:` and training starts from the converted weights (checkpoint.init_from).
+
+example:
+  foresight convert from-hf --hf-dir ~/models/SmolLM2-135M --out ckpt/smollm2 --tp 3"""
+
+TO_HF_DESCRIPTION = """\
+Convert a Megatron distributed checkpoint, saved at any TP/PP size, into a Hugging Face
+directory (config.json, generation_config.json, safetensors shards with their index, and the
+recipe's tokenizer) that transformers.AutoModelForCausalLM.from_pretrained loads without custom
+code. Streams one layer at a time: memory stays near one shard.
+
+example:
+  foresight convert to-hf --ckpt runs/lm-20261125-101500 --out hf/lm"""
+
+
+def add_convert_from_hf_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hf-dir", required=True, help="Hugging Face model directory")
+    p.add_argument("--out", required=True, help="output directory for the checkpoint")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    p.add_argument("--tokenizer", help="Hugging Face tokenizer directory, when --hf-dir has none")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="model.precision of the recipe and checkpoint (default: config.json's "
+                        "dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
+
+
+def add_convert_to_hf_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True,
+                   help="a run directory, its checkpoints/ directory, or one step_N directory")
+    p.add_argument("--out", required=True, help="output Hugging Face directory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights (default: the checkpoint's)")
+    p.add_argument("--max-shard-size", default="2GB",
+                   help="largest safetensors file, e.g. 500MB, 5GB (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
 def _cmd_train(args) -> int:
@@ -103,10 +161,43 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def parse_size(text: str) -> int:
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40, "B": 1}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit) and upper[:-len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(upper[:-len(unit)]) * factor)
+    if upper.isdigit():
+        return int(upper)
+    raise UsageError(f"--max-shard-size {text}: give a size such as 500MB or 5GB")
+
+
+def _cmd_convert(args) -> int:
+    from megatron_foresight.runtime.log import setup_logging
+
+    setup_logging(int(os.environ.get("RANK", 0)))
+    if args.direction == "from-hf":
+        from megatron_foresight.convert.from_hf import convert_from_hf
+
+        out = convert_from_hf(args.hf_dir, args.out, tp=args.tp, pp=args.pp,
+                              tokenizer=args.tokenizer, precision=args.precision,
+                              overwrite=args.overwrite)
+    else:
+        from megatron_foresight.convert.to_hf import convert_to_hf
+
+        out = convert_to_hf(args.ckpt, args.out, dtype=args.dtype,
+                            max_shard_size=parse_size(args.max_shard_size),
+                            overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") == "0":
+        print(out)
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _cmd_train, "config": _cmd_config}[args.command](args)
+        return {"train": _cmd_train, "config": _cmd_config,
+                "convert": _cmd_convert}[args.command](args)
     except (ConfigError, UsageError) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)

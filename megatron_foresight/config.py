@@ -239,10 +239,15 @@ class ScheduleConfig:
 class TokenizerConfig:
     """The tokenizer."""
 
-    type: Literal["byte"] = "byte"
-    """byte: UTF-8 bytes plus special tokens, needs no files."""
+    type: Literal["byte", "hf"] = "byte"
+    """byte: UTF-8 bytes plus special tokens, needs no files; hf: a Hugging Face tokenizer
+    directory (tokenizer.json / tokenizer_config.json), read from disk, never downloaded."""
     path: Optional[str] = None
     """Tokenizer file or directory, for types that load one."""
+
+    def __post_init__(self):
+        check(self.type != "hf" or bool(self.path), "path",
+              "type hf needs the path of a local Hugging Face tokenizer directory")
 
 
 @dataclass

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers.run import REPO, foresight, losses, metrics, train
+from helpers.run import REPO, foresight, losses, megatron_forward, metrics, train
 
 pytestmark = pytest.mark.slow
 
@@ -54,15 +54,9 @@ def test_existing_run_dir_needs_resume(baseline_run):
     assert "already has checkpoints; pass --resume" in proc.stderr + proc.stdout
 
 
-def _logits(ckpt: str, out, nproc: int, *overrides):
-    cmd = [sys.executable, str(REPO / "tests/helpers/logits_from_checkpoint.py"), ckpt, str(out),
-           *overrides]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", *cmd[1:]]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return np.load(out)
+def _logits(ckpt, out, nproc: int, *overrides):
+    tokens = np.random.default_rng(0).integers(0, 259, (2, 64))
+    return megatron_forward(ckpt, tokens, out, nproc, overrides)
 
 
 def test_checkpoint_saved_at_tp2_loads_at_tp1_with_same_logits(data_cache, tmp_path):

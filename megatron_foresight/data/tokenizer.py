@@ -1,9 +1,14 @@
 """Tokenizers. Each exposes what Megatron's datasets duck-type on (`vocab_size`, `eod`, `pad`)
-plus `encode` / `decode`."""
+plus `encode` / `decode`, and can write itself as a Hugging Face tokenizer directory (what
+`foresight convert to-hf` puts beside the weights)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from megatron_foresight.config import TokenizerConfig
+from megatron_foresight.errors import UsageError
 
 
 class ByteTokenizer:
@@ -33,8 +38,87 @@ class ByteTokenizer:
         """What Megatron's datasets hash into their cache keys."""
         return self.describe()
 
+    def save_hf(self, out: Path) -> None:
+        """The same tokenizer for transformers: a byte-level BPE with no merges, so every byte
+        is its own token with its byte value as id, and the specials after them."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        chars = _bytes_to_unicode()
+        core = Tokenizer(models.BPE({chars[b]: b for b in range(256)}, merges=[]))
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        core.decoder = decoders.ByteLevel()
+        core.add_special_tokens(list(self.SPECIALS))
+        eod, pad, bos = self.SPECIALS
+        # split_special_tokens: text that spells "<eod>" is bytes, as in `encode` above.
+        PreTrainedTokenizerFast(tokenizer_object=core, eos_token=eod, pad_token=pad,
+                                bos_token=bos, split_special_tokens=True).save_pretrained(out)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable character map of byte-level BPE (GPT-2), which the `tokenizers`
+    ByteLevel pre-tokenizer applies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local directory."""
+
+    FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+             "chat_template.jinja")
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise UsageError(f"data.tokenizer.path: {path} is not a directory")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"data.tokenizer.path: {path}: not a Hugging Face tokenizer "
+                             f"directory ({e})") from None
+        tok = self.tokenizer
+        if tok.eos_token_id is None:
+            raise UsageError(f"data.tokenizer.path: {path}: the tokenizer has no eos_token, "
+                             "which marks the end of each document")
+        self.eod = tok.eos_token_id
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.bos = tok.bos_token_id
+        self.vocab_size = len(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+    def describe(self) -> dict:
+        return {"type": "hf", "path": str(self.path.resolve()), "vocab_size": self.vocab_size}
+
+    @property
+    def unique_identifiers(self) -> dict:
+        return self.describe()
+
+    def save_hf(self, out: Path) -> None:
+        for name in self.FILES:
+            if (self.path / name).exists():
+                shutil.copy2(self.path / name, Path(out) / name)
+
 
 def build_tokenizer(cfg: TokenizerConfig):
     if cfg.type == "byte":
         return ByteTokenizer()
+    if cfg.type == "hf":
+        return HFTokenizer(cfg.path)
     raise ValueError(f"data.tokenizer.type: unsupported {cfg.type!r}")

@@ -163,11 +163,15 @@ def _seeded_layer_class():
     return _SEEDED_LAYER
 
 
-def build_model(cfg: RecipeConfig, padded_vocab_size: int, pg_collection=None) -> list:
+def build_model(cfg: RecipeConfig, padded_vocab_size: int, pg_collection=None,
+                initialize: bool = True) -> list:
     """One GPTModel per virtual pipeline chunk on this rank (one without an interleaved pipeline),
-    on this process's device, wrapped for bf16/fp16; the caller's RNG state is left as found."""
+    on this process's device, wrapped for bf16/fp16; the caller's RNG state is left as found.
+    `initialize=False` skips drawing random weights (for models about to be filled)."""
     use_te = use_transformer_engine(cfg)
     config = transformer_config(cfg, use_te)
+    if not initialize:
+        config = dataclasses.replace(config, perform_initialization=False)
     spec = layer_spec(cfg, use_te)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []

@@ -178,3 +178,51 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+
+def spawn_local(nprocs: int, fn, *args) -> None:
+    """Run `fn(*args)` on `nprocs` new processes on this machine that find each other as torchrun
+    would arrange (RANK, WORLD_SIZE, MASTER_ADDR/PORT set per child): for tools started as a
+    plain command that need a process per TP/PP rank. If one fails the others are stopped, and
+    its exit status is raised as SystemExit."""
+    import multiprocessing as mp
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn = mp.get_context("spawn")
+    procs = [spawn.Process(target=_spawned, args=(rank, nprocs, port, fn, args))
+             for rank in range(nprocs)]
+    for p in procs:
+        p.start()
+    failed = None
+    while failed is None and any(p.is_alive() for p in procs):
+        failed = next((p for p in procs if p.exitcode not in (None, 0)), None)
+        time.sleep(0.2)
+    failed = failed or next((p for p in procs if p.exitcode != 0), None)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+        p.join()
+    if failed is not None:
+        raise SystemExit(failed.exitcode if failed.exitcode and failed.exitcode > 0 else 1)
+
+
+def _spawned(rank: int, world_size: int, port: int, fn, args) -> None:
+    import sys
+
+    from megatron_foresight.configtree import ConfigError
+    from megatron_foresight.errors import UsageError
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        fn(*args)
+    except (ConfigError, UsageError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -66,6 +66,8 @@ def save_checkpoint(root: Path, step: int, *, chunks: list, optimizer, scheduler
                     ctx: ParallelContext, consumed_samples: int, config: dict, keep_last: int,
                     save_optimizer: bool = True, optimizer_sharding: str = "fully_reshardable"
                     ) -> Path:
+    """Save `step` atomically; `optimizer=None` (or save_optimizer=False) saves weights only,
+    which can start a run (checkpoint.init_from) or be converted, but not resume one."""
     from megatron.core import dist_checkpointing
 
     final = step_dir(root, step)
@@ -76,9 +78,10 @@ def save_checkpoint(root: Path, step: int, *, chunks: list, optimizer, scheduler
     barrier()
     metadata = _metadata(optimizer_sharding)
     state = _model_state(chunks, metadata)
+    save_optimizer = save_optimizer and optimizer is not None
     if save_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
-    state["scheduler"] = scheduler.state_dict()
+    state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["progress"] = {"step": step, "consumed_samples": consumed_samples}
     state["layout"] = ctx.layout
     state["config"] = config

@@ -44,3 +44,24 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> list[float]:
     return [m["lm_loss"] for m in metrics(run_dir)]
+
+
+def megatron_forward(ckpt: str | Path, tokens, out: Path, nproc: int = 1, overrides=(),
+                     greedy: int = 0):
+    """Logits of `tokens` (or, with greedy=K, tokens plus K greedy continuations) from a
+    checkpoint on the Megatron side, on `nproc` processes; see helpers/megatron_forward.py."""
+    import numpy as np
+
+    tokens_file = out.with_suffix(".tokens.npy")
+    np.save(tokens_file, np.asarray(tokens, dtype=np.int64))
+    script = str(REPO / "tests/helpers/megatron_forward.py")
+    cmd = [sys.executable, script] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}", script]
+    cmd += [str(ckpt), str(tokens_file), str(out), *(["--greedy", str(greedy)] if greedy else []),
+            *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else
+           os.environ.get("OMP_NUM_THREADS", "2")}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return np.load(out)

@@ -1,0 +1,210 @@
+"""A Hugging Face model directory (config.json + safetensors, sharded or not) -> a Megatron
+distributed checkpoint at a chosen TP/PP size, and the recipe sections that describe it.
+
+The conversion runs as TP x PP processes (started here on this machine, or by torchrun/srun):
+each builds its own shard of the GPTModel exactly as training does, fills it from the
+safetensors files one layer at a time, and all of them save one distributed checkpoint. So each
+process holds about 1/(TP x PP) of the model, and what is written is what training loads.
+
+Output:
+
+    OUT/checkpoints/step_0000000/   the distributed checkpoint (weights only)
+    OUT/model.yaml                  model, parallel and tokenizer sections: a recipe's `base:`,
+                                    with checkpoint.init_from pointing at OUT
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+
+from megatron_foresight.config import RecipeConfig, recipe_from_tree
+from megatron_foresight.convert import layout
+from megatron_foresight.convert.hf_config import model_fields_from_hf, read_hf_config
+from megatron_foresight.convert.safetensors_io import SafetensorsDir
+from megatron_foresight.data.tokenizer import HFTokenizer
+from megatron_foresight.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
+
+
+def vocab_multiple(vocab: int, tp: int) -> int:
+    """The largest padding multiple (at most 128, divisible by TP) that leaves `vocab` unpadded,
+    so the embedding keeps exactly the Hugging Face rows; TP itself (minimal padding) if none."""
+    for multiple in (128, 64, 32, 16, 8, 4, 2, 1):
+        if multiple % tp == 0 and vocab % multiple == 0:
+            return multiple
+    return tp
+
+
+def plan_conversion(hf_dir: Path, out: Path, tp: int, pp: int, tokenizer: str | None = None,
+                    precision: str | None = None) -> RecipeConfig:
+    """Validate everything that can be checked before starting processes; return the recipe the
+    checkpoint will record."""
+    hf_dir = Path(hf_dir).resolve()
+    fields = model_fields_from_hf(read_hf_config(hf_dir), where=str(hf_dir / "config.json"))
+    if precision:
+        fields["precision"] = precision
+    fields["make_vocab_size_divisible_by"] = vocab_multiple(fields["vocab_size"], tp)
+    tokenizer_dir = Path(tokenizer).resolve() if tokenizer else hf_dir
+    if not any((tokenizer_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise UsageError(f"{tokenizer_dir}: no tokenizer.json or tokenizer_config.json; pass "
+                         "--tokenizer DIR (a Hugging Face tokenizer directory) so the recipe "
+                         "names the model's tokenizer")
+    tree = {
+        "model": fields,
+        "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
+        "data": {"seq_length": min(2048, fields["max_position_embeddings"]),
+                 "tokenizer": {"type": "hf", "path": str(tokenizer_dir)}},
+        "checkpoint": {"init_from": str(Path(out).resolve())},
+    }
+    cfg = recipe_from_tree(tree)
+    cfg.check_world_size(tp * pp)
+    tok = HFTokenizer(str(tokenizer_dir))
+    if tok.vocab_size > fields["vocab_size"]:
+        raise UsageError(f"{tokenizer_dir}: the tokenizer has {tok.vocab_size} tokens, more than "
+                         f"the model's vocab_size ({fields['vocab_size']})")
+    SafetensorsDir(hf_dir).names()  # refuses a directory without safetensors now, not in workers
+    return cfg
+
+
+def recipe_sections(cfg: RecipeConfig, hf_dir: Path) -> str:
+    tree = cfg.to_dict()
+    keep = {"model": tree["model"], "parallel": {k: tree["parallel"][k] for k in (
+        "tensor_model_parallel_size", "pipeline_model_parallel_size")},
+        "data": {"seq_length": tree["data"]["seq_length"], "tokenizer": tree["data"]["tokenizer"]},
+        "checkpoint": {"init_from": tree["checkpoint"]["init_from"]}}
+    return (f"# Converted from {hf_dir} by `foresight convert from-hf`.\n"
+            "# Use it as a recipe's `base:` (keys the recipe sets win); checkpoint.init_from\n"
+            "# starts training from the converted weights.\n"
+            + yaml.safe_dump(keep, sort_keys=False))
+
+
+def convert_worker(hf_dir: str, out: str, cfg_tree: dict) -> None:
+    """One process of the conversion: build this rank's model shard, fill it, save."""
+    from megatron_foresight.models.provider import build_model
+    from megatron_foresight.runtime.dist import (
+        barrier, init_distributed, init_parallel_state, read_launch_env, shutdown,
+    )
+    from megatron_foresight.runtime.log import setup_logging
+    from megatron_foresight.training import checkpoint as ckpt
+
+    cfg = recipe_from_tree(cfg_tree)
+    launch = read_launch_env()
+    setup_logging(launch.rank)
+    device = init_distributed(launch)
+    try:
+        ctx = init_parallel_state(cfg.parallel, device)
+        m = cfg.model
+        padded = cfg.padded_vocab_size(m.vocab_size)
+        chunks = build_model(cfg, padded, ctx.pg_collection, initialize=False)
+        source = SafetensorsDir(Path(hf_dir))
+        _check_names(source, m)
+        with torch.no_grad():
+            for chunk in chunks:
+                fill_from_hf(chunk, source, m, padded, show_progress=ctx.rank == 0)
+        barrier()
+        ckpt.save_checkpoint(Path(out) / "checkpoints", 0, chunks=chunks, optimizer=None,
+                             scheduler=None, ctx=ctx, consumed_samples=0, config=cfg.to_dict(),
+                             keep_last=1, save_optimizer=False)
+    finally:
+        shutdown()
+
+
+def _check_names(source: SafetensorsDir, m) -> None:
+    expected = {hf for hf in layout.hf_global_names(m).values()}
+    for i in range(m.num_layers):
+        expected |= {layout.hf_layer_prefix(i) + n for n in layout.hf_layer_names(m)}
+    names = {n for n in source.names() if not n.endswith(_IGNORED_SUFFIXES)}
+    if not m.untie_embeddings_and_output_weights:
+        names.discard("lm_head.weight")  # tied: some checkpoints store the copy anyway
+    missing, unknown = sorted(expected - names), sorted(names - expected)
+    if missing:
+        raise UsageError(f"{source.dir}: missing tensors {', '.join(missing[:8])}"
+                         f"{' ...' if len(missing) > 8 else ''} (config.json says "
+                         f"{m.num_layers} layers, {m.family})")
+    if unknown:
+        raise UsageError(f"{source.dir}: tensors with no place in a {m.family} GPTModel: "
+                         f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
+
+
+def fill_from_hf(chunk, source: SafetensorsDir, m, padded_vocab: int,
+                 show_progress: bool = False) -> None:
+    """Copy Hugging Face tensors into this rank's parameters of one model chunk.
+
+    The chunk's own sharded state dict says, for every parameter (and, through the SwiGLU
+    factory, for each half of fc1), which box of the tensor-parallel-1 tensor it holds and for
+    which global layer; the full tensor is built from Hugging Face's for one layer at a time and
+    the box copied out. The same code serves any TP/PP/VPP layout."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from tqdm import tqdm
+
+    boxes = []
+    for item in nested_values(chunk.sharded_state_dict()):
+        if isinstance(item, ShardedTensorFactory):
+            boxes += [t for t in nested_values(item.build()) if isinstance(t, ShardedTensor)]
+        elif isinstance(item, ShardedTensor):
+            boxes.append(item)
+    by_layer: dict[int | None, list] = {}
+    for box in boxes:
+        layer = box.global_offset[0] if box.key.startswith(layout.LAYERS) else None
+        by_layer.setdefault(layer, []).append(box)
+
+    globals_ = {**layout.hf_global_names(m), layout.OUTPUT: (
+        "lm_head.weight" if m.untie_embeddings_and_output_weights else "model.embed_tokens.weight")}
+    layers = sorted(k for k in by_layer if k is not None)
+    for layer in tqdm(layers, desc="from-hf", unit="layer", disable=None if show_progress else True):
+        prefix = layout.hf_layer_prefix(layer)
+        full = layout.layer_from_hf({n: source.get(prefix + n) for n in layout.hf_layer_names(m)},
+                                    m)
+        for box in by_layer[layer]:
+            _copy_box(box, full[box.key[len(layout.LAYERS):]])
+    for box in by_layer.get(None, []):
+        if box.key not in globals_:
+            raise RuntimeError(f"no Hugging Face tensor for {box.key}")
+        tensor = source.get(globals_[box.key])
+        if box.key in (layout.EMBEDDING, layout.OUTPUT) and tensor.shape[0] < padded_vocab:
+            tensor = torch.cat([tensor, tensor.new_zeros(padded_vocab - tensor.shape[0],
+                                                         *tensor.shape[1:])])
+        _copy_box(box, tensor)
+
+
+def _copy_box(box, full: torch.Tensor) -> None:
+    offsets = box.global_offset[box.prepend_axis_num:]
+    index = tuple(slice(o, o + n) for o, n in zip(offsets, box.local_shape))
+    part = full[index]
+    if tuple(part.shape) != tuple(box.data.shape):
+        raise RuntimeError(f"{box.key}: Hugging Face tensor {tuple(full.shape)} does not hold the "
+                           f"box {index} of shape {tuple(box.data.shape)}")
+    box.data.copy_(part)
+
+
+def convert_from_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1,
+                    tokenizer: str | None = None, precision: str | None = None,
+                    overwrite: bool = False) -> Path:
+    from megatron_foresight.runtime.dist import read_launch_env, spawn_local
+    from megatron_foresight.training import checkpoint as ckpt
+
+    out = Path(out)
+    if ckpt.find_checkpoint(out) is not None and not overwrite:
+        raise UsageError(f"--out {out} already holds a checkpoint; pass --overwrite to replace it")
+    cfg = plan_conversion(Path(hf_dir), out, tp, pp, tokenizer, precision)
+    launch = read_launch_env()
+    args = (str(Path(hf_dir).resolve()), str(out), cfg.to_dict())
+    if launch.launcher == "single" and tp * pp > 1:
+        spawn_local(tp * pp, convert_worker, *args)
+    else:
+        if launch.world_size != tp * pp:
+            raise UsageError(f"launched on {launch.world_size} processes; the conversion to "
+                             f"--tp {tp} --pp {pp} runs on exactly {tp * pp}")
+        convert_worker(*args)
+    if launch.rank == 0:
+        (out / "model.yaml").write_text(recipe_sections(cfg, Path(hf_dir).resolve()))
+        log.info("wrote %s (TP=%d, PP=%d) and %s", out / "checkpoints", tp, pp, out / "model.yaml")
+    return out

@@ -1,0 +1,96 @@
+"""Hugging Face safetensors directories: a streaming writer of shards with their index, and a
+reader that opens only the file holding a tensor (never a pickle)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from megatron_foresight.errors import UsageError
+
+INDEX = "model.safetensors.index.json"
+
+
+class ShardWriter:
+    """Writes tensors, given in `plan` order, into `model-0000i-of-0000n.safetensors` files of
+    at most `max_bytes` each (a tensor larger than that gets a file of its own), each file as
+    soon as its last tensor arrives; then the index that transformers reads."""
+
+    def __init__(self, out: Path, plan: list[tuple[str, tuple[int, ...]]], itemsize: int,
+                 max_bytes: int):
+        self.out = Path(out)
+        shards, size = [[]], 0
+        for name, shape in plan:
+            nbytes = math.prod(shape) * itemsize
+            if shards[-1] and size + nbytes > max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        n = len(shards)
+        self.file_of = {name: f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                        for i, names in enumerate(shards) for name in names}
+        self.remaining = {f"model-{i + 1:05d}-of-{n:05d}.safetensors": set(names)
+                          for i, names in enumerate(shards)}
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        file = self.file_of[name]  # KeyError: a tensor the plan did not list is a bug
+        self.pending.setdefault(file, {})[name] = tensor.detach().contiguous()
+        self.remaining[file].discard(name)
+        self.total_bytes += tensor.numel() * tensor.element_size()
+        if not self.remaining[file]:
+            save_file(self.pending.pop(file), str(self.out / file), metadata={"format": "pt"})
+
+    def finish(self) -> None:
+        unwritten = sorted(f for f, names in self.remaining.items() if names)
+        if unwritten:
+            raise RuntimeError(f"shards never completed: {unwritten}")
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.file_of}
+        (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+class SafetensorsDir:
+    """Tensors of a Hugging Face model directory by name: `model.safetensors`, or shards listed
+    by `model.safetensors.index.json`."""
+
+    def __init__(self, hf_dir: Path):
+        self.dir = Path(hf_dir)
+        index = self.dir / INDEX
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise UsageError(f"{index}: not a safetensors index ({e})") from None
+        elif (self.dir / "model.safetensors").exists():
+            from safetensors import safe_open
+
+            with safe_open(self.dir / "model.safetensors", framework="pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            pickles = sorted(p.name for p in self.dir.glob("*.bin"))
+            hint = (f" (found {', '.join(pickles)}: pickled weights are not read; save the model "
+                    "with save_pretrained(..., safe_serialization=True) first)") if pickles else ""
+            raise UsageError(f"{self.dir}: no model.safetensors or {INDEX}{hint}")
+        for file in set(weight_map.values()):
+            if not (self.dir / file).exists():
+                raise UsageError(f"{index}: lists {file}, which is missing")
+        self.weight_map = weight_map
+
+    def names(self) -> set[str]:
+        return set(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self.weight_map.get(name)
+        if file is None:
+            raise UsageError(f"{self.dir}: no tensor {name!r} in the safetensors files")
+        with safe_open(self.dir / file, framework="pt") as f:
+            return f.get_tensor(name)

@@ -108,6 +108,23 @@ def test_hf_to_megatron_to_hf_is_exact_from_any_layout(tp, pp, tmp_path):
 
 
 @pytest.mark.slow
+def test_converted_model_yaml_is_a_recipe_base_that_trains_from_the_weights(tmp_path):
+    hf_dir = tmp_path / "hf"
+    make_hf_model(hf_dir, **CONFIGS["qwen2_gqa_tied"])
+    convert("from-hf", "--hf-dir", hf_dir, "--out", tmp_path / "mg")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""base: {tmp_path / 'mg' / 'model.yaml'}
+stage: lm
+data: {{seq_length: 64, num_workers: 0}}
+schedule: {{train_steps: 2, global_batch_size: 4, micro_batch_size: 2, warmup_steps: 1}}
+lm: {{sources: [builtin], builtin_docs: 200}}
+""")
+    out = foresight(["train", str(recipe), "--run-dir", str(tmp_path / "run")]).stdout
+    assert "initialized model weights from" in out and "step_0000000" in out
+    assert "qwen2, 2 layers, hidden 64" in out
+
+
+@pytest.mark.slow
 def test_trained_checkpoint_to_hf_and_back_is_identity_and_generates_the_same(baseline_run,
                                                                              tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,8 +72,10 @@ class CheckpointReader:
                 dest = torch.empty((1, *shape[1:]), dtype=self.dtype(key))
                 slices[key] = ((layer,) + (0,) * (len(shape) - 1), dest)
                 out[key] = dest[0]
-        dcp.load({}, storage_reader=dcp.FileSystemReader(str(self.path)),
-                 planner=_SlicePlanner(slices), no_dist=True)
+        with warnings.catch_warnings():  # "assuming ... a single process": yes, on purpose
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({}, storage_reader=dcp.FileSystemReader(str(self.path)),
+                     planner=_SlicePlanner(slices), no_dist=True)
         return out
 
 

@@ -173,9 +173,11 @@ def parse_size(text: str) -> int:
 
 
 def _cmd_convert(args) -> int:
+    from megatron_foresight.runtime.dist import read_launch_env
     from megatron_foresight.runtime.log import setup_logging
 
-    setup_logging(int(os.environ.get("RANK", 0)))
+    rank = read_launch_env().rank
+    setup_logging(rank)
     if args.direction == "from-hf":
         from megatron_foresight.convert.from_hf import convert_from_hf
 
@@ -188,7 +190,7 @@ def _cmd_convert(args) -> int:
         out = convert_to_hf(args.ckpt, args.out, dtype=args.dtype,
                             max_shard_size=parse_size(args.max_shard_size),
                             overwrite=args.overwrite)
-    if os.environ.get("RANK", "0") == "0":
+    if rank == 0:
         print(out)
     return 0
 
@@ -199,7 +201,7 @@ def main(argv=None) -> int:
         return {"train": _cmd_train, "config": _cmd_config,
                 "convert": _cmd_convert}[args.command](args)
     except (ConfigError, UsageError) as e:
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
             print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -110,7 +110,9 @@ def test_stop_signal_saves_before_exit(data_cache, tmp_path):
 @pytest.mark.parametrize("before,after", [
     (["parallel.pipeline_model_parallel_size=2"], ["parallel.tensor_model_parallel_size=2"]),
     (["parallel.use_distributed_optimizer=true"], ["parallel.use_distributed_optimizer=true"]),
-], ids=["pp2_to_tp2", "dp2_distributed_optimizer_to_dp1"])
+    (["parallel.use_distributed_optimizer=true", "checkpoint.optimizer_sharding=dp_reshardable"],
+     ["parallel.use_distributed_optimizer=true", "checkpoint.optimizer_sharding=dp_reshardable"]),
+], ids=["pp2_to_tp2", "dp2_distributed_optimizer_to_dp1", "dp2_dp_reshardable_to_dp1"])
 def test_resume_at_another_layout_continues_the_same_run(before, after, baseline_run, data_cache,
                                                           tmp_path):
     """Stop after step 3 and resume at another layout: model and Adam state are resharded, so

@@ -24,6 +24,9 @@ CONFIGS = {
     "qwen2_gqa_tied": dict(model_type="qwen2", num_key_value_heads=2, tie_word_embeddings=True),
     "qwen2_mha_untied": dict(model_type="qwen2", num_key_value_heads=4,
                              tie_word_embeddings=False),
+    # head_dim is not hidden/heads; 301 rows do not split over 2 ranks: Megatron pads to 384
+    "llama_head_dim_odd_vocab": dict(model_type="llama", num_key_value_heads=2, head_dim=32,
+                                     vocab_size=301, tie_word_embeddings=False),
 }
 
 
@@ -85,19 +88,27 @@ def test_hf_to_megatron_gives_the_hf_logits(name, tp, tmp_path):
     convert("from-hf", "--hf-dir", hf_dir, "--out", tmp_path / "mg", "--tp", tp)
     got = megatron_forward(tmp_path / "mg", TOKENS, tmp_path / "logits.npy", nproc=tp)
     want = hf_logits(model, TOKENS)
-    assert got.shape == want.shape == (2, 24, 300)
+    vocab = want.shape[-1]
+    padded = 384 if (name == "llama_head_dim_odd_vocab" and tp == 2) else vocab
+    assert got.shape == (2, 24, padded)
     # float32 on both sides; measured max difference 1e-6 or less (0 at TP=1 for most)
-    assert np.abs(got - want).max() < 2e-5, np.abs(got - want).max()
+    assert np.abs(got[..., :vocab] - want).max() < 2e-5, np.abs(got[..., :vocab] - want).max()
+    assert (got[..., vocab:] == 0).all()  # padding rows of the output layer are zeros
     assert np.abs(want).max() > 0.1  # the logits are not trivially small
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_hf_to_megatron_to_hf_is_exact_from_any_layout(tp, pp, tmp_path):
-    """to-hf reads checkpoints saved at TP=2 and at PP=2 (by from-hf's processes)."""
+@pytest.mark.parametrize("tp,pp,dtype", [(2, 1, "float32"), (1, 2, "bfloat16")])
+def test_hf_to_megatron_to_hf_is_exact_from_any_layout(tp, pp, dtype, tmp_path):
+    """to-hf reads checkpoints saved at TP=2 and at PP=2 (by from-hf's processes); a bf16 model
+    stays bf16 throughout."""
     hf_dir = tmp_path / "hf"
-    make_hf_model(hf_dir, **CONFIGS["qwen2_gqa_tied"])
+    model = make_hf_model(hf_dir, **CONFIGS["qwen2_gqa_tied"])
+    if dtype == "bfloat16":
+        model.to(torch.bfloat16).save_pretrained(hf_dir)
     convert("from-hf", "--hf-dir", hf_dir, "--out", tmp_path / "mg", "--tp", tp, "--pp", pp)
+    expected_precision = "bf16" if dtype == "bfloat16" else "fp32"
+    assert f"precision: {expected_precision}" in (tmp_path / "mg" / "model.yaml").read_text()
     convert("to-hf", "--ckpt", tmp_path / "mg", "--out", tmp_path / "back")
     original, back = safetensors_dir(hf_dir), safetensors_dir(tmp_path / "back")
     assert set(original) == set(back)
@@ -105,6 +116,8 @@ def test_hf_to_megatron_to_hf_is_exact_from_any_layout(tp, pp, tmp_path):
         assert torch.equal(original[name], back[name]), name
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config["model_type"] == "qwen2" and config["tie_word_embeddings"] is True
+    assert config["torch_dtype"] == dtype and back["model.norm.weight"].dtype == getattr(torch,
+                                                                                         dtype)
 
 
 @pytest.mark.slow
@@ -134,6 +147,14 @@ def test_trained_checkpoint_to_hf_and_back_is_identity_and_generates_the_same(ba
     hf_dir = tmp_path / "hf"
     convert("to-hf", "--ckpt", baseline_run, "--out", hf_dir)
     convert("from-hf", "--hf-dir", hf_dir, "--out", tmp_path / "mg")
+    # a run is never overwritten by a conversion, whatever the flags say
+    for direction, args in (("to-hf", ["--ckpt", baseline_run, "--out", baseline_run]),
+                            ("from-hf", ["--hf-dir", hf_dir, "--out", baseline_run])):
+        proc = foresight(["convert", direction, *map(str, args), "--overwrite"], check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert "contains the checkpoint" in proc.stderr or "holds training checkpoints" in \
+            proc.stderr, proc.stderr
+    assert (baseline_run / "metrics.jsonl").exists()
     # Megatron -> HF -> Megatron: every model tensor identical (vocab padding rows included).
     before, after = checkpoint_tensors(baseline_run), checkpoint_tensors(tmp_path / "mg")
     assert set(after) == set(before) and len(before) >= 8
@@ -269,6 +290,12 @@ def test_from_hf_refusals_name_the_problem(tmp_path):
     assert "num_attention_heads (4) must be divisible by tensor_model_parallel_size (3)" in \
         fails("--hf-dir", hf_dir, "--out", out, "--tp", "3")
     assert "no config.json" in fails("--hf-dir", tmp_path, "--out", out)
+    from safetensors.torch import load_file, save_file
+    weights = load_file(hf_dir / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, hf_dir / "model.safetensors")
+    assert "missing tensors model.layers.1.mlp.up_proj.weight" in \
+        fails("--hf-dir", hf_dir, "--out", out, "--tp", "2")
     (hf_dir / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
     (hf_dir / "pytorch_model.bin").write_bytes(b"not read")
     assert "pickled weights are not read" in fails("--hf-dir", hf_dir, "--out", out)

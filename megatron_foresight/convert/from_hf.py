@@ -3,8 +3,10 @@ distributed checkpoint at a chosen TP/PP size, and the recipe sections that desc
 
 The conversion runs as TP x PP processes (started here on this machine, or by torchrun/srun):
 each builds its own shard of the GPTModel exactly as training does, fills it from the
-safetensors files one layer at a time, and all of them save one distributed checkpoint. So each
-process holds about 1/(TP x PP) of the model, and what is written is what training loads.
+safetensors files one layer at a time, and all of them save one distributed checkpoint. Each
+process holds its 1/(TP x PP) shard, one full layer at a time while filling, and only its own
+rows of the embedding and output layer; what is written is what training loads. The processes
+run on the CPU (gloo) even on a GPU machine: conversion needs no GPU, nor one per rank.
 
 Output:
 
@@ -16,6 +18,8 @@ Output:
 from __future__ import annotations
 
 import logging
+import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -33,13 +37,20 @@ log = logging.getLogger(__name__)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 
 
+# The padding multiple must be divisible by every TP size the recipe will be run at; choosing
+# it among the divisors of 2^7 * 3 * 5 * 7 keeps the common TP sizes (1-8, 12, 16, ...) open.
+_TP_FRIENDLY = 128 * 3 * 5 * 7
+
+
 def vocab_multiple(vocab: int, tp: int) -> int:
-    """The largest padding multiple (at most 128, divisible by TP) that leaves `vocab` unpadded,
-    so the embedding keeps exactly the Hugging Face rows; TP itself (minimal padding) if none."""
-    for multiple in (128, 64, 32, 16, 8, 4, 2, 1):
-        if multiple % tp == 0 and vocab % multiple == 0:
-            return multiple
-    return tp
+    """model.make_vocab_size_divisible_by for a Hugging Face vocabulary: a multiple that leaves
+    `vocab` unpadded (so the embedding keeps exactly the Hugging Face rows) and divides by as
+    many TP sizes as possible, `tp` among them; if none does, Megatron's usual 128 (times what
+    `tp` needs), and the rows it adds are zeros."""
+    multiple = math.gcd(vocab, _TP_FRIENDLY)
+    if multiple % tp == 0:
+        return multiple
+    return math.lcm(128, tp)
 
 
 def plan_conversion(hf_dir: Path, out: Path, tp: int, pp: int, tokenizer: str | None = None,
@@ -69,7 +80,7 @@ def plan_conversion(hf_dir: Path, out: Path, tp: int, pp: int, tokenizer: str | 
     if tok.vocab_size > fields["vocab_size"]:
         raise UsageError(f"{tokenizer_dir}: the tokenizer has {tok.vocab_size} tokens, more than "
                          f"the model's vocab_size ({fields['vocab_size']})")
-    SafetensorsDir(hf_dir).names()  # refuses a directory without safetensors now, not in workers
+    _check_names(SafetensorsDir(hf_dir), cfg.model)  # here, once, not in every worker
     return cfg
 
 
@@ -104,7 +115,6 @@ def convert_worker(hf_dir: str, out: str, cfg_tree: dict) -> None:
         padded = cfg.padded_vocab_size(m.vocab_size)
         chunks = build_model(cfg, padded, ctx.pg_collection, initialize=False)
         source = SafetensorsDir(Path(hf_dir))
-        _check_names(source, m)
         with torch.no_grad():
             for chunk in chunks:
                 fill_from_hf(chunk, source, m, padded, show_progress=ctx.rank == 0)
@@ -168,11 +178,21 @@ def fill_from_hf(chunk, source: SafetensorsDir, m, padded_vocab: int,
     for box in by_layer.get(None, []):
         if box.key not in globals_:
             raise RuntimeError(f"no Hugging Face tensor for {box.key}")
-        tensor = source.get(globals_[box.key])
-        if box.key in (layout.EMBEDDING, layout.OUTPUT) and tensor.shape[0] < padded_vocab:
-            tensor = torch.cat([tensor, tensor.new_zeros(padded_vocab - tensor.shape[0],
-                                                         *tensor.shape[1:])])
-        _copy_box(box, tensor)
+        if box.key in (layout.EMBEDDING, layout.OUTPUT):
+            _copy_vocab_rows(box, source, globals_[box.key])
+        else:
+            _copy_box(box, source.get(globals_[box.key]))
+
+
+def _copy_vocab_rows(box, source: SafetensorsDir, name: str) -> None:
+    """This rank's rows of the (vocabulary-parallel) embedding or output layer, read alone;
+    rows past the Hugging Face vocabulary (Megatron's padding) are zeros."""
+    (start, col), (rows, width) = box.global_offset[box.prepend_axis_num:], box.local_shape
+    vocab = source.shape(name)[0]
+    box.data.zero_()
+    have = max(0, min(start + rows, vocab) - start)
+    if have:
+        box.data[:have].copy_(source.get_rows(name, start, start + have)[:, col:col + width])
 
 
 def _copy_box(box, full: torch.Tensor) -> None:
@@ -192,13 +212,21 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int
     from megatron_foresight.training import checkpoint as ckpt
 
     out = Path(out)
-    if ckpt.find_checkpoint(out) is not None and not overwrite:
-        raise UsageError(f"--out {out} already holds a checkpoint; pass --overwrite to replace it")
+    existing = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    if existing:
+        if existing != ["step_0000000"]:
+            raise UsageError(f"--out {out} holds training checkpoints ({', '.join(existing)}); "
+                             "convert into another directory")
+        if not overwrite:
+            raise UsageError(f"--out {out} already holds a converted checkpoint; pass "
+                             "--overwrite to replace it")
     cfg = plan_conversion(Path(hf_dir), out, tp, pp, tokenizer, precision)
+    if existing:
+        shutil.rmtree(out / "checkpoints")
     launch = read_launch_env()
     args = (str(Path(hf_dir).resolve()), str(out), cfg.to_dict())
     if launch.launcher == "single" and tp * pp > 1:
-        spawn_local(tp * pp, convert_worker, *args)
+        spawn_local(tp * pp, convert_worker, *args, cpu_only=True)
     else:
         if launch.world_size != tp * pp:
             raise UsageError(f"launched on {launch.world_size} processes; the conversion to "

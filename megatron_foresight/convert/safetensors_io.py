@@ -86,11 +86,27 @@ class SafetensorsDir:
     def names(self) -> set[str]:
         return set(self.weight_map)
 
-    def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
+    def _file(self, name: str) -> Path:
         file = self.weight_map.get(name)
         if file is None:
             raise UsageError(f"{self.dir}: no tensor {name!r} in the safetensors files")
-        with safe_open(self.dir / file, framework="pt") as f:
+        return self.dir / file
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self._file(name), framework="pt") as f:
             return f.get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        with safe_open(self._file(name), framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop of a tensor, reading only those bytes."""
+        from safetensors import safe_open
+
+        with safe_open(self._file(name), framework="pt") as f:
+            return f.get_slice(name)[start:stop]

@@ -52,8 +52,9 @@ class CheckpointReader:
 
     def __init__(self, path: Path):
         self.path = path
-        self.meta = {k: v for k, v in dcp.FileSystemReader(str(path)).read_metadata()
-                     .state_dict_metadata.items() if hasattr(v, "chunks")}
+        self.storage = dcp.FileSystemReader(str(path))
+        self.meta = {k: v for k, v in self.storage.read_metadata().state_dict_metadata.items()
+                     if hasattr(v, "chunks")}
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.meta[key].size)
@@ -74,8 +75,8 @@ class CheckpointReader:
                 out[key] = dest[0]
         with warnings.catch_warnings():  # "assuming ... a single process": yes, on purpose
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({}, storage_reader=dcp.FileSystemReader(str(self.path)),
-                     planner=_SlicePlanner(slices), no_dist=True)
+            dcp.load({}, storage_reader=self.storage, planner=_SlicePlanner(slices),
+                     no_dist=True)
         return out
 
 
@@ -111,24 +112,66 @@ def convert_to_hf(ckpt_path: str | Path, out: str | Path, *, dtype: str | None =
     if found is None:
         raise UsageError(f"--ckpt {ckpt_path}: no complete Megatron checkpoint there (give a run "
                          "directory, its checkpoints/ directory, or one step_N directory)")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    found = found.resolve()
+    out = _check_out(Path(out), found, overwrite)
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
 
-    common = ckpt.read_common(found)
-    cfg = recipe_from_tree(common["config"])
+    cfg = recipe_from_tree(ckpt.read_common(found)["config"])
     m = cfg.model
     reader = CheckpointReader(found)
     _check_keys(reader, m, found)
     vocab = reader.shape(layout.EMBEDDING)[0]
     target = DTYPES[dtype] if dtype else reader.dtype(layout.EMBEDDING)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
+    ids = dict(bos=tokenizer.bos, eos=tokenizer.eod, pad=tokenizer.pad)
+    config = hf_config_from_model(m, vocab, dtype=_dtype_name(target), **ids)  # refuses early
+
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_weights(reader, m, tmp, target, max_shard_size)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
+                      "pad_token_id": ids["pad"]}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        tokenizer.save_hf(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    log.info("wrote %s (%s, %d layers, vocab %d, %s) from %s", out, m.family, m.num_layers, vocab,
+             _dtype_name(target), found)
+    return out
 
+
+def _check_out(out: Path, found: Path, overwrite: bool) -> Path:
+    out = out.resolve()
+    if out == out.parent:
+        raise UsageError(f"--out {out}: give a directory to create, not a filesystem root")
+    if out == found or out in found.parents:
+        raise UsageError(f"--out {out} contains the checkpoint being converted ({found}); "
+                         "choose a directory outside it")
+    if found in out.parents:
+        raise UsageError(f"--out {out} is inside the checkpoint directory {found}; choose a "
+                         "directory outside it")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    return out
+
+
+def _write_weights(reader: CheckpointReader, m, tmp: Path, target: torch.dtype,
+                   max_shard_size: int) -> None:
     globals_ = layout.hf_global_names(m)
     plan = [(globals_[layout.EMBEDDING], reader.shape(layout.EMBEDDING))]
     layer_shapes = _hf_layer_shapes(reader, m)
@@ -142,8 +185,7 @@ def convert_to_hf(ckpt_path: str | Path, out: str | Path, *, dtype: str | None =
     def emit(name: str, tensor: torch.Tensor) -> None:
         writer.add(name, tensor.to(target))
 
-    steps = m.num_layers + 2
-    with tqdm(total=steps, desc="to-hf", unit="part", disable=None) as bar:
+    with tqdm(total=m.num_layers + 2, desc="to-hf", unit="part", disable=None) as bar:
         emit(globals_[layout.EMBEDDING], reader.read([layout.EMBEDDING])[layout.EMBEDDING])
         bar.update()
         keys = [layout.LAYERS + k for k in layout.layer_keys(m)]
@@ -158,21 +200,6 @@ def convert_to_hf(ckpt_path: str | Path, out: str | Path, *, dtype: str | None =
             emit(globals_[key], tensor)
         bar.update()
     writer.finish()
-
-    ids = dict(bos=tokenizer.bos, eos=tokenizer.eod, pad=tokenizer.pad)
-    config = hf_config_from_model(m, vocab, dtype=_dtype_name(target), **ids)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
-                  "pad_token_id": ids["pad"]}
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    tokenizer.save_hf(tmp)
-
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    log.info("wrote %s (%s, %d layers, vocab %d, %s) from %s", out, m.family, m.num_layers, vocab,
-             _dtype_name(target), found)
-    return out
 
 
 def _check_keys(reader: CheckpointReader, m, path: Path) -> None:

@@ -181,20 +181,22 @@ def broadcast_object(obj, src: int = 0):
 
 
 
-def spawn_local(nprocs: int, fn, *args) -> None:
+def spawn_local(nprocs: int, fn, *args, cpu_only: bool = False) -> None:
     """Run `fn(*args)` on `nprocs` new processes on this machine that find each other as torchrun
-    would arrange (RANK, WORLD_SIZE, MASTER_ADDR/PORT set per child): for tools started as a
-    plain command that need a process per TP/PP rank. If one fails the others are stopped, and
-    its exit status is raised as SystemExit."""
+    would arrange (RANK, WORLD_SIZE, MASTER_ADDR/PORT set per child, one thread each): for tools
+    started as a plain command that need a process per TP/PP rank. `cpu_only` hides GPUs from
+    the children (gloo). If one fails, the others get a few seconds to finish or fail on their
+    own, then are stopped; the failure is raised as SystemExit with that process's status."""
     import multiprocessing as mp
     import socket
+    import sys
     import time
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     spawn = mp.get_context("spawn")
-    procs = [spawn.Process(target=_spawned, args=(rank, nprocs, port, fn, args))
+    procs = [spawn.Process(target=_spawned, args=(rank, nprocs, port, cpu_only, fn, args))
              for rank in range(nprocs)]
     for p in procs:
         p.start()
@@ -203,15 +205,26 @@ def spawn_local(nprocs: int, fn, *args) -> None:
         failed = next((p for p in procs if p.exitcode not in (None, 0)), None)
         time.sleep(0.2)
     failed = failed or next((p for p in procs if p.exitcode != 0), None)
+    if failed is not None:
+        deadline = time.monotonic() + 5
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
     for p in procs:
         if p.is_alive():
             p.terminate()
-        p.join()
+            p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join()
     if failed is not None:
-        raise SystemExit(failed.exitcode if failed.exitcode and failed.exitcode > 0 else 1)
+        rank, code = procs.index(failed), failed.exitcode
+        if code != 2:  # 2: a user error the process has already explained
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            print(f"error: process {rank} of {nprocs} {how}", file=sys.stderr)
+        raise SystemExit(code if code > 0 else 1)
 
 
-def _spawned(rank: int, world_size: int, port: int, fn, args) -> None:
+def _spawned(rank: int, world_size: int, port: int, cpu_only: bool, fn, args) -> None:
     import sys
 
     from megatron_foresight.configtree import ConfigError
@@ -219,10 +232,12 @@ def _spawned(rank: int, world_size: int, port: int, fn, args) -> None:
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    if cpu_only:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read when CUDA first initializes, not before
     try:
         fn(*args)
     except (ConfigError, UsageError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # every rank: the first to fail may not be rank 0
         sys.exit(2)

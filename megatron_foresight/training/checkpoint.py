@@ -30,7 +30,7 @@ from pathlib import Path
 from megatron_foresight.errors import UsageError
 from megatron_foresight.runtime.dist import ParallelContext, barrier, is_rank0
 from megatron_foresight.runtime.seed import get_rng_state, set_rng_state
-from megatron_foresight.training.optimizer import prepare_for_load
+from megatron_foresight.training.optimizer import ensure_adam_state
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ def save_checkpoint(root: Path, step: int, *, chunks: list, optimizer, scheduler
     state = _model_state(chunks, metadata)
     save_optimizer = save_optimizer and optimizer is not None
     if save_optimizer:
+        ensure_adam_state(optimizer)  # a stop before the first step saves too
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["progress"] = {"step": step, "consumed_samples": consumed_samples}
@@ -161,7 +162,7 @@ def load_checkpoint(path: Path, *, chunks: list, ctx: ParallelContext, optimizer
                                "(checkpoint.save_optimizer=false); it cannot be resumed exactly. "
                                "Start from it with checkpoint.init_from instead.")
         _check_optimizer_kind(path, common, distributed_optimizer)
-        prepare_for_load(optimizer)
+        ensure_adam_state(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(template, is_loading=True,
                                                              metadata=metadata)
     same_layout = common.get("layout") == ctx.layout

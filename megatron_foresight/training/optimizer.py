@@ -34,18 +34,22 @@ def build_scheduler(cfg: RecipeConfig, optimizer):
     )
 
 
-def prepare_for_load(optimizer) -> None:
-    """Make a fresh distributed optimizer loadable when its inner optimizer is torch's Adam.
+def ensure_adam_state(optimizer) -> None:
+    """Make a distributed optimizer whose inner optimizer is torch's Adam checkpointable before
+    its first step, and loadable at all.
 
     Without Apex or Transformer Engine (the CPU; torch's Adam anywhere) Megatron-Core 0.16's
-    distributed optimizer cannot load its own checkpoints, for two reasons fixed here:
-    `state_dict()` reads the step count from per-parameter state that torch's Adam creates only
-    at its first step (`assert len(steps) == 1` on a fresh one), so zero state is allocated
-    (the load overwrites it); and the parameter-state loaders skip torch's `step` entry but then
-    copy every entry of the destination state, `step` included (`KeyError: 'step'`), so the
-    copy is told to leave `step` alone (it comes from the param groups). And the step it sets
-    from the param groups is one tensor shared by every parameter, which torch's Adam then
-    increments once per parameter: each parameter gets its own copy."""
+    distributed optimizer cannot save before its first step or load its own checkpoints, for
+    three reasons fixed here. `state_dict()` reads the step count from per-parameter state that
+    torch's Adam creates only at its first step (`assert len(steps) == 1`), so that state is
+    created now, as zeros at step 0 (what torch's Adam itself starts from; a load overwrites
+    it). The parameter-state loaders copy every entry of the destination state, `step` included,
+    from a source that has no `step` (`KeyError: 'step'`) or, with dp_reshardable, a stale one:
+    the copy is told to leave `step` alone, since the step comes from the param groups. And that
+    step is one tensor shared by every parameter, which torch's Adam then increments once per
+    parameter: each parameter gets its own copy. (The copy also runs under no_grad: with fp32
+    weights the main parameters are the model's own, and dp_reshardable loading copied into
+    them with autograd on.)"""
     import torch
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -53,28 +57,32 @@ def prepare_for_load(optimizer) -> None:
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if not (isinstance(opt, DistributedOptimizer)
-                and isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and not inner.state):
+                and isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))):
             continue
         for group in inner.param_groups:
             for p in group["params"]:
-                inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
-                                  "exp_avg": torch.zeros_like(p),
-                                  "exp_avg_sq": torch.zeros_like(p)}
+                if "step" not in inner.state[p]:  # a defaultdict: may hold empty entries
+                    inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                      "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
 
 
 def _leave_step_alone_when_loading(cls) -> None:
+    import torch
+
     original = cls._set_main_param_and_optimizer_states
     if getattr(original, "_foresight_fixed", False):
         return
 
+    @torch.no_grad()
     def set_states(self, model_param, tensors):
-        if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
             return original(self, model_param, tensors)
         group_index, group_order = self.model_param_group_index_map[model_param]
         state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
         step = state.pop("step", None)
         try:
-            original(self, model_param, tensors)
+            original(self, model_param, {k: v for k, v in tensors.items() if k != "step"})
         finally:
             if step is not None:
                 state["step"] = step.clone()

@@ -172,11 +172,15 @@ def parse_size(text: str) -> int:
     raise UsageError(f"--max-shard-size {text}: give a size such as 500MB or 5GB")
 
 
+def _launch_rank() -> int:
+    """This process's rank as torchrun or srun set it, read without importing torch."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+
+
 def _cmd_convert(args) -> int:
-    from megatron_foresight.runtime.dist import read_launch_env
     from megatron_foresight.runtime.log import setup_logging
 
-    rank = read_launch_env().rank
+    rank = _launch_rank()
     setup_logging(rank)
     if args.direction == "from-hf":
         from megatron_foresight.convert.from_hf import convert_from_hf
@@ -201,7 +205,7 @@ def main(argv=None) -> int:
         return {"train": _cmd_train, "config": _cmd_config,
                 "convert": _cmd_convert}[args.command](args)
     except (ConfigError, UsageError) as e:
-        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        if _launch_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
 

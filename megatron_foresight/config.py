@@ -10,7 +10,6 @@ the world size (known from the launcher's environment before any process group s
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path

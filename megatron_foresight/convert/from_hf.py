@@ -166,8 +166,9 @@ def fill_from_hf(chunk, source: SafetensorsDir, m, padded_vocab: int,
         layer = box.global_offset[0] if box.key.startswith(layout.LAYERS) else None
         by_layer.setdefault(layer, []).append(box)
 
-    globals_ = {**layout.hf_global_names(m), layout.OUTPUT: (
-        "lm_head.weight" if m.untie_embeddings_and_output_weights else "model.embed_tokens.weight")}
+    names = layout.hf_global_names(m)
+    # tied: the last stage's copy of the output layer comes from the embedding
+    globals_ = {**names, layout.OUTPUT: names.get(layout.OUTPUT, names[layout.EMBEDDING])}
     layers = sorted(k for k in by_layer if k is not None)
     for layer in tqdm(layers, desc="from-hf", unit="layer", disable=None if show_progress else True):
         prefix = layout.hf_layer_prefix(layer)
@@ -209,9 +210,8 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int
                     tokenizer: str | None = None, precision: str | None = None,
                     overwrite: bool = False) -> Path:
     from megatron_foresight.runtime.dist import read_launch_env, spawn_local
-    from megatron_foresight.training import checkpoint as ckpt
 
-    out = Path(out)
+    hf_dir, out = Path(hf_dir).resolve(), Path(out)
     existing = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     if existing:
         if existing != ["step_0000000"]:
@@ -220,11 +220,11 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int
         if not overwrite:
             raise UsageError(f"--out {out} already holds a converted checkpoint; pass "
                              "--overwrite to replace it")
-    cfg = plan_conversion(Path(hf_dir), out, tp, pp, tokenizer, precision)
+    cfg = plan_conversion(hf_dir, out, tp, pp, tokenizer, precision)
     if existing:
         shutil.rmtree(out / "checkpoints")
     launch = read_launch_env()
-    args = (str(Path(hf_dir).resolve()), str(out), cfg.to_dict())
+    args = (str(hf_dir), str(out), cfg.to_dict())
     if launch.launcher == "single" and tp * pp > 1:
         spawn_local(tp * pp, convert_worker, *args, cpu_only=True)
     else:
@@ -233,6 +233,6 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int
                              f"--tp {tp} --pp {pp} runs on exactly {tp * pp}")
         convert_worker(*args)
     if launch.rank == 0:
-        (out / "model.yaml").write_text(recipe_sections(cfg, Path(hf_dir).resolve()))
+        (out / "model.yaml").write_text(recipe_sections(cfg, hf_dir))
         log.info("wrote %s (TP=%d, PP=%d) and %s", out / "checkpoints", tp, pp, out / "model.yaml")
     return out

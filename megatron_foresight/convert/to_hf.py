@@ -100,10 +100,7 @@ class _SlicePlanner(DefaultLoadPlanner):
         dest = self.slices[read_item.dest_index.fqn][1]
         for dim, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
             dest = dest.narrow(dim, offset, length)
-        return dest
-
-    def commit_tensor(self, read_item, tensor):
-        pass  # resolve_tensor handed out a view of the destination: already in place
+        return dest  # a view of the destination: the read lands in place, nothing to commit
 
 
 def convert_to_hf(ckpt_path: str | Path, out: str | Path, *, dtype: str | None = None,

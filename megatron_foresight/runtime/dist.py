@@ -13,8 +13,12 @@ Launchers and what they set:
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import re
+import socket
+import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -180,18 +184,12 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-
 def spawn_local(nprocs: int, fn, *args, cpu_only: bool = False) -> None:
     """Run `fn(*args)` on `nprocs` new processes on this machine that find each other as torchrun
     would arrange (RANK, WORLD_SIZE, MASTER_ADDR/PORT set per child, one thread each): for tools
     started as a plain command that need a process per TP/PP rank. `cpu_only` hides GPUs from
     the children (gloo). If one fails, the others get a few seconds to finish or fail on their
     own, then are stopped; the failure is raised as SystemExit with that process's status."""
-    import multiprocessing as mp
-    import socket
-    import sys
-    import time
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -225,8 +223,6 @@ def spawn_local(nprocs: int, fn, *args, cpu_only: bool = False) -> None:
 
 
 def _spawned(rank: int, world_size: int, port: int, cpu_only: bool, fn, args) -> None:
-    import sys
-
     from megatron_foresight.configtree import ConfigError
     from megatron_foresight.errors import UsageError
 

@@ -24,8 +24,8 @@ import yaml
 from tqdm import tqdm
 
 from megatron_foresight.config import RecipeConfig
-from megatron_foresight.errors import UsageError
 from megatron_foresight.data.tokenizer import build_tokenizer
+from megatron_foresight.errors import UsageError
 from megatron_foresight.models.provider import build_model, use_transformer_engine
 from megatron_foresight.runtime.dist import (
     ParallelContext, barrier, broadcast_object, init_distributed, init_parallel_state,

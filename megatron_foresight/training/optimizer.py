@@ -17,6 +17,10 @@ def build_optimizer(cfg: RecipeConfig, model_chunks: list):
         bf16=m.precision == "bf16", fp16=m.precision == "fp16",
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
+    if cfg.parallel.use_distributed_optimizer:
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        _leave_step_alone_when_loading(DistributedOptimizer)  # see ensure_adam_state
     return get_megatron_optimizer(config, model_chunks)
 
 
@@ -36,7 +40,8 @@ def build_scheduler(cfg: RecipeConfig, optimizer):
 
 def ensure_adam_state(optimizer) -> None:
     """Make a distributed optimizer whose inner optimizer is torch's Adam checkpointable before
-    its first step, and loadable at all.
+    its first step, and loadable at all (with `_leave_step_alone_when_loading`, which
+    build_optimizer installs on the class).
 
     Without Apex or Transformer Engine (the CPU; torch's Adam anywhere) Megatron-Core 0.16's
     distributed optimizer cannot save before its first step or load its own checkpoints, for
@@ -53,7 +58,6 @@ def ensure_adam_state(optimizer) -> None:
     import torch
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    _leave_step_alone_when_loading(DistributedOptimizer)
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if not (isinstance(opt, DistributedOptimizer)

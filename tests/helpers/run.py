@@ -13,13 +13,12 @@ REPO = Path(__file__).resolve().parents[2]
 TEST_RECIPE = REPO / "tests" / "recipes" / "tiny-test.yaml"
 
 
-def foresight(args: list[str], nproc: int = 1, cwd: Path | None = None, check: bool = True,
-              timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "megatron_foresight", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "megatron_foresight", *args]
+def python(target: list[str], nproc: int = 1, cwd: Path | None = None, check: bool = True,
+           timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python TARGET...` (a script, or `-m module`), under torchrun when nproc > 1."""
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                      f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable, *launcher, *target]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else
                 os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
     proc = subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout,
@@ -29,6 +28,10 @@ def foresight(args: list[str], nproc: int = 1, cwd: Path | None = None, check: b
                              f"--- stdout ---\n{proc.stdout[-6000:]}\n"
                              f"--- stderr ---\n{proc.stderr[-6000:]}")
     return proc
+
+
+def foresight(args: list[str], nproc: int = 1, **kw) -> subprocess.CompletedProcess:
+    return python(["-m", "megatron_foresight", *args], nproc, **kw)
 
 
 def train(run_dir: Path, overrides: list[str] = (), nproc: int = 1, extra: list[str] = (),
@@ -54,14 +57,6 @@ def megatron_forward(ckpt: str | Path, tokens, out: Path, nproc: int = 1, overri
 
     tokens_file = out.with_suffix(".tokens.npy")
     np.save(tokens_file, np.asarray(tokens, dtype=np.int64))
-    script = str(REPO / "tests/helpers/megatron_forward.py")
-    cmd = [sys.executable, script] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", script]
-    cmd += [str(ckpt), str(tokens_file), str(out), *(["--greedy", str(greedy)] if greedy else []),
-            *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else
-           os.environ.get("OMP_NUM_THREADS", "2")}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    python([str(REPO / "tests/helpers/megatron_forward.py"), str(ckpt), str(tokens_file), str(out),
+            *(["--greedy", str(greedy)] if greedy else []), *overrides], nproc)
     return np.load(out)

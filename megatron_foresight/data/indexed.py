@@ -13,15 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from megatron_foresight.data.records import DataFileError
 from megatron_foresight.runtime.dist import barrier, is_rank0
-
-
-class DataFileError(ValueError):
-    """A problem in a user's data file, located by file, line and field."""
-
-    def __init__(self, path, line: int, field: str | None, message: str):
-        where = f"{path}:{line}" + (f": field {field!r}" if field else "")
-        super().__init__(f"{where}: {message}")
 
 
 def read_text_documents(path: str | Path) -> Iterator[str]:
@@ -87,9 +80,10 @@ def file_fingerprint(path: str | Path) -> dict:
 
 def build_gpt_datasets(prefixes: list[str], weights: list[float] | None, *, seq_length: int,
                        seed: int, split: str, num_samples: tuple[int, int], tokenizer,
-                       cache_dir: str | Path):
-    """Train and validation `GPTDataset`s over the blend of `prefixes`, with `num_samples`
-    (train, validation) sequences each, built by Megatron's `BlendedMegatronDatasetBuilder`."""
+                       cache_dir: str | Path, dataset_cls=None):
+    """Train and validation datasets over the blend of `prefixes`, with `num_samples`
+    (train, validation) sequences each, built by Megatron's `BlendedMegatronDatasetBuilder`:
+    `GPTDataset`s, or `dataset_cls` (e.g. `segmented.SegmentedGPTDataset`)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
@@ -103,5 +97,6 @@ def build_gpt_datasets(prefixes: list[str], weights: list[float] | None, *, seq_
         mmap_bin_files=True,
     )
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [num_samples[0], num_samples[1], 0], lambda: True, config).build()
+        dataset_cls or GPTDataset, [num_samples[0], num_samples[1], 0], lambda: True,
+        config).build()
     return train, valid

@@ -4,8 +4,11 @@ plus `encode` / `decode`, and can write itself as a Hugging Face tokenizer direc
 
 from __future__ import annotations
 
+import io
+import os
 import shutil
 from pathlib import Path
+from typing import Iterable
 
 from megatron_foresight.config import TokenizerConfig
 from megatron_foresight.errors import UsageError
@@ -116,9 +119,86 @@ class HFTokenizer:
                 shutil.copy2(self.path / name, Path(out) / name)
 
 
+class SentencePieceTokenizer:
+    """A sentencepiece model file (`.model`), e.g. the one `foresight data build-world` trains
+    for the tiny default, in which every foresight and environment tag is one token."""
+
+    def __init__(self, path: str):
+        import sentencepiece
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UsageError(f"data.tokenizer.path: {path} is not a file (a sentencepiece "
+                             ".model, e.g. DIR/tokenizer/spm.model of `foresight data "
+                             "build-world --out DIR`)")
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+        except (OSError, RuntimeError) as e:
+            raise UsageError(f"data.tokenizer.path: {path}: not a sentencepiece model "
+                             f"({e})") from None
+        if self.sp.eos_id() < 0:
+            raise UsageError(f"data.tokenizer.path: {path}: the model has no end-of-sequence "
+                             "piece, which marks the end of each document")
+        self.eod = self.sp.eos_id()
+        self.pad = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eod
+        self.bos = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def describe(self) -> dict:
+        return {"type": "sentencepiece", "path": str(self.path.resolve()),
+                "size": self.path.stat().st_size, "vocab_size": self.vocab_size}
+
+    @property
+    def unique_identifiers(self) -> dict:
+        return self.describe()
+
+    def save_hf(self, out: Path) -> None:
+        raise UsageError(f"a sentencepiece tokenizer ({self.path}) cannot be exported as a "
+                         "Hugging Face tokenizer yet; export the weights with a byte or hf "
+                         "tokenizer recipe, or copy the .model file beside them")
+
+
+def train_sentencepiece(texts: Iterable[str], out: str | Path, vocab_size: int) -> Path:
+    """Train a unigram sentencepiece model on `texts` and write it to `out` (a .model file).
+    The foresight and environment tags and the newline are single pieces; unseen characters
+    fall back to bytes; text round-trips exactly (no normalization, no added whitespace), so
+    a document tokenized in segments decodes to the document. Deterministic: the same texts
+    give the same file."""
+    import sentencepiece
+
+    from megatron_foresight.foresight.tags import symbols
+
+    def lines():
+        for text in texts:
+            # sentencepiece skips sentences over max_sentence_length bytes; lines never are.
+            yield from (line for line in text.split("\n") if line)
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", user_defined_symbols=[*symbols(), "\n"], byte_fallback=True,
+        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, allow_whitespace_only_pieces=True, hard_vocab_limit=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, minloglevel=2)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, out)
+    return out
+
+
 def build_tokenizer(cfg: TokenizerConfig):
     if cfg.type == "byte":
         return ByteTokenizer()
     if cfg.type == "hf":
         return HFTokenizer(cfg.path)
+    if cfg.type == "sentencepiece":
+        return SentencePieceTokenizer(cfg.path)
     raise ValueError(f"data.tokenizer.type: unsupported {cfg.type!r}")

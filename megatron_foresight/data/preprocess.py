@@ -1,0 +1,204 @@
+"""`foresight data preprocess` / `tools/preprocess_data.py`: trajectories (JSONL, webdataset
+shards) or plain-text documents, rendered by a named renderer and tokenized by several worker
+processes, into a Megatron-Core indexed dataset plus its segment-type stream:
+
+    PREFIX.bin / PREFIX.idx                     token ids, one document per record
+    PREFIX_segments.bin / PREFIX_segments.idx   one segment type (`render.Seg`) per token
+    PREFIX.json                                 what was read, how, and token counts by type
+
+Input is streamed and at most a few batches are in flight, so memory stays flat however large
+the input. The output keeps the input's order whatever the number of workers. A bad record
+stops the run with its file, line and field, and leaves no partial output behind."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, deque
+from dataclasses import asdict
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from megatron_foresight.config import TokenizerConfig
+from megatron_foresight.data.records import DataFileError, RecordError, iter_raw
+from megatron_foresight.data.render import TEXT_RENDERER, Seg, get_renderer
+from megatron_foresight.data.tokenizer import build_tokenizer
+from megatron_foresight.data.trajectory import Trajectory
+from megatron_foresight.errors import UsageError
+
+SEGMENTS_SUFFIX = "_segments"
+
+# (file, line or tar member, raw record text, whether the record is JSON)
+Item = tuple[str, object, str, bool]
+
+
+def _input_files(inputs: list[str | Path]) -> list[Path]:
+    for p in map(Path, inputs):
+        if p.is_file() and p.suffix not in (".jsonl", ".tar", ".txt"):
+            raise UsageError(f"{p}: expected a .jsonl file, .tar shards or a .txt file")
+        if not p.exists():
+            raise UsageError(f"input not found: {p}")
+    return [Path(p) for p in inputs]
+
+
+def _raw_records(inputs: list[Path]) -> Iterator[tuple[Item, int]]:
+    """Each record with about the number of input bytes it used (for the progress bar)."""
+    for path in inputs:
+        for file, where, text in iter_raw(path):
+            yield (str(file), where, text.rstrip("\n"), file.suffix != ".txt"), len(text) + 1
+
+
+class _Encoder:
+    """Renders and tokenizes records; one per worker process."""
+
+    def __init__(self, renderer: str, tokenizer: dict):
+        self.renderer = renderer
+        self.render = None if renderer == TEXT_RENDERER else get_renderer(renderer)
+        self.tokenizer = build_tokenizer(TokenizerConfig(**tokenizer))
+
+    def segments(self, item: Item) -> list[tuple[str, Seg]]:
+        _, _, raw, is_json = item
+        if not is_json:
+            return [(raw, Seg.TEXT)]
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise RecordError(None, f"not valid JSON ({e.msg} at column {e.colno})") from None
+        if self.render is None:
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise RecordError("text", "each line must be an object with a 'text' string "
+                                          "(the text renderer reads plain documents)")
+            return [(record["text"], Seg.TEXT)]
+        return self.render(Trajectory.from_dict(record))
+
+    def encode(self, batch: list[Item]):
+        tokens, types, lengths = [], [], []
+        for item in batch:
+            try:
+                segments = self.segments(item)
+            except RecordError as e:
+                return "error", (item[0], item[1], e.field, e.message)
+            doc_tokens, doc_types = [], []
+            for text, seg in segments:
+                ids = self.tokenizer.encode(text)
+                doc_tokens += ids
+                doc_types += [int(seg)] * len(ids)
+            doc_tokens.append(self.tokenizer.eod)
+            doc_types.append(int(segments[-1][1]))
+            tokens += doc_tokens
+            types += doc_types
+            lengths.append(len(doc_tokens))
+        return "ok", (np.asarray(tokens, np.int32), np.asarray(types, np.uint8),
+                      np.asarray(lengths, np.int64))
+
+
+_WORKER: _Encoder | None = None
+
+
+def _init_worker(renderer: str, tokenizer: dict) -> None:
+    global _WORKER
+    _WORKER = _Encoder(renderer, tokenizer)
+
+
+def _encode(batch: list[Item]):
+    return _WORKER.encode(batch)
+
+
+def _batches(records, size: int):
+    batch, nbytes = [], 0
+    for item, used in records:
+        batch.append(item)
+        nbytes += used
+        if len(batch) == size:
+            yield batch, nbytes
+            batch, nbytes = [], 0
+    if batch:
+        yield batch, nbytes
+
+
+def _encoded(batches, renderer: str, tokenizer: dict, workers: int):
+    """(result, input bytes) per batch, in input order."""
+    if workers <= 1:
+        encoder = _Encoder(renderer, tokenizer)
+        for batch, nbytes in batches:
+            yield encoder.encode(batch), nbytes
+        return
+    with get_context("spawn").Pool(workers, _init_worker, (renderer, tokenizer)) as pool:
+        in_flight = deque()
+        for batch, nbytes in batches:
+            in_flight.append((pool.apply_async(_encode, (batch,)), nbytes))
+            # A bounded window keeps memory flat (Pool.imap would read the whole input ahead).
+            if len(in_flight) >= 2 * workers:
+                result, n = in_flight.popleft()
+                yield result.get(), n
+        while in_flight:
+            result, n = in_flight.popleft()
+            yield result.get(), n
+
+
+def preprocess(inputs: list[str | Path], output_prefix: str | Path, renderer: str,
+               tokenizer: TokenizerConfig, workers: int = 1, batch_size: int = 256,
+               progress: bool = True) -> dict:
+    """Write the indexed dataset and segment stream of `inputs`; returns the metadata that
+    also goes to PREFIX.json."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    if renderer != TEXT_RENDERER:
+        get_renderer(renderer)
+    if workers < 1 or batch_size < 1:
+        raise UsageError(f"--workers and --batch-size must be at least 1, got {workers} and "
+                         f"{batch_size}")
+    files = _input_files(inputs)
+    tok = build_tokenizer(tokenizer)
+    prefix = Path(output_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp = prefix.with_name(prefix.name + f".tmp{os.getpid()}")
+    outputs = {f"{tmp}{s}{ext}": f"{prefix}{s}{ext}"
+               for s in ("", SEGMENTS_SUFFIX) for ext in (".bin", ".idx")}
+    token_dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
+    tokens = IndexedDatasetBuilder(f"{tmp}.bin", dtype=token_dtype)
+    types = IndexedDatasetBuilder(f"{tmp}{SEGMENTS_SUFFIX}.bin", dtype=np.uint8)
+    counts: Counter = Counter()
+    documents = 0
+    total = sum(f.stat().st_size for p in files for f in ([p] if p.is_file() else p.glob("*.tar")))
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"preprocess ({renderer})",
+               disable=None if progress else True, mininterval=1)
+    try:
+        batches = _batches(_raw_records(files), batch_size)
+        for (status, payload), nbytes in _encoded(batches, renderer, asdict(tokenizer), workers):
+            if status == "error":
+                raise DataFileError(*payload)
+            ids, segs, lengths = payload
+            for start, end in zip(np.cumsum(lengths) - lengths, np.cumsum(lengths)):
+                tokens.add_document(ids[start:end], [int(end - start)])
+                types.add_document(segs[start:end], [int(end - start)])
+            counts.update(dict(zip(*np.unique(segs, return_counts=True))))
+            documents += len(lengths)
+            bar.update(nbytes)
+            bar.set_postfix(docs=documents, refresh=False)
+        if documents == 0:
+            raise UsageError(f"no records in {', '.join(map(str, files))}")
+        tokens.finalize(f"{tmp}.idx")
+        types.finalize(f"{tmp}{SEGMENTS_SUFFIX}.idx")
+    except BaseException:
+        tokens.data_file.close()
+        types.data_file.close()
+        for path in outputs:
+            Path(path).unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+    meta = {"inputs": [str(p) for p in files], "renderer": renderer,
+            "tokenizer": tok.describe(), "documents": documents,
+            "tokens": int(sum(counts.values())),
+            "tokens_by_segment": {Seg(int(k)).name.lower(): int(v)
+                                  for k, v in sorted(counts.items())}}
+    Path(f"{prefix}.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    # The token index goes last: a prefix whose .idx exists is complete.
+    for src in sorted(outputs, key=lambda s: s.endswith(".idx") and SEGMENTS_SUFFIX not in s):
+        os.replace(src, outputs[src])
+    return meta

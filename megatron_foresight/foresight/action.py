@@ -1,0 +1,62 @@
+"""Reading the action out of an agent turn. Malformed text is a `FormatError` value (what is
+wrong and where), never an exception: it is data for the format reward."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from megatron_foresight.foresight.tags import ACTION_TAGS, REASONING_TAGS, closing, opening
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str
+    """One of `tags.ACTION_TAGS`."""
+    argument: str
+    """The text between the tags, stripped."""
+    offset: int
+    """Character offset of the opening tag in the turn."""
+
+
+@dataclass(frozen=True)
+class FormatError:
+    message: str
+    offset: int
+
+    def __str__(self) -> str:
+        return f"at character {self.offset}: {self.message}"
+
+
+def _blank_reasoning(text: str) -> str:
+    """`text` with <think> and <foresight> blocks replaced by spaces (offsets kept), so a plan
+    that mentions <search> is not taken for an action. An unclosed block runs to the end."""
+    for tag in REASONING_TAGS:
+        pattern = re.compile(re.escape(opening(tag)) + r".*?(" + re.escape(closing(tag)) + r"|\Z)",
+                             re.DOTALL)
+        text = pattern.sub(lambda m: " " * len(m.group(0)), text)
+    return text
+
+
+def parse_action(text: str, allowed: tuple[str, ...] = ACTION_TAGS) -> Action | FormatError:
+    """The single action in `text`, which must be one of `allowed`."""
+    visible = _blank_reasoning(text)
+    found = [(m.start(), m.group(1)) for m in re.finditer(r"<(\w+)>", visible)
+             if m.group(1) in ACTION_TAGS]
+    names = " or ".join(opening(t) for t in allowed)
+    if not found:
+        return FormatError(f"no action: end the turn with {names}", len(text))
+    if len(found) > 1:
+        return FormatError(f"more than one action ({opening(found[0][1])} and "
+                           f"{opening(found[1][1])}); write exactly one", found[1][0])
+    start, kind = found[0]
+    if kind not in allowed:
+        return FormatError(f"{opening(kind)} is not available here; use {names}", start)
+    body_start = start + len(opening(kind))
+    end = visible.find(closing(kind), body_start)
+    if end < 0:
+        return FormatError(f"{opening(kind)} is never closed with {closing(kind)}", start)
+    argument = text[body_start:end].strip()
+    if not argument:
+        return FormatError(f"{opening(kind)} is empty", start)
+    return Action(kind, argument, start)

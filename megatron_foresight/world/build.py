@@ -1,0 +1,205 @@
+"""`foresight data build-world`: the built-in world written to a directory. The same seed and
+sizes give byte-identical files.
+
+    DIR/world.json                  the knowledge base
+    DIR/corpus.jsonl                one document per entity ({id, title, text})
+    DIR/tasks/{search,math}-{train,validation,test}.jsonl   disjoint splits
+    DIR/trajectories/{train,validation}.jsonl   scripted-agent trajectories with MC estimates
+    DIR/tokenizer/spm.model         a sentencepiece model of the world's text (tags are tokens)
+    DIR/manifest.json               seed, sizes, counts, success rates, file hashes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict
+from functools import partial
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from megatron_foresight.data.tasks import write_corpus, write_tasks
+from megatron_foresight.data.trajectory import SCHEMA, MCEstimate, Outcome, Trajectory, Turn
+from megatron_foresight.envs.math import MathEnv
+from megatron_foresight.envs.retriever import BM25Retriever
+from megatron_foresight.envs.search import SearchEnv
+from megatron_foresight.world import kb as kb_mod
+from megatron_foresight.world.agents import MathExpert, SearchExpert, mc_success, play
+from megatron_foresight.world.sizes import WorldSizes
+from megatron_foresight.world.tasks import math_problems, search_questions, split
+
+TASK_TYPES = ("search", "math")
+
+
+class World:
+    """The knowledge base, corpus and tasks of one seed, and what plays in it."""
+
+    def __init__(self, seed: int, sizes: WorldSizes):
+        sizes.check()
+        self.seed, self.sizes = seed, sizes
+        self.kb = kb_mod.build_kb(random.Random(f"{seed}/kb"), sizes.cities, sizes.people,
+                                  sizes.guilds)
+        self.documents = kb_mod.corpus(self.kb, random.Random(f"{seed}/corpus"))
+        search = search_questions(self.kb, random.Random(f"{seed}/search"), sizes.search_tasks)
+        maths = math_problems(self.kb, random.Random(f"{seed}/math"), sizes.math_tasks)
+        self.splits = {"search": split(search, random.Random(f"{seed}/split/search")),
+                       "math": split(maths, random.Random(f"{seed}/split/math"))}
+        self._retriever = None
+
+    @property
+    def retriever(self) -> BM25Retriever:
+        if self._retriever is None:
+            self._retriever = BM25Retriever(self.documents)
+        return self._retriever
+
+    def env(self, task_type: str):
+        if task_type == "search":
+            return SearchEnv(self.retriever, self.sizes.top_k, self.sizes.search_max_turns)
+        return MathEnv(self.sizes.math_max_turns)
+
+    def expert(self, task_type: str, noise: float):
+        if task_type == "math":
+            return MathExpert(noise)
+        values: dict[str, set] = {}
+        for e in self.kb.entities:
+            for k, v in e.attrs.items():
+                values.setdefault(k, set()).add(str(v))
+        return SearchExpert(noise, [e.name for e in self.kb.entities],
+                            {k: sorted(v) for k, v in values.items()})
+
+    def trajectory(self, split_name: str, index: int) -> Trajectory:
+        """Trajectory `index` of a split: its task, noise level and randomness follow from the
+        seed and the index alone, so trajectories can be made in any order, in any process."""
+        task_type = TASK_TYPES[index % 2]
+        tasks = self.splits[task_type][split_name]
+        task = tasks[(index // 2) % len(tasks)]
+        noise = self.sizes.noise[(index // 2) % len(self.sizes.noise)]
+        key = f"{self.seed}/trajectory/{split_name}/{index}"
+        env, agent = self.env(task_type), self.expert(task_type, noise)
+        played = play(env, agent, task, random.Random(key), keep_snapshots=True)
+        mc = []
+        if self.sizes.mc_samples:
+            for t, snapshot in enumerate(played.snapshots):
+                wins = mc_success(snapshot, agent, task, played.history[:t],
+                                  self.sizes.mc_samples, f"{key}/mc/{t}")
+                mc.append(MCEstimate(t, self.sizes.mc_samples, wins))
+        turns = []
+        for agent_text, observation in played.history:
+            turns.append(Turn("agent", agent_text))
+            if observation is not None:
+                turns.append(Turn("env", observation))
+        return Trajectory(
+            id=f"{split_name}-{index}", task_id=task.id, task_type=task_type,
+            prompt=played.prompt, turns=tuple(turns),
+            outcome=Outcome(played.success, played.reward, played.answer), mc=tuple(mc),
+            meta={"agent": "expert", "noise": noise, "split": split_name})
+
+
+_WORKER_WORLD: World | None = None
+
+
+def _init_worker(seed: int, sizes: WorldSizes) -> None:
+    global _WORKER_WORLD
+    _WORKER_WORLD = World(seed, sizes)
+
+
+def _trajectory_line(split_name: str, index: int) -> str:
+    return _WORKER_WORLD.trajectory(split_name, index).to_json()
+
+
+def _write_lines(lines: Iterator[str], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line + "\n")
+    os.replace(tmp, path)
+
+
+def _trajectory_lines(world: World, split_name: str, count: int, workers: int,
+                      progress: bool) -> Iterator[str]:
+    bar = partial(tqdm, total=count, desc=f"trajectories ({split_name})", unit=" traj",
+                  disable=None if progress else True, mininterval=1)
+    if workers <= 1:
+        yield from bar(world.trajectory(split_name, i).to_json() for i in range(count))
+        return
+    with get_context("spawn").Pool(workers, _init_worker, (world.seed, world.sizes)) as pool:
+        # imap keeps the order, so the file does not depend on the number of workers.
+        yield from bar(pool.imap(partial(_trajectory_line, split_name), range(count),
+                                 chunksize=16))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _summary(path: Path) -> dict:
+    """Success rates of a trajectory file, by task type and noise level."""
+    stats: dict = {}
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            t = json.loads(line)
+            key = f"{t['task_type']}/noise={t['meta']['noise']}"
+            wins, n = stats.get(key, (0, 0))
+            stats[key] = (wins + t["outcome"]["success"], n + 1)
+    return {k: {"trajectories": n, "success_rate": round(w / n, 4)}
+            for k, (w, n) in sorted(stats.items())}
+
+
+def build_world(out: str | Path, seed: int = 1234, sizes: WorldSizes = WorldSizes(),
+                workers: int = 1, progress: bool = True) -> dict:
+    out = Path(out)
+    world = World(seed, sizes)
+    (out / "tasks").mkdir(parents=True, exist_ok=True)
+    (out / "trajectories").mkdir(exist_ok=True)
+    with (out / "world.json.tmp").open("w", encoding="utf-8") as f:
+        json.dump(world.kb.to_dict(), f, ensure_ascii=False, indent=1)
+    os.replace(out / "world.json.tmp", out / "world.json")
+    write_corpus(world.documents, out / "corpus.jsonl")
+    for task_type, splits in world.splits.items():
+        for split_name, tasks in splits.items():
+            write_tasks(tasks, out / "tasks" / f"{task_type}-{split_name}.jsonl")
+    counts = {"train": sizes.trajectories, "validation": sizes.validation_trajectories}
+    summaries = {}
+    for split_name, count in counts.items():
+        path = out / "trajectories" / f"{split_name}.jsonl"
+        _write_lines(_trajectory_lines(world, split_name, count, workers, progress), path)
+        summaries[split_name] = _summary(path)
+    if sizes.vocab_size:
+        from megatron_foresight.data.tokenizer import train_sentencepiece
+
+        train_sentencepiece(_tokenizer_text(out), out / "tokenizer" / "spm.model",
+                            sizes.vocab_size)
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest = {
+        "seed": seed, "sizes": asdict(sizes), "trajectory_schema": SCHEMA,
+        "tasks": {t: {s: len(v) for s, v in splits.items()} for t, splits in world.splits.items()},
+        "documents": len(world.documents), "success": summaries,
+        "files": {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                  for p in files},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return manifest
+
+
+def _tokenizer_text(out: Path) -> Iterator[str]:
+    """What the world's tokenizer learns from: the corpus, the questions and the training
+    trajectories, as the model will read them."""
+    for line in (out / "corpus.jsonl").open(encoding="utf-8"):
+        doc = json.loads(line)
+        yield f"{doc['title']}\n{doc['text']}"
+    for path in sorted((out / "tasks").glob("*-train.jsonl")):
+        for line in path.open(encoding="utf-8"):
+            yield json.loads(line)["question"]
+    for line in (out / "trajectories" / "train.jsonl").open(encoding="utf-8"):
+        t = json.loads(line)
+        yield "\n".join([t["prompt"], *(turn["text"] for turn in t["turns"])])
+

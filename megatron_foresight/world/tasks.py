@@ -1,0 +1,151 @@
+"""Tasks over the built-in world: 1-hop and 2-hop questions for the search environment (each
+answerable from the corpus, the documents on its path recorded), and multi-step arithmetic word
+problems for the math environment (their calculation steps recorded). The recorded paths are
+what the scripted agents follow; a model never sees them."""
+
+from __future__ import annotations
+
+import random
+
+from megatron_foresight.data.tasks import Task
+from megatron_foresight.world.kb import KnowledgeBase
+
+# (kind, attribute): phrasings of the question for that attribute of an entity of that kind.
+ONE_HOP = {
+    ("city", "region"): ("In which region is {name}?", "Which region is the city of {name} in?"),
+    ("city", "founded"): ("In what year was {name} founded?", "When was {name} founded?"),
+    ("city", "trade"): ("What does {name} trade in?", "What is {name} known for trading?"),
+    ("person", "born_in"): ("In which city was {name} born?", "Where does {name} come from?"),
+    ("person", "profession"): ("What is the profession of {name}?", "What does {name} work as?"),
+    ("guild", "seat"): ("Where does the {name} have its seat?", "In which city is the {name}?"),
+    ("guild", "founder"): ("Who founded the {name}?",),
+    ("guild", "craft"): ("What does the {name} make?",),
+}
+# (kind, bridge attribute, attribute of the bridge entity): the question.
+TWO_HOP = {
+    ("person", "born_in", "region"): "In which region was {name} born?",
+    ("person", "born_in", "trade"): "What does the city where {name} was born trade in?",
+    ("guild", "seat", "founded"): "In what year was the city that hosts the {name} founded?",
+    ("guild", "seat", "region"): "In which region does the {name} have its seat?",
+    ("guild", "founder", "profession"): "What is the profession of the founder of the {name}?",
+    ("guild", "founder", "born_in"): "In which city was the founder of the {name} born?",
+}
+
+
+def _hop(entity, attribute: str) -> dict:
+    return {"entity": entity.name, "doc": entity.id, "attribute": attribute,
+            "value": str(entity.attrs[attribute])}
+
+
+def search_questions(kb: KnowledgeBase, rng: random.Random, n: int,
+                     multi_hop_fraction: float = 0.5) -> list[Task]:
+    names = kb.by_name()
+    questions: dict[str, Task] = {}
+    attempts = 0
+    while len(questions) < n and attempts < 50 * n:
+        attempts += 1
+        if rng.random() < multi_hop_fraction:
+            (kind, bridge, attribute), template = rng.choice(sorted(TWO_HOP.items()))
+            start = rng.choice(kb.of_kind(kind))
+            middle = names[start.attrs[bridge]]
+            hops = [_hop(start, bridge), _hop(middle, attribute)]
+            text = template.format(name=start.name)
+        else:
+            (kind, attribute), templates = rng.choice(sorted(ONE_HOP.items()))
+            start = rng.choice(kb.of_kind(kind))
+            hops = [_hop(start, attribute)]
+            text = rng.choice(templates).format(name=start.name)
+        if text not in questions:
+            questions[text] = Task(f"search-{len(questions)}", "search", text,
+                                   (hops[-1]["value"],), {"hops": hops})
+    if len(questions) < n:
+        raise ValueError(f"the world has only {len(questions)} distinct questions; ask for fewer "
+                         f"search tasks or a larger world (more cities, people, guilds)")
+    return list(questions.values())
+
+
+def _gain(rng, city, guild):
+    a, b = rng.randint(3, 40), rng.randint(2, 30)
+    c = a * b + rng.randint(5, 500)
+    return (f"A merchant from {city.name} buys {a} crates of {city.attrs['trade']} at {b} coins "
+            f"each and sells them all for {c} coins. How many coins does the merchant gain?",
+            [["*", a, b], ["-", c, "$0"]])
+
+
+def _share(rng, city, guild):
+    n, q = rng.randint(2, 12), rng.randint(3, 60)
+    a = rng.randint(1, n * q - 1)
+    return (f"The {guild.name} makes {a} {guild.attrs['craft']} in the morning and {n * q - a} "
+            f"in the afternoon, and shares them equally among {n} shops. How many does each "
+            f"shop get?", [["+", a, n * q - a], ["/", "$0", n]])
+
+
+def _growth(rng, city, guild):
+    p, k, y = city.attrs["population"], rng.randint(5, 400), rng.randint(2, 30)
+    return (f"{city.name} has {p} people and grows by {k} people each year. How many people "
+            f"live there after {y} years?", [["*", k, y], ["+", p, "$0"]])
+
+
+def _caravan(rng, city, guild):
+    a, d, b = rng.randint(12, 60), rng.randint(2, 20), rng.randint(1, 99)
+    return (f"A caravan from {city.name} to {city.attrs['road_to']} travels {a} km a day for "
+            f"{d} days and then {b} km more. How far does it travel in km?",
+            [["*", a, d], ["+", "$0", b]])
+
+
+def _dues(rng, city, guild):
+    a, b, m = rng.randint(5, 80), rng.randint(2, 15), rng.randint(2, 12)
+    c = rng.randint(1, a * b * m - 1)
+    return (f"The {guild.name} has {a} members who each pay {b} coins a month. After {m} months "
+            f"it spends {c} coins on {guild.attrs['craft']}. How many coins are left?",
+            [["*", a, b], ["*", "$0", m], ["-", "$1", c]])
+
+
+def _jars(rng, city, guild):
+    a, b, n = rng.randint(3, 30), rng.randint(4, 24), rng.randint(2, 9)
+    q = rng.randint(1, (a * b - 1) // n)
+    c = a * b - n * q
+    return (f"{a} crates of {city.attrs['trade']} each hold {b} jars. {c} jars break on the "
+            f"road, and the rest are shared equally among {n} markets. How many jars does each "
+            f"market get?", [["*", a, b], ["-", "$0", c], ["/", "$1", n]])
+
+
+WORD_PROBLEMS = (_gain, _share, _growth, _caravan, _dues, _jars)
+
+
+def run_steps(steps: list) -> list[int]:
+    """The value of each step; `$i` names the value of step i."""
+    values: list[int] = []
+    for op, *args in steps:
+        a, b = (values[int(x[1:])] if isinstance(x, str) else x for x in args)
+        values.append({"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op])
+        if op == "/":
+            assert a % b == 0, (a, b)
+    return values
+
+
+def math_problems(kb: KnowledgeBase, rng: random.Random, n: int) -> list[Task]:
+    cities, guilds = kb.of_kind("city"), kb.of_kind("guild")
+    problems: dict[str, Task] = {}
+    attempts = 0
+    while len(problems) < n and attempts < 50 * n:
+        attempts += 1
+        make = rng.choice(WORD_PROBLEMS)
+        text, steps = make(rng, rng.choice(cities), rng.choice(guilds))
+        if text not in problems:
+            answer = run_steps(steps)[-1]
+            problems[text] = Task(f"math-{len(problems)}", "math", text, (str(answer),),
+                                  {"steps": steps})
+    if len(problems) < n:
+        raise ValueError(f"only {len(problems)} distinct word problems; ask for fewer")
+    return list(problems.values())
+
+
+def split(tasks: list[Task], rng: random.Random, fractions=(0.8, 0.1, 0.1)) -> dict:
+    """Disjoint train / validation / test lists (tasks are distinct by question)."""
+    order = list(tasks)
+    rng.shuffle(order)
+    n_train = round(len(order) * fractions[0])
+    n_valid = round(len(order) * fractions[1])
+    return {"train": order[:n_train], "validation": order[n_train:n_train + n_valid],
+            "test": order[n_train + n_valid:]}

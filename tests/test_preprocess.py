@@ -1,0 +1,137 @@
+"""Preprocessing into indexed datasets with a segment stream, reading them back through
+Megatron's dataset classes, and blending two of them by weight."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_foresight.config import TokenizerConfig
+from megatron_foresight.data.preprocess import SEGMENTS_SUFFIX, preprocess
+from megatron_foresight.data.records import DataFileError
+from megatron_foresight.data.render import Seg, transcript
+from megatron_foresight.data.tokenizer import ByteTokenizer
+from megatron_foresight.data.trajectory import read_trajectories
+from megatron_foresight.world.build import build_world
+from megatron_foresight.world.sizes import WorldSizes
+
+BYTE = TokenizerConfig("byte")
+
+
+@pytest.fixture(scope="module")
+def trajectories(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    build_world(out, seed=3, progress=False, sizes=WorldSizes(
+        cities=20, people=40, guilds=8, search_tasks=100, math_tasks=100, trajectories=80,
+        validation_trajectories=0, mc_samples=0, vocab_size=0))
+    return out / "trajectories" / "train.jsonl"
+
+
+def _read(prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return IndexedDataset(str(prefix)), IndexedDataset(str(prefix) + SEGMENTS_SUFFIX)
+
+
+def test_tokens_and_segments_match_the_rendered_trajectories(trajectories, tmp_path):
+    meta = preprocess([trajectories], tmp_path / "t", "transcript", BYTE, progress=False)
+    tokens, segments = _read(tmp_path / "t")
+    tok = ByteTokenizer()
+    assert len(tokens) == meta["documents"] == 80
+    for i, t in enumerate(read_trajectories(trajectories)):
+        expected_ids, expected_types = [], []
+        for text, seg in transcript(t):
+            ids = tok.encode(text)
+            expected_ids += ids
+            expected_types += [seg] * len(ids)
+        assert tokens[i].tolist() == expected_ids + [tok.eod]
+        assert segments[i].tolist() == expected_types + [expected_types[-1]]
+    assert meta["tokens"] == sum(meta["tokens_by_segment"].values())
+    assert set(meta["tokens_by_segment"]) == {"prompt", "action", "observation"}
+    assert json.loads((tmp_path / "t.json").read_text()) == meta
+
+
+def test_two_workers_write_the_same_files_as_one(trajectories, tmp_path):
+    preprocess([trajectories], tmp_path / "one", "transcript", BYTE, workers=1, batch_size=7,
+               progress=False)
+    preprocess([trajectories], tmp_path / "two", "transcript", BYTE, workers=2, batch_size=7,
+               progress=False)
+    for suffix in (".bin", ".idx", f"{SEGMENTS_SUFFIX}.bin", f"{SEGMENTS_SUFFIX}.idx"):
+        assert (tmp_path / f"one{suffix}").read_bytes() == (tmp_path / f"two{suffix}").read_bytes()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_bad_record_stops_the_run_and_leaves_nothing(trajectories, tmp_path, workers):
+    lines = trajectories.read_text().splitlines()
+    bad = json.loads(lines[41])
+    bad["turns"][0]["role"] = "user"
+    lines[41] = json.dumps(bad)
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFileError, match=r"bad.jsonl:42: field 'turns\[0\].role'"):
+        preprocess([path], tmp_path / "out", "transcript", BYTE, workers=workers, batch_size=8,
+                   progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def _text_corpus(path, letter, n):
+    path.write_text("".join(json.dumps({"text": letter * (40 + i % 17)}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def test_blend_of_two_datasets_follows_the_weights(tmp_path, megatron_cpu):
+    from megatron_foresight.data.indexed import build_gpt_datasets
+    from megatron_foresight.data.segmented import SegmentedGPTDataset, segment_loss_weights
+
+    for letter in "ab":
+        preprocess([_text_corpus(tmp_path / f"{letter}.jsonl", letter, 300)], tmp_path / letter,
+                   "text", BYTE, progress=False)
+    train, _ = build_gpt_datasets(
+        [str(tmp_path / "a"), str(tmp_path / "b")], [0.7, 0.3], seq_length=32, seed=1,
+        split="100,0,0", num_samples=(2000, 0), tokenizer=ByteTokenizer(),
+        cache_dir=tmp_path / "cache", dataset_cls=SegmentedGPTDataset)
+    from_a = 0
+    for i in range(len(train)):
+        sample = train[i]
+        letters = set(sample["tokens"][sample["tokens"] < 256].tolist())
+        assert letters in ({ord("a")}, {ord("b")})
+        from_a += letters == {ord("a")}
+        assert sample["segments"].shape == sample["labels"].shape
+        assert torch.all(sample["segments"][sample["labels"] != ByteTokenizer().eod] ==
+                         int(Seg.TEXT))
+    assert len(train) >= 2000
+    assert from_a / len(train) == pytest.approx(0.7, abs=0.01)
+    weights = segment_loss_weights(torch.tensor([0, 1, 4, 3]), torch.ones(4),
+                                   {"text": 0.5, "observation": 2.0})
+    assert weights.tolist() == [0.0, 0.5, 2.0, 0.0]
+
+
+def test_segments_of_a_trajectory_sample_line_up_with_its_labels(trajectories, tmp_path,
+                                                                 megatron_cpu):
+    from megatron_foresight.data.indexed import build_gpt_datasets
+    from megatron_foresight.data.segmented import SegmentedGPTDataset
+
+    preprocess([trajectories], tmp_path / "t", "transcript", BYTE, progress=False)
+    tokens, segments = _read(tmp_path / "t")
+    flat_tokens = np.concatenate([tokens[i] for i in range(len(tokens))])
+    flat_types = np.concatenate([segments[i] for i in range(len(segments))])
+    train, _ = build_gpt_datasets(
+        [str(tmp_path / "t")], None, seq_length=64, seed=1, split="100,0,0",
+        num_samples=(50, 0), tokenizer=ByteTokenizer(), cache_dir=tmp_path / "cache",
+        dataset_cls=SegmentedGPTDataset)
+    text = flat_tokens.tobytes()
+    found = 0
+    for i in range(len(train)):
+        sample = train[i]
+        labels = sample["labels"].numpy().astype(flat_tokens.dtype)
+        # A sample is a window of the shuffled document stream: find it in the file's order
+        # (windows that span two documents are not contiguous there, and are skipped).
+        at = text.find(labels.tobytes())
+        if at < 0 or at % flat_tokens.itemsize:
+            continue
+        start = at // flat_tokens.itemsize
+        assert sample["segments"].tolist() == flat_types[start:start + len(labels)].tolist()
+        found += 1
+    assert found >= 30

@@ -1,0 +1,81 @@
+"""The built-in world: same seed, same bytes; disjoint splits; trajectories that pass the
+validator, with successes, failures and Monte-Carlo estimates; its tokenizer."""
+
+import json
+
+import pytest
+
+from megatron_foresight.data.tasks import read_tasks
+from megatron_foresight.data.tokenizer import SentencePieceTokenizer
+from megatron_foresight.data.trajectory import read_trajectories
+from megatron_foresight.data.validate import validate_file
+from megatron_foresight.foresight.tags import symbols
+from megatron_foresight.world.build import build_world
+from megatron_foresight.world.sizes import WorldSizes
+
+SIZES = WorldSizes(cities=30, people=80, guilds=12, search_tasks=300, math_tasks=300,
+                   trajectories=60, validation_trajectories=10, mc_samples=3, vocab_size=1024)
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world") / "a"
+    build_world(out, seed=5, sizes=SIZES, progress=False)
+    return out
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_same_seed_gives_byte_identical_files_also_with_two_workers(world_dir, tmp_path):
+    build_world(tmp_path / "b", seed=5, sizes=SIZES, workers=2, progress=False)
+    assert _files(world_dir) == _files(tmp_path / "b")
+    build_world(tmp_path / "c", seed=6, sizes=SIZES, progress=False)
+    assert _files(world_dir)["corpus.jsonl"] != _files(tmp_path / "c")["corpus.jsonl"]
+
+
+def test_splits_are_disjoint_and_sized(world_dir):
+    manifest = json.loads((world_dir / "manifest.json").read_text())
+    for task_type in ("search", "math"):
+        questions = {}
+        for split in ("train", "validation", "test"):
+            tasks = list(read_tasks(world_dir / "tasks" / f"{task_type}-{split}.jsonl"))
+            assert len(tasks) == manifest["tasks"][task_type][split] > 0
+            questions[split] = {t.question for t in tasks}
+        assert sum(map(len, questions.values())) == 300
+        assert not questions["train"] & questions["validation"]
+        assert not questions["train"] & questions["test"]
+        assert not questions["validation"] & questions["test"]
+
+
+def test_trajectories_are_valid_with_successes_failures_and_mc(world_dir):
+    path = world_dir / "trajectories" / "train.jsonl"
+    report = validate_file(path)
+    assert report.records == 60 and not report.problems
+    trajectories = list(read_trajectories(path))
+    outcomes = [t.outcome.success for t in trajectories]
+    assert 0 < sum(outcomes) < len(outcomes)
+    train_ids = {t.id for t in read_tasks(world_dir / "tasks" / "search-train.jsonl")} | \
+        {t.id for t in read_tasks(world_dir / "tasks" / "math-train.jsonl")}
+    for t in trajectories:
+        assert t.task_id in train_ids
+        agent_turns = sum(turn.role == "agent" for turn in t.turns)
+        assert [m.turn for m in t.mc] == list(range(agent_turns))
+        assert all(m.n == 3 for m in t.mc)
+    # Successful episodes come mostly from less noisy experts, whose start states the
+    # Monte-Carlo estimate rates higher.
+    def mean_start_value(success):
+        values = [t.mc[0].value for t in trajectories if t.outcome.success == success]
+        return sum(values) / len(values)
+    assert mean_start_value(True) > mean_start_value(False)
+
+
+def test_world_tokenizer_makes_every_tag_one_token(world_dir):
+    tok = SentencePieceTokenizer(str(world_dir / "tokenizer" / "spm.model"))
+    for symbol in symbols():
+        assert len(tok.encode(symbol)) == 1, symbol
+    text = next(iter(read_trajectories(world_dir / "trajectories" / "train.jsonl"))).turns[0].text
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.vocab_size <= 1024 and tok.eod == 2

@@ -135,3 +135,41 @@ def test_segments_of_a_trajectory_sample_line_up_with_its_labels(trajectories, t
         assert sample["segments"].tolist() == flat_types[start:start + len(labels)].tolist()
         found += 1
     assert found >= 30
+
+
+def test_lm_stage_blends_trajectories_with_text_and_weights_segments(trajectories, tmp_path,
+                                                                     megatron_cpu):
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.errors import UsageError
+    from megatron_foresight.training.data import collate
+    from megatron_foresight.training.plugin import BuildContext, load_plugin
+    from helpers.run import REPO
+
+    preprocess([trajectories], tmp_path / "traj", "transcript", BYTE, progress=False)
+    plugin = load_plugin("lm")
+    cfg = load_recipe(REPO / "recipes" / "tiny-cpu" / "lm.yaml", [
+        "data.seq_length=64", "lm.builtin_docs=300", f"lm.sources=[{tmp_path / 'traj'},builtin]",
+        "lm.weights=[0.7,0.3]", "lm.segment_weights={action: 1.0, observation: 0.5}"])
+
+    def build():
+        return plugin.build_data(BuildContext(
+            cfg=cfg, stage_cfg=cfg.stage_config, tokenizer=ByteTokenizer(),
+            num_train_samples=64, num_valid_samples=8, cache_dir=tmp_path / "cache"))
+
+    data = build()
+    batch = collate([data.train[i] for i in range(64)])
+    kinds = set(batch["segments"].unique().tolist())
+    assert {int(Seg.TEXT), int(Seg.PROMPT), int(Seg.ACTION), int(Seg.OBSERVATION)} <= kinds
+    per_token = torch.rand(batch["labels"].shape)
+    loss_sum, num_tokens, _ = plugin.loss(batch, per_token)
+    expected = (batch["segments"] == int(Seg.ACTION)).float() + \
+        0.5 * (batch["segments"] == int(Seg.OBSERVATION)).float()
+    expected *= batch["loss_mask"]
+    assert torch.isclose(loss_sum, (per_token * expected).sum())
+    assert num_tokens == int((expected > 0).sum())
+
+    meta = json.loads((tmp_path / "traj.json").read_text())
+    meta["tokenizer"] = {"type": "hf", "path": "/elsewhere", "vocab_size": 32000}
+    (tmp_path / "traj.json").write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match="was tokenized with"):
+        build()

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from megatron_foresight.data.records import DataFileError
@@ -45,26 +43,26 @@ def read_text_documents(path: str | Path) -> Iterator[str]:
 
 
 def _write_indexed(documents: Iterable[str], tokenizer, prefix: Path, desc: str) -> None:
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    """Plain-text documents as an indexed dataset with its segment stream (all `Seg.TEXT`),
+    the layout `foresight data preprocess` writes, so text and trajectories blend."""
+    from megatron_foresight.data.preprocess import SegmentedWriter
+    from megatron_foresight.data.render import Seg
 
-    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
-    tmp = prefix.with_name(prefix.name + f".tmp{os.getpid()}")
-    builder = IndexedDatasetBuilder(str(tmp) + ".bin", dtype=dtype)
-    for doc in tqdm(documents, desc=f"tokenizing {desc}", unit=" docs", mininterval=2,
-                    disable=None):
-        ids = tokenizer.encode(doc) + [tokenizer.eod]
-        builder.add_document(torch.tensor(ids), [len(ids)])
-    builder.finalize(str(tmp) + ".idx")
-    # Rename the index last: a prefix whose .idx exists is complete.
-    os.replace(str(tmp) + ".bin", str(prefix) + ".bin")
-    os.replace(str(tmp) + ".idx", str(prefix) + ".idx")
+    with SegmentedWriter(prefix, tokenizer.vocab_size) as writer:
+        for doc in tqdm(documents, desc=f"tokenizing {desc}", unit=" docs", mininterval=2,
+                        disable=None):
+            ids = np.asarray(tokenizer.encode(doc) + [tokenizer.eod])
+            writer.add(ids, np.full(len(ids), int(Seg.TEXT), np.uint8), np.asarray([len(ids)]))
+        writer.commit()
 
 
 def cached_indexed_dataset(key: dict, documents, tokenizer, cache_dir: str | Path, name: str) -> str:
     """Tokenize `documents` (a zero-argument callable returning an iterable of strings) into an
     indexed dataset under `cache_dir`, once per distinct `key`; returns the path prefix. Rank 0
     builds while the others wait."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    # layout 2: with the segment stream beside the tokens.
+    digest = hashlib.sha256(json.dumps({"layout": 2, **key}, sort_keys=True).encode()
+                            ).hexdigest()[:16]
     prefix = Path(cache_dir) / f"{name}-{digest}"
     if is_rank0() and not Path(str(prefix) + ".idx").exists():
         prefix.parent.mkdir(parents=True, exist_ok=True)

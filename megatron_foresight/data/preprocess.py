@@ -140,13 +140,66 @@ def _encoded(batches, renderer: str, tokenizer: dict, workers: int):
             yield result.get(), n
 
 
+class SegmentedWriter:
+    """PREFIX.bin/.idx (tokens) and PREFIX_segments.bin/.idx (segment types), written under
+    temporary names. `commit` moves them into place, the token index last (a prefix whose .idx
+    exists is complete); leaving the `with` block without committing removes them."""
+
+    def __init__(self, prefix: str | Path, vocab_size: int):
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.prefix = Path(prefix)
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.prefix.with_name(self.prefix.name + f".tmp{os.getpid()}")
+        self._outputs = {f"{tmp}{s}{ext}": f"{self.prefix}{s}{ext}"
+                         for s in ("", SEGMENTS_SUFFIX) for ext in (".bin", ".idx")}
+        self._tmp = tmp
+        dtype = np.uint16 if vocab_size <= 65536 else np.int32
+        self._tokens = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
+        self._types = IndexedDatasetBuilder(f"{tmp}{SEGMENTS_SUFFIX}.bin", dtype=np.uint8)
+        self.counts: Counter = Counter()
+        self.documents = 0
+        self._committed = False
+
+    def add(self, ids: np.ndarray, segments: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents of `lengths` tokens, concatenated in `ids` and `segments`."""
+        ends = np.cumsum(lengths)
+        for start, end in zip(ends - lengths, ends):
+            self._tokens.add_document(ids[start:end], [int(end - start)])
+            self._types.add_document(segments[start:end], [int(end - start)])
+        self.counts.update(dict(zip(*np.unique(segments, return_counts=True))))
+        self.documents += len(lengths)
+
+    def commit(self, meta: dict | None = None) -> None:
+        self._tokens.finalize(f"{self._tmp}.idx")
+        self._types.finalize(f"{self._tmp}{SEGMENTS_SUFFIX}.idx")
+        if meta is not None:
+            Path(f"{self.prefix}.json").write_text(json.dumps(meta, indent=1) + "\n",
+                                                   encoding="utf-8")
+        for src in sorted(self._outputs,
+                          key=lambda s: s.endswith(".idx") and SEGMENTS_SUFFIX not in s):
+            os.replace(src, self._outputs[src])
+        self._committed = True
+
+    def tokens_by_segment(self) -> dict[str, int]:
+        return {Seg(int(k)).name.lower(): int(v) for k, v in sorted(self.counts.items())}
+
+    def __enter__(self) -> "SegmentedWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._committed:
+            self._tokens.data_file.close()
+            self._types.data_file.close()
+            for path in self._outputs:
+                Path(path).unlink(missing_ok=True)
+
+
 def preprocess(inputs: list[str | Path], output_prefix: str | Path, renderer: str,
                tokenizer: TokenizerConfig, workers: int = 1, batch_size: int = 256,
                progress: bool = True) -> dict:
     """Write the indexed dataset and segment stream of `inputs`; returns the metadata that
     also goes to PREFIX.json."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     if renderer != TEXT_RENDERER:
         get_renderer(renderer)
     if workers < 1 or batch_size < 1:
@@ -154,51 +207,23 @@ def preprocess(inputs: list[str | Path], output_prefix: str | Path, renderer: st
                          f"{batch_size}")
     files = _input_files(inputs)
     tok = build_tokenizer(tokenizer)
-    prefix = Path(output_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp = prefix.with_name(prefix.name + f".tmp{os.getpid()}")
-    outputs = {f"{tmp}{s}{ext}": f"{prefix}{s}{ext}"
-               for s in ("", SEGMENTS_SUFFIX) for ext in (".bin", ".idx")}
-    token_dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
-    tokens = IndexedDatasetBuilder(f"{tmp}.bin", dtype=token_dtype)
-    types = IndexedDatasetBuilder(f"{tmp}{SEGMENTS_SUFFIX}.bin", dtype=np.uint8)
-    counts: Counter = Counter()
-    documents = 0
-    total = sum(f.stat().st_size for p in files for f in ([p] if p.is_file() else p.glob("*.tar")))
+    total = sum(f.stat().st_size for p in files
+                for f in ([p] if p.is_file() else p.glob("*.tar")))
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"preprocess ({renderer})",
                disable=None if progress else True, mininterval=1)
-    try:
+    with bar, SegmentedWriter(output_prefix, tok.vocab_size) as writer:
         batches = _batches(_raw_records(files), batch_size)
         for (status, payload), nbytes in _encoded(batches, renderer, asdict(tokenizer), workers):
             if status == "error":
                 raise DataFileError(*payload)
-            ids, segs, lengths = payload
-            for start, end in zip(np.cumsum(lengths) - lengths, np.cumsum(lengths)):
-                tokens.add_document(ids[start:end], [int(end - start)])
-                types.add_document(segs[start:end], [int(end - start)])
-            counts.update(dict(zip(*np.unique(segs, return_counts=True))))
-            documents += len(lengths)
+            writer.add(*payload)
             bar.update(nbytes)
-            bar.set_postfix(docs=documents, refresh=False)
-        if documents == 0:
+            bar.set_postfix(docs=writer.documents, refresh=False)
+        if writer.documents == 0:
             raise UsageError(f"no records in {', '.join(map(str, files))}")
-        tokens.finalize(f"{tmp}.idx")
-        types.finalize(f"{tmp}{SEGMENTS_SUFFIX}.idx")
-    except BaseException:
-        tokens.data_file.close()
-        types.data_file.close()
-        for path in outputs:
-            Path(path).unlink(missing_ok=True)
-        raise
-    finally:
-        bar.close()
-    meta = {"inputs": [str(p) for p in files], "renderer": renderer,
-            "tokenizer": tok.describe(), "documents": documents,
-            "tokens": int(sum(counts.values())),
-            "tokens_by_segment": {Seg(int(k)).name.lower(): int(v)
-                                  for k, v in sorted(counts.items())}}
-    Path(f"{prefix}.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    # The token index goes last: a prefix whose .idx exists is complete.
-    for src in sorted(outputs, key=lambda s: s.endswith(".idx") and SEGMENTS_SUFFIX not in s):
-        os.replace(src, outputs[src])
+        meta = {"inputs": [str(p) for p in files], "renderer": renderer,
+                "tokenizer": tok.describe(), "documents": writer.documents,
+                "tokens": int(sum(writer.counts.values())),
+                "tokens_by_segment": writer.tokens_by_segment()}
+        writer.commit(meta)
     return meta

@@ -79,3 +79,12 @@ def test_world_tokenizer_makes_every_tag_one_token(world_dir):
     text = next(iter(read_trajectories(world_dir / "trajectories" / "train.jsonl"))).turns[0].text
     assert tok.decode(tok.encode(text)) == text
     assert tok.vocab_size <= 1024 and tok.eod == 2
+
+
+def test_asking_for_more_tasks_than_the_world_has_says_what_to_change():
+    from megatron_foresight.errors import UsageError
+    from megatron_foresight.world.build import World
+
+    with pytest.raises(UsageError, match="only .* distinct questions; ask for fewer "
+                                         "--search-tasks or a larger world"):
+        World(1, WorldSizes(cities=5, people=5, guilds=2, search_tasks=5000, vocab_size=0))

@@ -30,6 +30,21 @@ example:
   foresight data build-world --out data/world --seed 1 --trajectories 2000"""
 
 
+SIZE_HELP = {
+    "cities": "cities in the knowledge base",
+    "people": "people in the knowledge base",
+    "guilds": "guilds in the knowledge base",
+    "search_tasks": "questions for the search environment, all splits",
+    "math_tasks": "word problems for the math environment, all splits",
+    "trajectories": "scripted-agent trajectories on training tasks (half search, half math)",
+    "validation_trajectories": "trajectories on validation tasks",
+    "mc_samples": "continuations per intermediate state for its Monte-Carlo success "
+                  "estimate; 0 for none",
+    "top_k": "passages the search environment returns",
+    "vocab_size": "sentencepiece vocabulary of the world's tokenizer; 0 trains none",
+}
+
+
 def add_data_parser(sub) -> None:
     data = sub.add_parser("data", help="trajectories, tasks, the built-in world, preprocessing",
                           description="Data commands. Run `foresight data COMMAND --help`.")
@@ -52,10 +67,9 @@ def add_data_parser(sub) -> None:
     world.add_argument("--out", required=True, help="output directory")
     world.add_argument("--seed", type=int, default=1234, help="world seed (default 1234)")
     defaults = WorldSizes()
-    for name in ("cities", "people", "guilds", "search_tasks", "math_tasks", "trajectories",
-                 "validation_trajectories", "mc_samples", "top_k", "vocab_size"):
+    for name, meaning in SIZE_HELP.items():
         world.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
-                           help=f"(default {getattr(defaults, name)})")
+                           help=f"{meaning} (default {getattr(defaults, name)})")
     world.add_argument("--noise", default=",".join(map(str, defaults.noise)),
                        help="the scripted experts' error rates, comma-separated, used in turn "
                             f"(default {','.join(map(str, defaults.noise))})")
@@ -118,10 +132,8 @@ def run_data(args) -> int:
             noise = tuple(float(x) for x in args.noise.split(","))
         except ValueError:
             raise UsageError(f"--noise {args.noise}: give comma-separated numbers in [0, 1]")
-        names = ("cities", "people", "guilds", "search_tasks", "math_tasks", "trajectories",
-                 "validation_trajectories", "mc_samples", "top_k", "vocab_size")
         try:
-            sizes = WorldSizes(noise=noise, **{n: getattr(args, n) for n in names})
+            sizes = WorldSizes(noise=noise, **{n: getattr(args, n) for n in SIZE_HELP})
             sizes.check()
         except ValueError as e:
             raise UsageError(f"build-world: {e}") from None

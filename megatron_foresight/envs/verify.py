@@ -4,6 +4,7 @@ math-verify (LaTeX and expressions, on sympy)."""
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from fractions import Fraction
@@ -21,11 +22,21 @@ def _plain_number(text: str) -> Fraction | None:
         return None
 
 
+def _drop_no_timeout_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Timeout is disabled")
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    # Off the main thread we run without timeouts knowingly (see below); math-verify would
+    # warn on every call.
+    logging.getLogger(_name).addFilter(_drop_no_timeout_warning)
+
+
 def _symbolic(predicted: str, reference: str) -> bool:
     from math_verify import parse, verify
 
     # Its timeouts use signals, which only the main thread may install; elsewhere (worker
-    # threads of a rollout) run without them.
+    # threads of a rollout) it runs without them, so a pathological expression could be slow.
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     try:
         for wrap in ("{}", "${}$"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 from megatron_foresight.data.tasks import Task
+from megatron_foresight.errors import UsageError
 from megatron_foresight.world.kb import KnowledgeBase
 
 # (kind, attribute): phrasings of the question for that attribute of an entity of that kind.
@@ -59,8 +60,8 @@ def search_questions(kb: KnowledgeBase, rng: random.Random, n: int,
             questions[text] = Task(f"search-{len(questions)}", "search", text,
                                    (hops[-1]["value"],), {"hops": hops})
     if len(questions) < n:
-        raise ValueError(f"the world has only {len(questions)} distinct questions; ask for fewer "
-                         f"search tasks or a larger world (more cities, people, guilds)")
+        raise UsageError(f"the world has only {len(questions)} distinct questions; ask for fewer "
+                         f"--search-tasks or a larger world (more --cities, --people, --guilds)")
     return list(questions.values())
 
 
@@ -137,7 +138,8 @@ def math_problems(kb: KnowledgeBase, rng: random.Random, n: int) -> list[Task]:
             problems[text] = Task(f"math-{len(problems)}", "math", text, (str(answer),),
                                   {"steps": steps})
     if len(problems) < n:
-        raise ValueError(f"only {len(problems)} distinct word problems; ask for fewer")
+        raise UsageError(f"only {len(problems)} distinct word problems came out; ask for fewer "
+                         "--math-tasks or a larger world (more --cities, --guilds)")
     return list(problems.values())
 
 

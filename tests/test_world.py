@@ -81,6 +81,22 @@ def test_world_tokenizer_makes_every_tag_one_token(world_dir):
     assert tok.vocab_size <= 1024 and tok.eod == 2
 
 
+def test_world_tokenizer_exports_to_hugging_face_with_the_same_ids(world_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = SentencePieceTokenizer(str(world_dir / "tokenizer" / "spm.model"))
+    tok.save_hf(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    texts = ["\n".join([t.prompt, *(turn.text for turn in t.turns)])
+             for t in read_trajectories(world_dir / "trajectories" / "train.jsonl")]
+    texts += [(world_dir / "corpus.jsonl").read_text()[:3000], "ünïcode  spaces\n\n<answer>7"]
+    for text in texts:
+        ids = tok.encode(text)
+        assert hf.encode(text, add_special_tokens=False) == ids
+        assert hf.decode(ids) == text
+    assert hf.eos_token_id == tok.eod and hf.pad_token_id == tok.pad and len(hf) == tok.vocab_size
+
+
 def test_asking_for_more_tasks_than_the_world_has_says_what_to_change():
     from megatron_foresight.errors import UsageError
     from megatron_foresight.world.build import World

@@ -159,9 +159,34 @@ class SentencePieceTokenizer:
         return self.describe()
 
     def save_hf(self, out: Path) -> None:
-        raise UsageError(f"a sentencepiece tokenizer ({self.path}) cannot be exported as a "
-                         "Hugging Face tokenizer yet; export the weights with a byte or hf "
-                         "tokenizer recipe, or copy the .model file beside them")
+        """The same tokenizer for transformers: a `tokenizers` Unigram model with this model's
+        pieces and scores, spaces as "▁", byte fallback, and the user-defined pieces (the tags)
+        matched before segmentation, as sentencepiece does."""
+        from sentencepiece import sentencepiece_model_pb2
+        from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+        from transformers import PreTrainedTokenizerFast
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.path.read_bytes())
+        if proto.trainer_spec.model_type != proto.trainer_spec.UNIGRAM or \
+                proto.normalizer_spec.add_dummy_prefix or proto.normalizer_spec.name != "identity":
+            raise UsageError(f"{self.path}: only unigram models with identity normalization and "
+                             "no dummy prefix (what build-world trains) export to Hugging Face")
+        piece = proto.SentencePiece
+        core = Tokenizer(models.Unigram([(p.piece, p.score) for p in proto.pieces],
+                                        unk_id=self.sp.unk_id(), byte_fallback=True))
+        core.normalizer = normalizers.Replace(" ", "▁")
+        core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                          decoders.Fuse()])
+        core.add_special_tokens([AddedToken(p.piece, normalized=False, special=True)
+                                 for p in proto.pieces if p.type in (piece.UNKNOWN, piece.CONTROL)])
+        core.add_tokens([AddedToken(p.piece, normalized=False, special=False)
+                         for p in proto.pieces if p.type == piece.USER_DEFINED])
+        name = self.sp.id_to_piece
+        PreTrainedTokenizerFast(
+            tokenizer_object=core, unk_token=name(self.sp.unk_id()), eos_token=name(self.eod),
+            pad_token=name(self.pad), bos_token=None if self.bos is None else name(self.bos),
+        ).save_pretrained(out)
 
 
 def train_sentencepiece(texts: Iterable[str], out: str | Path, vocab_size: int) -> Path:

@@ -110,3 +110,25 @@ def corpus(kb: KnowledgeBase, rng: random.Random) -> list[Document]:
         text = " ".join(rng.choice(_FACTS[k]).format(name=e.name, **e.attrs) for k in keys)
         docs.append(Document(e.id, e.name, text))
     return docs
+
+
+def fact_documents(kb: KnowledgeBase, rng: random.Random, n: int):
+    """`n` short documents of a few facts each about random entities, then a question with its
+    answer and a line of arithmetic: plain text in which a small model can learn the world's
+    facts (the `builtin` corpus of the lm stage, WM-AMT's replay text)."""
+    from megatron_foresight.world.tasks import ONE_HOP
+
+    questions = sorted(ONE_HOP.items())
+    for _ in range(n):
+        sentences = []
+        for _ in range(rng.randint(3, 6)):
+            e = rng.choice(kb.entities)
+            key = rng.choice(list(e.attrs))
+            sentences.append(rng.choice(_FACTS[key]).format(name=e.name, **e.attrs))
+        (kind, attribute), templates = rng.choice(questions)
+        e = rng.choice(kb.of_kind(kind))
+        sentences.append(f"Q: {rng.choice(templates).format(name=e.name)} "
+                         f"A: {e.attrs[attribute]}.")
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        sentences.append(f"{a} + {b} = {a + b}.")
+        yield " ".join(sentences)

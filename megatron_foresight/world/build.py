@@ -50,6 +50,7 @@ class World:
         self.splits = {"search": split(search, random.Random(f"{seed}/split/search")),
                        "math": split(maths, random.Random(f"{seed}/split/math"))}
         self._retriever = None
+        self._values = None
 
     @property
     def retriever(self) -> BM25Retriever:
@@ -65,20 +66,23 @@ class World:
     def expert(self, task_type: str, noise: float):
         if task_type == "math":
             return MathExpert(noise)
-        values: dict[str, set] = {}
-        for e in self.kb.entities:
-            for k, v in e.attrs.items():
-                values.setdefault(k, set()).add(str(v))
-        return SearchExpert(noise, [e.name for e in self.kb.entities],
-                            {k: sorted(v) for k, v in values.items()})
+        if self._values is None:
+            values: dict[str, set] = {}
+            for e in self.kb.entities:
+                for k, v in e.attrs.items():
+                    values.setdefault(k, set()).add(str(v))
+            self._values = {k: sorted(v) for k, v in values.items()}
+        return SearchExpert(noise, [e.name for e in self.kb.entities], self._values)
 
     def trajectory(self, split_name: str, index: int) -> Trajectory:
         """Trajectory `index` of a split: its task, noise level and randomness follow from the
         seed and the index alone, so trajectories can be made in any order, in any process."""
         task_type = TASK_TYPES[index % 2]
         tasks = self.splits[task_type][split_name]
-        task = tasks[(index // 2) % len(tasks)]
-        noise = self.sizes.noise[(index // 2) % len(self.sizes.noise)]
+        step = index // 2
+        task = tasks[step % len(tasks)]
+        # Shifted on each pass over the tasks, so a task meets different noise levels.
+        noise = self.sizes.noise[(step + step // len(tasks)) % len(self.sizes.noise)]
         key = f"{self.seed}/trajectory/{split_name}/{index}"
         env, agent = self.env(task_type), self.expert(task_type, noise)
         played = play(env, agent, task, random.Random(key), keep_snapshots=True)

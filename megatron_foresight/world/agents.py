@@ -17,7 +17,7 @@ from fractions import Fraction
 from megatron_foresight.data.tasks import Task
 from megatron_foresight.envs.base import Episode
 from megatron_foresight.foresight.action import Action, parse_action
-from megatron_foresight.foresight.tags import ANSWER, CALC, SEARCH, wrap
+from megatron_foresight.foresight.tags import ANSWER, CALC, SEARCH, THINK, wrap
 
 ATTRIBUTE_WORDS = {"region": "region", "founded": "founded year", "trade": "trade",
                    "born_in": "born in city", "profession": "profession", "seat": "seat city",
@@ -28,10 +28,12 @@ History = list[tuple[str, "str | None"]]
 
 
 def _turn(thought: str, tag: str, argument: str) -> str:
-    return f"{wrap('think', thought)}\n{wrap(tag, argument)}"
+    return f"{wrap(THINK, thought)}\n{wrap(tag, argument)}"
 
 
 def _passage_says(observation: str | None, entity: str, value: str) -> bool:
+    """Whether the passage titled `entity` came back (as `search.format_passages` lists it)
+    and states `value`."""
     return observation is not None and any(
         f"(Title: {entity})" in line and value in line for line in observation.splitlines())
 

@@ -5,8 +5,11 @@ import json
 import pytest
 
 from megatron_foresight.data.records import DataFileError
-from megatron_foresight.data.tasks import last_boxed, read_corpus, read_tasks
+from megatron_foresight.data.tasks import (
+    Document, Task, last_boxed, read_corpus, read_tasks, write_corpus, write_tasks,
+)
 from megatron_foresight.data.validate import validate_file
+from megatron_foresight.errors import UsageError
 
 
 def _write(path, records):
@@ -29,6 +32,20 @@ def test_task_fields_of_nq_search_r1_gsm8k_and_math(tmp_path):
         ("tasks-5", "math", ("12",))]
     assert last_boxed("a \\boxed{1} then \\boxed{\\frac{a}{b^{2}}} end") == "\\frac{a}{b^{2}}"
     assert last_boxed("no box") is None
+    assert last_boxed("\\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"
+    assert last_boxed("cut off: \\boxed{\\frac{1}{2}") is None
+
+
+def test_task_id_question_and_answer_aliases(tmp_path):
+    path = _write(tmp_path / "aliases.jsonl", [
+        {"_id": "h1", "query": " q1 ", "answers": ["a", 2.5], "type": "search"},   # HotpotQA/BEIR
+        {"task_id": 7, "problem": "p", "answer": "x\n#### 1,000", "type": "math",
+         "meta": {"level": 3}},
+        {"problem": "p2", "answer": "5", "solution": "\\boxed{6}", "type": "math"},
+    ])
+    assert list(read_tasks(path)) == [
+        Task("h1", "search", "q1", ("a", "2.5")), Task("7", "math", "p", ("1,000",), {"level": 3}),
+        Task("aliases-3", "math", "p2", ("5",))]
 
 
 @pytest.mark.parametrize("record, field, words", [
@@ -38,7 +55,18 @@ def test_task_fields_of_nq_search_r1_gsm8k_and_math(tmp_path):
     ({"question": "q", "answer": {"a": 1}}, "answer", "strings or numbers"),
     ({"question": "q", "solution": "no box"}, "solution", "boxed"),
     ({"question": "q", "answer": "a", "type": "chess"}, "type", "must be one of"),
-    ({"question": "q", "answer": "a", "id": "dup"}, "id", "duplicate"),
+    ({"question": "q", "answer": "a", "id": "dup"}, "id", "duplicate task id 'dup' (first at "
+                                                         "line 1)"),
+    ({"question": "  ", "answer": "a"}, "question", "must be a non-empty string"),
+    ({"problem": 3, "answer": "a"}, "problem", "must be a non-empty string"),
+    ({"question": "q", "answers": ["a", None]}, "answers[1]", "strings or numbers"),
+    ({"question": "q", "answer": True}, "answer", "strings or numbers"),
+    ({"question": "q", "answer": "reasoning ####  "}, "answer", "must not be empty"),
+    ({"question": "q", "solution": ["\\boxed{1}"]}, "solution", "must be a string"),
+    ({"question": "q", "answer": "a", "_id": True}, "_id", "string or an integer"),
+    ({"question": "q", "answer": "a", "id": ""}, "id", "must not be empty"),
+    ({"question": "q", "answer": "a", "meta": "x"}, "meta", "must be an object"),
+    ([1], None, "must be a JSON object"),
 ])
 def test_task_errors_name_line_and_field(tmp_path, record, field, words):
     path = _write(tmp_path / "t.jsonl", [{"id": "dup", "question": "ok", "answer": "1"}, record])
@@ -49,21 +77,48 @@ def test_task_errors_name_line_and_field(tmp_path, record, field, words):
 
 def test_task_type_must_be_known(tmp_path):
     path = _write(tmp_path / "t.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataFileError, match="field 'type': missing"):
+    with pytest.raises(DataFileError, match=r"t.jsonl:1: field 'type': missing: .* pass the "
+                                            r"file's task type"):
         list(read_tasks(path))
+    with pytest.raises(UsageError, match="task type 'chess': expected one of search, math"):
+        list(read_tasks(path, task_type="chess"))
+    with pytest.raises(UsageError, match="file not found"):
+        list(read_tasks(tmp_path / "nope.jsonl", task_type="math"))
+
+
+def test_tasks_and_corpus_round_trip_byte_identically(tmp_path):
+    tasks = [Task("a", "search", "Où est Kalo?", ("Mirten",)),
+             Task("b", "math", "1+1", ("2",), {"source": "gsm8k"})]
+    write_tasks(tasks, tmp_path / "t" / "tasks.jsonl")
+    assert list(read_tasks(tmp_path / "t" / "tasks.jsonl")) == tasks
+    assert (tmp_path / "t" / "tasks.jsonl").read_text(encoding="utf-8").splitlines()[0] == (
+        '{"id":"a","type":"search","question":"Où est Kalo?","answers":["Mirten"]}')
+    write_tasks(read_tasks(tmp_path / "t" / "tasks.jsonl"), tmp_path / "again.jsonl")
+    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "t" / "tasks.jsonl").read_bytes()
+    docs = [Document("1", "Kalo", "Kalo is a city."), Document("2", "", "untitled")]
+    write_corpus(docs, tmp_path / "c.jsonl")
+    assert list(read_corpus(tmp_path / "c.jsonl")) == docs
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_corpus_plain_and_search_r1_forms_and_errors(tmp_path):
     path = _write(tmp_path / "c.jsonl", [
         {"id": "1", "title": "Kalo", "text": "Kalo is a city."},
-        {"id": 2, "contents": "\"Vasru\"\nVasru trades salt."},
+        {"id": 2, "contents": "\"Vasru\"\nVasru trades salt.\nAnd fish."},
+        {"_id": "3", "title": "Mirten", "text": "A port."},                      # BEIR
     ])
     docs = list(read_corpus(path))
     assert [(d.id, d.title, d.text) for d in docs] == [
-        ("1", "Kalo", "Kalo is a city."), ("2", "Vasru", "Vasru trades salt.")]
-    bad = _write(tmp_path / "bad.jsonl", [{"id": "1", "text": "a"}, {"id": "1", "text": "b"},
-                                          {"title": "x", "text": "c"}, {"id": "3", "body": "d"}])
-    with pytest.raises(DataFileError, match=r"bad.jsonl:2: field 'id': duplicate"):
+        ("1", "Kalo", "Kalo is a city."), ("2", "Vasru", "Vasru trades salt.\nAnd fish."),
+        ("3", "Mirten", "A port.")]
+    bad = _write(tmp_path / "bad.jsonl", [
+        {"id": "1", "text": "a"}, {"id": "1", "text": "b"}, {"title": "x", "text": "c"},
+        {"id": "3", "body": "d"}, {"id": "4", "contents": 5}, {"id": "5", "title": 1, "text": ""},
+        {"id": None, "text": "e"}])
+    with pytest.raises(DataFileError, match=r"bad.jsonl:2: field 'id': duplicate document id "
+                                            r"'1' \(first at line 1\)"):
         list(read_corpus(bad))
     report = validate_file(bad, "corpus")
-    assert [(p.line, p.field) for p in report.problems] == [(2, "id"), (3, "id"), (4, "text")]
+    assert [(p.line, p.field) for p in report.problems] == [
+        (2, "id"), (3, "id"), (4, "text"), (5, "contents"), (6, "title"), (7, "id")]
+    assert report.counts() == {"id": 3, "text": 1, "contents": 1, "title": 1}

@@ -2,16 +2,19 @@
 reports, located by file, line and field."""
 
 import copy
+import io
 import json
+import tarfile
 
 import pytest
 
-from megatron_foresight.data.records import DataFileError
+from megatron_foresight.data.records import DataFileError, iter_jsonl
 from megatron_foresight.data.trajectory import (
     Trajectory, read_trajectories, write_jsonl, write_shards,
 )
 from megatron_foresight.data.validate import main as validate_main
 from megatron_foresight.data.validate import validate_file
+from megatron_foresight.errors import UsageError
 
 GOOD = {"schema": "foresight.trajectory/1", "id": "t-0", "task_id": "q-0", "task_type": "search",
         "prompt": "Question: where is Kalo?",
@@ -72,37 +75,51 @@ def _set(path, value):
 
 DELETE = object()
 CASES = [  # (what is changed, the field reported, words of the message)
-    (lambda r: "not json {", None, "not valid JSON"),
+    (lambda r: "not json {", None, "not valid JSON (Expecting value at column 1)"),
+    (lambda r: b'{"id": "caf\xe9"}', None, "not valid UTF-8 (byte 12)"),
     (lambda r: [1, 2], None, "must be a JSON object"),
     (_set(["schema"], DELETE), "schema", "missing"),
     (_set(["schema"], "foresight.trajectory/9"), "schema", "unknown version"),
     (_set(["reward"], 1.0), "reward", "unknown key"),
     (_set(["id"], DELETE), "id", "missing"),
     (_set(["id"], " "), "id", "must not be empty"),
+    (_set(["id"], "first"), "id", "duplicate trajectory id 'first' (first at line 1)"),
+    (_set(["task_type"], DELETE), "task_type", "missing"),
     (_set(["task_type"], "chess"), "task_type", "must be one of search, math"),
     (_set(["turns"], []), "turns", "must not be empty"),
     (_set(["turns", 0, "role"], "env"), "turns[0].role", "must be agent"),
     (_set(["turns", 1, "role"], "agent"), "turns[1].role", "must be env"),
     (_set(["turns", 2, "role"], "user"), "turns[2].role", "must be agent or env"),
     (_set(["turns", 1, "text"], 7), "turns[1].text", "must be a string"),
+    (_set(["turns", 1], "hello"), "turns[1]", "must be an object"),
+    (_set(["outcome"], DELETE), "outcome", "missing"),
+    (_set(["outcome", "answer"], 3), "outcome.answer", "must be a string or null"),
     (_set(["turns", 1, "speaker"], "x"), "turns[1].speaker", "unknown key"),
     (_set(["outcome", "success"], 1), "outcome.success", "must be true or false"),
-    (_set(["outcome", "reward"], float("nan")), "outcome.reward", "must be finite"),
+    (_set(["outcome", "reward"], float("nan")), "outcome.reward", "must be a finite number"),
+    (_set(["outcome", "reward"], float("inf")), "outcome.reward", "must be a finite number"),
+    (_set(["outcome", "reward"], 10 ** 400), "outcome.reward", "must be a finite number"),
     (_set(["outcome", "reward"], "1"), "outcome.reward", "must be a number"),
     (_set(["mc", 1, "successes"], 5), "mc[1].successes", "between 0 and n=4"),
     (_set(["mc", 1, "turn"], 2), "mc[1].turn", "must name an agent turn, 0 to 1"),
     (_set(["mc", 1, "turn"], 0), "mc[1].turn", "strictly increasing"),
     (_set(["mc", 0, "n"], True), "mc[0].n", "must be an integer"),
+    (_set(["mc", 0, "n"], 0), "mc[0].n", "must be at least 1"),
+    (_set(["mc", 0, "extra"], 1), "mc[0].extra", "unknown key"),
+    (_set(["mc"], {"turn": 0}), "mc", "must be a list"),
     (_set(["meta"], [1]), "meta", "must be an object"),
 ]
 
 
-@pytest.mark.parametrize("change, field, words", CASES)
+@pytest.mark.parametrize("change, field, words", CASES, ids=[f"{c[1]}: {c[2]}" for c in CASES])
 def test_each_malformed_record_is_reported_with_line_and_field(tmp_path, change, field, words):
     bad = change(copy.deepcopy(GOOD))
-    lines = [json.dumps(dict(GOOD, id="first")), bad if isinstance(bad, str) else json.dumps(bad)]
+    if not isinstance(bad, (str, bytes)):
+        bad = json.dumps(bad)
+    lines = [json.dumps(dict(GOOD, id="first")).encode(),
+             bad if isinstance(bad, bytes) else bad.encode()]
     path = tmp_path / "t.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(DataFileError) as error:
         list(read_trajectories(path))
     assert (error.value.line, error.value.field) == (2, field)
@@ -127,6 +144,103 @@ def test_validator_reports_every_problem_with_counts(tmp_path, capsys):
     assert report.counts() == {"task_type": 1, "(record)": 1, "turns[].role": 1, "id": 1}
     assert "duplicate id 't-1' (first at line 2)" in report.format()
     assert validate_main([str(path)]) == 1
-    assert "11 records (trajectories), 4 problems" in capsys.readouterr().out
-    path.write_text(json.dumps(GOOD) + "\n")
-    assert validate_main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}:7: field 'turns[0].role': turns alternate" in out
+    assert out.rstrip().endswith(
+        "11 records (trajectories), 4 problems (1 in field task_type, 1 in the record, "
+        "1 in field turns[].role, 1 in field id)")
+    assert report.format(max_listed=1).splitlines()[1] == "... and 3 more"
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text(json.dumps(GOOD) + "\n")
+    assert validate_main([str(clean)]) == 0
+    assert capsys.readouterr().out.strip() == f"{clean}: 1 records (trajectories), no problems"
+    missing = tmp_path / "missing.jsonl"
+    assert validate_main([str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: file not found: {missing}"
+    assert validate_main([str(clean), str(missing), str(path)]) == 2  # all are still reported
+    assert capsys.readouterr().out.count("records (trajectories)") == 2
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_shard_problems_are_located_by_member(tmp_path):
+    shards = tmp_path / "shards"
+    write_shards(_many(3), shards, per_shard=2)
+    good = json.dumps(dict(GOOD, id="t-9")).encode()
+    _tar(shards / "trajectories-000002.tar", [("000000004.json", good), ("000000004.txt", b"x"),
+                                              ("000000005.json", b"{"),
+                                              ("000000006.json", good)])
+    with pytest.raises(DataFileError) as error:
+        list(read_trajectories(shards))
+    assert (error.value.path, error.value.line) == (str(shards / "trajectories-000002.tar"),
+                                                    "000000005.json")
+    report = validate_file(shards)
+    assert report.records == 6
+    assert [(p.line, p.field) for p in report.problems] == [("000000005.json", None),
+                                                            ("000000006.json", "id")]
+    assert "(first at trajectories-000002.tar:000000004.json)" in report.problems[1].message
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(_tar(tmp_path / "whole.tar", [("000000000.json", good)]).read_bytes()[:700])
+    with pytest.raises(DataFileError, match="not a readable tar archive"):
+        list(read_trajectories(broken))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="holds no .tar shards"):
+        list(read_trajectories(tmp_path / "empty"))
+
+
+def test_shard_patterns_stale_shards_and_failed_writes(tmp_path):
+    pattern = tmp_path / "out" / "train-%03d.tar"
+    assert [s.name for s in write_shards(_many(5), pattern, per_shard=2)] == [
+        "train-000.tar", "train-001.tar", "train-002.tar"]
+    write_shards(_many(3), pattern, per_shard=2)  # a shorter run removes the earlier third shard
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train-000.tar",
+                                                                   "train-001.tar"]
+    assert [t.id for t in read_trajectories(tmp_path / "out")] == ["t-0", "t-1", "t-2"]
+
+    def failing():
+        yield from _many(3)
+        raise RuntimeError("input broke")
+    with pytest.raises(RuntimeError):
+        write_shards(failing(), tmp_path / "failed", per_shard=2)
+    assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == ["trajectories-000000.tar"]
+    with pytest.raises(UsageError, match="one number field"):
+        write_shards(_many(1), tmp_path / "train-%d-%d.tar")
+    with pytest.raises(UsageError, match="per_shard"):
+        write_shards(_many(1), tmp_path / "x", per_shard=0)
+
+
+def test_iter_jsonl_numbers_lines_and_reports_errors(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n\n  \n[2]\n{"b": }\n')
+    records = iter_jsonl(path)
+    assert next(records) == (1, {"a": 1}) and next(records) == (4, [2])
+    with pytest.raises(DataFileError) as error:
+        next(records)
+    assert (error.value.line, error.value.field) == (5, None)
+    assert error.value.message == "not valid JSON (Expecting value at column 7)"
+    with pytest.raises(UsageError, match="file not found: .*nope.jsonl"):
+        next(iter_jsonl(tmp_path / "nope.jsonl"))
+
+
+def test_validator_detects_what_a_file_holds(tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('[1]\n{"query": "q", "golden_answers": ["a"]}\n{"query": "q"}\n')
+    report = validate_file(tasks)
+    assert report.kind == "tasks" and [(p.line, p.field) for p in report.problems] == [
+        (1, None), (3, "answers")]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": "d", "contents": "\\"T\\"\\nbody"}\n')
+    assert validate_file(corpus).kind == "corpus"
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text('{"name": "x"}\n')
+    with pytest.raises(UsageError, match="odd.jsonl:1: cannot tell .* pass --kind"):
+        validate_file(odd)
+    with pytest.raises(UsageError, match="unknown kind 'docs'"):
+        validate_file(odd, "docs")

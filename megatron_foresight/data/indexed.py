@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from megatron_foresight.data.records import DataFileError
+from megatron_foresight.data.records import DataFileError, iter_jsonl, iter_raw
 from megatron_foresight.runtime.dist import barrier, is_rank0
 
 
@@ -19,27 +19,18 @@ def read_text_documents(path: str | Path) -> Iterator[str]:
     """Documents of a `.jsonl` file (a `text` field per line) or a `.txt` file (one per line).
     Streams; a bad line raises `DataFileError` naming the file, line and field."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.suffix != ".jsonl":
-                yield line.rstrip("\n")
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFileError(path, lineno, None, f"not valid JSON ({e.msg} at column "
-                                                        f"{e.colno})") from None
-            if not isinstance(record, dict) or "text" not in record:
-                raise DataFileError(path, lineno, "text", "missing: each line must be an object "
-                                                          "with a 'text' string")
-            if not isinstance(record["text"], str):
-                raise DataFileError(path, lineno, "text", f"must be a string, got "
-                                                          f"{type(record['text']).__name__}")
-            yield record["text"]
+    if path.suffix != ".jsonl":
+        for _, _, text in iter_raw(path):
+            yield text
+        return
+    for lineno, record in iter_jsonl(path):
+        if not isinstance(record, dict) or "text" not in record:
+            raise DataFileError(path, lineno, "text", "missing: each line must be an object "
+                                                      "with a 'text' string")
+        if not isinstance(record["text"], str):
+            raise DataFileError(path, lineno, "text", f"must be a string, got "
+                                                      f"{type(record['text']).__name__}")
+        yield record["text"]
 
 
 def _write_indexed(documents: Iterable[str], tokenizer, prefix: Path, desc: str) -> None:

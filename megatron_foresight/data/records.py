@@ -1,20 +1,27 @@
-"""Reading users' record files: errors that name the file, the line (or tar member) and the
-field, and a streaming JSONL reader."""
+"""Users' record files: JSONL files, webdataset `.tar` shards and directories of shards, read
+as a stream of records, with errors that name the file, the line (or tar member) and the field;
+and the atomic line writer every record file is written with."""
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
 import tarfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from megatron_foresight.errors import UsageError
+
+# A line number (JSONL) or a member name (tar shard).
+Location = int | str
 
 
 class DataFileError(ValueError):
     """A problem in a user's data file, located by file, line (or tar member) and field."""
 
-    def __init__(self, path, line, field: str | None, message: str):
+    def __init__(self, path: str | Path, line: Location | None, field: str | None,
+                 message: str):
         self.path, self.line, self.field, self.message = str(path), line, field, message
         where = f"{path}:{line}" + (f": field {field!r}" if field else "")
         super().__init__(f"{where}: {message}")
@@ -35,40 +42,76 @@ class RecordError(ValueError):
         return RecordError, (self.field, self.message)
 
 
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise UsageError(f"file not found: {path}")
+
+
 def _files(path: Path) -> list[Path]:
     if path.is_dir():
         shards = sorted(path.glob("*.tar"))
         if not shards:
             raise UsageError(f"{path}: directory holds no .tar shards")
         return shards
-    if not path.is_file():
-        raise UsageError(f"file not found: {path}")
+    _check_file(path)
     return [path]
 
 
-def iter_raw(path: str | Path) -> Iterator[tuple[Path, object, str]]:
-    """(file, line number or tar member, text) of every record of a JSONL file, a webdataset
-    .tar shard (its `.json` members) or a directory of shards, streamed; blank lines skipped."""
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, line without its line ending) of the non-blank lines. Read as bytes so
+    that one badly encoded line is that line's error, not the whole file's."""
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if lineno == 1 and line.startswith(codecs.BOM_UTF8):  # files saved by Notepad
+                line = line[len(codecs.BOM_UTF8):]
+            if line.strip():
+                yield lineno, line.rstrip(b"\r\n")
+
+
+def _tar_members(path: Path) -> Iterator[tuple[str, bytes]]:
+    """(member name, content) of the `.json` members of a shard, streamed."""
+    last = "(start of archive)"
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".json"):
+                    last = member.name
+                    yield member.name, tar.extractfile(member).read()
+    except tarfile.TarError as e:
+        raise DataFileError(path, last, None, f"not a readable tar archive after this member "
+                                              f"({e}); write the shard again") from None
+
+
+def iter_record_bytes(path: str | Path) -> Iterator[tuple[Path, Location, bytes]]:
+    """(file, line number or tar member, raw bytes) of every record of a JSONL file, a
+    webdataset `.tar` shard (its `.json` members) or a directory of shards, streamed; blank
+    lines are skipped. A missing file raises `UsageError`."""
     for file in _files(Path(path)):
         if file.suffix == ".tar":
-            with tarfile.open(file, "r|*") as tar:
-                for member in tar:
-                    if member.isfile() and member.name.endswith(".json"):
-                        yield file, member.name, tar.extractfile(member).read().decode("utf-8")
-            continue
-        with file.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    yield file, lineno, line
+            for name, data in _tar_members(file):
+                yield file, name, data
+        else:
+            for lineno, line in _lines(file):
+                yield file, lineno, line
 
 
-def iter_records(path: str | Path) -> Iterator[tuple[Path, object, object]]:
-    """Like `iter_raw`, with each record parsed; a JSON syntax error raises `DataFileError`."""
-    for file, where, text in iter_raw(path):
-        yield file, where, parse_json(text, file, where)
+def decode(raw: bytes, path: str | Path, location: Location) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFileError(path, location, None, f"not valid UTF-8 (byte {e.start + 1}); "
+                                                  f"save the file as UTF-8") from None
 
 
-def parse_json(text: str, path, location) -> object:
+def iter_raw(path: str | Path) -> Iterator[tuple[Path, Location, str]]:
+    """Like `iter_record_bytes`, with each record's text; bad UTF-8 raises `DataFileError`."""
+    for file, where, raw in iter_record_bytes(path):
+        yield file, where, decode(raw, file, where)
+
+
+def parse_json(raw: str | bytes, path: str | Path, location: Location) -> object:
+    """One record's JSON; bad UTF-8 or bad JSON raises `DataFileError` (field None)."""
+    text = decode(raw, path, location) if isinstance(raw, bytes) else raw
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -76,16 +119,61 @@ def parse_json(text: str, path, location) -> object:
                             f"not valid JSON ({e.msg} at column {e.colno})") from None
 
 
+def iter_records(path: str | Path) -> Iterator[tuple[Path, Location, object]]:
+    """Like `iter_record_bytes`, with each record parsed; the first bad one raises
+    `DataFileError`."""
+    for file, where, raw in iter_record_bytes(path):
+        yield file, where, parse_json(raw, file, where)
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) of each non-blank line of a JSONL file, streamed. A missing
+    file raises `UsageError`; a line that is not JSON raises `DataFileError`."""
+    path = Path(path)
+    _check_file(path)
+    for lineno, line in _lines(path):
+        yield lineno, parse_json(line, path, lineno)
+
+
+def first_seen(file: Path, where: Location) -> str:
+    """Where a record was, for 'duplicate id' messages."""
+    return f"line {where}" if isinstance(where, int) else f"{file.name}:{where}"
+
+
 def read_unique(path: str | Path, parse: Callable, kind: str) -> Iterator:
-    """Items `parse(record, line)` of every record of `path` (each has an `id`, unique in the
-    input), streamed; the first problem raises `DataFileError`."""
-    seen: set[str] = set()
+    """Items `parse(record, location)` of every record of `path` (each has an `id`, unique in
+    the input), streamed; the first problem raises `DataFileError`. Holds the ids seen, and
+    nothing else, in memory."""
+    seen: dict[str, str] = {}
     for file, where, record in iter_records(path):
         try:
             item = parse(record, where)
         except RecordError as e:
             raise DataFileError(file, where, e.field, e.message) from None
         if item.id in seen:
-            raise DataFileError(file, where, "id", f"duplicate {kind} id {item.id!r}")
-        seen.add(item.id)
+            raise DataFileError(file, where, "id", f"duplicate {kind} id {item.id!r} (first at "
+                                                   f"{seen[item.id]}); ids must be unique")
+        seen[item.id] = first_seen(file, where)
         yield item
+
+
+def json_line(obj) -> str:
+    """The one canonical JSON form of every record file written here (compact, UTF-8 kept),
+    so the same data always gives byte-identical files."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def write_lines(lines: Iterable[str], path: str | Path) -> None:
+    """`lines`, each ending in a newline, to `path` through `path.tmp` and a rename, so a reader
+    never sees half a file and a failed write leaves nothing behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("w", encoding="utf-8", newline="\n") as f:
+            for line in lines:
+                f.write(line + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

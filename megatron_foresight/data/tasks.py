@@ -6,14 +6,18 @@ Search-R1 (`golden_answers`; corpus `contents` = '"Title"\\ntext'), GSM8K (`answ
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from megatron_foresight.data.records import RecordError, read_unique
+from megatron_foresight.data.records import RecordError, json_line, read_unique, write_lines
+from megatron_foresight.errors import UsageError
 
 TASK_TYPES = ("search", "math")
+QUESTION_KEYS = ("question", "problem", "query")
+ANSWER_KEYS = ("answers", "golden_answers", "answer")
+TASK_ID_KEYS = ("id", "_id", "task_id")
+DOCUMENT_ID_KEYS = ("id", "_id")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,9 @@ class Document:
     title: str
     text: str
 
+    def to_dict(self) -> dict:
+        return {"id": self.id, "title": self.title, "text": self.text}
+
 
 def last_boxed(text: str) -> str | None:
     """The content of the last `\\boxed{...}` in `text` (braces balanced), or None."""
@@ -50,6 +57,21 @@ def last_boxed(text: str) -> str | None:
         if depth == 0:
             return text[i + 1:j].strip()
     return None
+
+
+def _record_id(record: dict, keys: tuple[str, ...], default: str | None) -> str:
+    key = next((k for k in keys if k in record), None)
+    if key is None:
+        if default is None:
+            raise RecordError("id", f"missing: each record needs one of the fields "
+                                    f"{' / '.join(keys)}")
+        return default
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RecordError(key, f"must be a string or an integer, got {json.dumps(value)[:60]}")
+    if not str(value).strip():
+        raise RecordError(key, "must not be empty")
+    return str(value)
 
 
 def _answer_text(value, field: str) -> str:
@@ -65,92 +87,91 @@ def _answer_text(value, field: str) -> str:
 
 
 def _answers(record: dict) -> tuple[str, ...]:
-    for key in ("answers", "golden_answers", "answer"):
+    for key in ANSWER_KEYS:
         if key in record:
             value = record[key]
-            values = value if isinstance(value, list) else [value]
-            if not values:
+            if not isinstance(value, list):
+                return (_answer_text(value, key),)
+            if not value:
                 raise RecordError(key, "must list at least one answer")
-            return tuple(_answer_text(v, key) for v in values)
+            return tuple(_answer_text(v, f"{key}[{i}]") for i, v in enumerate(value))
     if "solution" in record:
-        boxed = last_boxed(str(record["solution"]))
+        if not isinstance(record["solution"], str):
+            raise RecordError("solution", "must be a string")
+        boxed = last_boxed(record["solution"])
         if boxed is None:
-            raise RecordError("solution", "has no \\boxed{...} final answer")
+            raise RecordError("solution", "has no \\boxed{...} final answer; add one, or give "
+                                          "the answer in an answer field")
         return (boxed,)
-    raise RecordError("answers", "missing: expected one of the fields answers / golden_answers "
-                                 "/ answer / solution (with \\boxed{})")
+    raise RecordError("answers", f"missing: expected one of the fields {' / '.join(ANSWER_KEYS)}"
+                                 f" / solution (with \\boxed{{}})")
 
 
 def parse_task(record, default_id: str, task_type: str | None = None) -> Task:
     """One task record; `task_type` applies when it has no `type`. Raises `RecordError`."""
     if not isinstance(record, dict):
         raise RecordError(None, "each line must be a JSON object")
-    question = next((record[k] for k in ("question", "problem", "query") if k in record), None)
+    key = next((k for k in QUESTION_KEYS if k in record), None)
+    if key is None:
+        raise RecordError("question", f"missing: expected one of the fields "
+                                      f"{' / '.join(QUESTION_KEYS)}")
+    question = record[key]
     if not isinstance(question, str) or not question.strip():
-        raise RecordError("question", "missing or empty: expected a string in one of the "
-                                      "fields question / problem / query")
+        raise RecordError(key, "must be a non-empty string")
     answers = _answers(record)
     kind = record.get("type", task_type)
     if kind is None:
-        raise RecordError("type", f"missing: add a type field ({' or '.join(TASK_TYPES)}) or "
-                                  "say which environment the file is for")
+        raise RecordError("type", f"missing: give each record a type ({' or '.join(TASK_TYPES)}"
+                                  f"), or pass the file's task type when reading it")
     if kind not in TASK_TYPES:
-        raise RecordError("type", f"must be one of {', '.join(TASK_TYPES)}, got {kind!r}")
-    task_id = str(next((record[k] for k in ("id", "_id", "task_id") if k in record),
-                       default_id))
+        raise RecordError("type", f"must be one of {', '.join(TASK_TYPES)}, got "
+                                  f"{json.dumps(kind)[:60]}")
     meta = record.get("meta")
     if meta is not None and not isinstance(meta, dict):
         raise RecordError("meta", "must be an object")
-    return Task(task_id, kind, question.strip(), answers, meta)
+    return Task(_record_id(record, TASK_ID_KEYS, default_id), kind, question.strip(), answers,
+                meta)
 
 
 def parse_document(record) -> Document:
-    """One corpus record: `{id, title, text}`, or Search-R1's `{id, contents}` with the title
-    in quotes on the first line of `contents`. Raises `RecordError`."""
+    """One corpus record: `{id, title, text}` (BEIR's `_id` too), or Search-R1's
+    `{id, contents}` with the title in quotes on the first line of `contents`. Raises
+    `RecordError`."""
     if not isinstance(record, dict):
         raise RecordError(None, "each line must be a JSON object")
-    if "id" not in record:
-        raise RecordError("id", "missing: each document needs an id")
+    doc_id = _record_id(record, DOCUMENT_ID_KEYS, None)
     if "contents" in record and "text" not in record:
         if not isinstance(record["contents"], str):
             raise RecordError("contents", "must be a string")
         title, _, text = record["contents"].partition("\n")
-        return Document(str(record["id"]), title.strip().strip('"'), text)
+        return Document(doc_id, title.strip().strip('"'), text)
     title, text = record.get("title", ""), record.get("text")
     if not isinstance(text, str):
         raise RecordError("text", "missing or not a string: expected {id, title, text} or "
                                   "{id, contents}")
     if not isinstance(title, str):
         raise RecordError("title", "must be a string")
-    return Document(str(record["id"]), title, text)
+    return Document(doc_id, title, text)
 
 
 def read_tasks(path: str | Path, task_type: str | None = None) -> Iterator[Task]:
-    """Tasks of a JSONL file, streamed; ids default to `<file stem>-<line>`."""
+    """Tasks of a JSONL file, streamed; `task_type` is the type of records without a `type`
+    field. Ids default to `<file stem>-<line>` and must be unique in the file."""
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise UsageError(f"task type {task_type!r}: expected one of {', '.join(TASK_TYPES)}")
     path = Path(path)
     yield from read_unique(path, lambda r, line: parse_task(r, f"{path.stem}-{line}",
                                                                 task_type), "task")
 
 
 def read_corpus(path: str | Path) -> Iterator[Document]:
-    """Documents of a JSONL corpus, streamed."""
+    """Documents of a JSONL corpus, streamed; ids must be unique in the file."""
     yield from read_unique(path, lambda r, line: parse_document(r), "document")
 
 
-def _write_lines(lines: Iterable[str], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")
-    os.replace(tmp, path)
-
-
 def write_tasks(tasks: Iterable[Task], path: str | Path) -> None:
-    _write_lines((json.dumps(t.to_dict(), ensure_ascii=False) for t in tasks), path)
+    write_lines((json_line(t.to_dict()) for t in tasks), path)
 
 
 def write_corpus(documents: Iterable[Document], path: str | Path) -> None:
-    _write_lines((json.dumps({"id": d.id, "title": d.title, "text": d.text}, ensure_ascii=False)
-                  for d in documents), path)
+    write_lines((json_line(d.to_dict()) for d in documents), path)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from megatron_foresight.data.records import RecordError, read_unique
+from megatron_foresight.data.records import RecordError, json_line, read_unique, write_lines
+from megatron_foresight.errors import UsageError
 
 SCHEMA = "foresight.trajectory/1"
 KNOWN_SCHEMAS = (SCHEMA,)
@@ -78,6 +79,17 @@ def _text(obj: dict, key: str, field: str, non_empty: bool = False) -> str:
     return value
 
 
+def _finite(value: int | float, field: str) -> float:
+    # Python's JSON reader takes NaN and Infinity, and an integer too large for a float.
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise RecordError(field, f"must be a finite number, got {json.dumps(value)[:60]}")
+    return number
+
+
 _TOP = ("schema", "id", "task_id", "task_type", "prompt", "turns", "outcome", "mc", "meta")
 
 
@@ -109,14 +121,13 @@ class Trajectory:
         turns = cls._turns(_expect(obj, "turns", list, "turns", "a list of turns"))
         raw_outcome = _expect(obj, "outcome", dict, "outcome", "an object")
         _no_extra(raw_outcome, ("success", "reward", "answer"), "outcome")
-        reward = _expect(raw_outcome, "reward", (int, float), "outcome.reward", "a number")
-        if not math.isfinite(reward):
-            raise RecordError("outcome.reward", f"must be finite, got {reward}")
+        reward = _finite(_expect(raw_outcome, "reward", (int, float), "outcome.reward",
+                                 "a number"), "outcome.reward")
         answer = raw_outcome.get("answer")
         if answer is not None and not isinstance(answer, str):
             raise RecordError("outcome.answer", "must be a string or null")
         outcome = Outcome(_expect(raw_outcome, "success", bool, "outcome.success",
-                                  "true or false"), float(reward), answer)
+                                  "true or false"), reward, answer)
         agent_turns = sum(t.role == "agent" for t in turns)
         mc = cls._mc(obj.get("mc", []), agent_turns)
         meta = obj.get("meta")
@@ -187,7 +198,7 @@ class Trajectory:
 
     def to_json(self) -> str:
         """The canonical line: the same trajectory always gives the same bytes."""
-        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        return json_line(self.to_dict())
 
 
 def read_trajectories(path: str | Path) -> Iterator[Trajectory]:
@@ -198,41 +209,74 @@ def read_trajectories(path: str | Path) -> Iterator[Trajectory]:
 
 
 def write_jsonl(trajectories: Iterable[Trajectory], path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for t in trajectories:
-            f.write(t.to_json() + "\n")
-    os.replace(tmp, path)
+    """One canonical line per trajectory (`Trajectory.to_json`), written atomically."""
+    write_lines((t.to_json() for t in trajectories), path)
 
 
-def write_shards(trajectories: Iterable[Trajectory], out_dir: str | Path,
-                 per_shard: int = 10000, prefix: str = "trajectories") -> list[Path]:
-    """Webdataset shards `out_dir/prefix-000000.tar`, ... of `per_shard` samples, each a member
-    `<index>.json`. Member headers are fixed (mtime 0, owner root), so the same trajectories
-    give the same bytes."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_shards(trajectories: Iterable[Trajectory], out: str | Path,
+                 per_shard: int = 10000) -> list[Path]:
+    """Webdataset shards of `per_shard` samples, each a member `<index>.json` (index zero-padded:
+    webdataset keys must not hold dots). `out` is a directory, for `out/trajectories-000000.tar`,
+    ..., or a pattern such as `out/train-%06d.tar`. Member headers are fixed (mtime 0, owner
+    root, no names), so the same trajectories give the same bytes. Each shard is written under a
+    temporary name and renamed; shards of the pattern left by an earlier, longer run are removed
+    so that a directory reader sees this run alone. Returns the shards in order."""
+    pattern = _shard_pattern(out)
+    if per_shard < 1:
+        raise UsageError(f"per_shard must be at least 1, got {per_shard}")
     shards: list[Path] = []
-    tar = None
-    for index, t in enumerate(trajectories):
-        if index % per_shard == 0:
-            if tar is not None:
-                _close_shard(tar, shards[-1])
-            shards.append(out_dir / f"{prefix}-{len(shards):06d}.tar")
-            tar = tarfile.open(shards[-1].with_name(shards[-1].name + ".tmp"), "w",
-                               format=tarfile.USTAR_FORMAT)
-        data = t.to_json().encode("utf-8")
-        info = tarfile.TarInfo(f"{index:09d}.json")
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        tar.addfile(info, io.BytesIO(data))
-    if tar is not None:
-        _close_shard(tar, shards[-1])
+    tar: tarfile.TarFile | None = None
+    try:
+        for index, t in enumerate(trajectories):
+            if index % per_shard == 0:
+                if tar is not None:
+                    _finish_shard(tar, shards[-1])
+                shards.append(Path(pattern % len(shards)))
+                shards[-1].parent.mkdir(parents=True, exist_ok=True)
+                tar = tarfile.open(_tmp(shards[-1]), "w", format=tarfile.USTAR_FORMAT)
+            data = t.to_json().encode("utf-8")
+            tar.addfile(_member(f"{index:09d}.json", len(data)), io.BytesIO(data))
+        if tar is not None:
+            _finish_shard(tar, shards[-1])
+    except BaseException:
+        if tar is not None:
+            tar.close()
+            _tmp(shards[-1]).unlink(missing_ok=True)
+        raise
+    stale = len(shards)
+    while Path(pattern % stale).is_file():
+        Path(pattern % stale).unlink()
+        stale += 1
     return shards
 
 
-def _close_shard(tar: tarfile.TarFile, final: Path) -> None:
+def _shard_pattern(out: str | Path) -> str:
+    """`out` as a `%`-pattern of shard paths: a directory gets `trajectories-%06d.tar`."""
+    if "%" not in Path(out).name:
+        return str(Path(out)).replace("%", "%%") + os.sep + "trajectories-%06d.tar"
+    pattern = str(out)
+    try:
+        names = {pattern % 0, pattern % 1}
+    except (TypeError, ValueError):
+        names = set()
+    if len(names) != 2 or not pattern.endswith(".tar"):
+        raise UsageError(f"shard pattern {pattern!r}: expected one number field and a .tar "
+                         f"name, such as 'out/train-%06d.tar'")
+    return pattern
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _member(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _finish_shard(tar: tarfile.TarFile, final: Path) -> None:
     tar.close()
-    os.replace(final.with_name(final.name + ".tmp"), final)
+    os.replace(_tmp(final), final)

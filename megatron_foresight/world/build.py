@@ -23,6 +23,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from megatron_foresight.data.records import write_lines
 from megatron_foresight.data.tasks import write_corpus, write_tasks
 from megatron_foresight.data.trajectory import SCHEMA, MCEstimate, Outcome, Trajectory, Turn
 from megatron_foresight.envs.math import MathEnv
@@ -116,14 +117,6 @@ def _trajectory_line(split_name: str, index: int) -> str:
     return _WORKER_WORLD.trajectory(split_name, index).to_json()
 
 
-def _write_lines(lines: Iterator[str], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")
-    os.replace(tmp, path)
-
-
 def _trajectory_lines(world: World, split_name: str, count: int, workers: int,
                       progress: bool) -> Iterator[str]:
     bar = partial(tqdm, total=count, desc=f"trajectories ({split_name})", unit=" traj",
@@ -175,7 +168,7 @@ def build_world(out: str | Path, seed: int = 1234, sizes: WorldSizes = WorldSize
     summaries = {}
     for split_name, count in counts.items():
         path = out / "trajectories" / f"{split_name}.jsonl"
-        _write_lines(_trajectory_lines(world, split_name, count, workers, progress), path)
+        write_lines(_trajectory_lines(world, split_name, count, workers, progress), path)
         summaries[split_name] = _summary(path)
     if sizes.vocab_size:
         from megatron_foresight.data.tokenizer import train_sentencepiece

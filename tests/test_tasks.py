@@ -6,7 +6,7 @@ import pytest
 
 from megatron_foresight.data.records import DataFileError
 from megatron_foresight.data.tasks import (
-    Document, Task, last_boxed, read_corpus, read_tasks, write_corpus, write_tasks,
+    Document, Task, read_corpus, read_tasks, write_corpus, write_tasks,
 )
 from megatron_foresight.data.validate import validate_file
 from megatron_foresight.errors import UsageError
@@ -30,10 +30,6 @@ def test_task_fields_of_nq_search_r1_gsm8k_and_math(tmp_path):
         ("tasks-1", "search", ("Ann", "Ann B.")), ("sr1", "search", ("Kalo",)),
         ("tasks-3", "math", ("7",)), ("tasks-4", "math", ("\\frac{1}{2}",)),
         ("tasks-5", "math", ("12",))]
-    assert last_boxed("a \\boxed{1} then \\boxed{\\frac{a}{b^{2}}} end") == "\\frac{a}{b^{2}}"
-    assert last_boxed("no box") is None
-    assert last_boxed("\\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"
-    assert last_boxed("cut off: \\boxed{\\frac{1}{2}") is None
 
 
 def test_task_id_question_and_answer_aliases(tmp_path):

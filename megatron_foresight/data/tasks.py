@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from megatron_foresight.data.records import RecordError, json_line, read_unique, write_lines
+from megatron_foresight.envs.verify import extract_boxed
 from megatron_foresight.errors import UsageError
 
 TASK_TYPES = ("search", "math")
@@ -44,19 +45,6 @@ class Document:
 
     def to_dict(self) -> dict:
         return {"id": self.id, "title": self.title, "text": self.text}
-
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` in `text` (braces balanced), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j].strip()
-    return None
 
 
 def _record_id(record: dict, keys: tuple[str, ...], default: str | None) -> str:
@@ -98,7 +86,7 @@ def _answers(record: dict) -> tuple[str, ...]:
     if "solution" in record:
         if not isinstance(record["solution"], str):
             raise RecordError("solution", "must be a string")
-        boxed = last_boxed(record["solution"])
+        boxed = extract_boxed(record["solution"])
         if boxed is None:
             raise RecordError("solution", "has no \\boxed{...} final answer; add one, or give "
                                           "the answer in an answer field")

@@ -83,7 +83,7 @@ def _text_corpus(path, letter, n):
 
 def test_blend_of_two_datasets_follows_the_weights(tmp_path, megatron_cpu):
     from megatron_foresight.data.indexed import build_gpt_datasets
-    from megatron_foresight.data.segmented import SegmentedGPTDataset, segment_loss_weights
+    from megatron_foresight.data.segmented import SegmentedGPTDataset, segment_weight_table
 
     for letter in "ab":
         preprocess([_text_corpus(tmp_path / f"{letter}.jsonl", letter, 300)], tmp_path / letter,
@@ -103,9 +103,8 @@ def test_blend_of_two_datasets_follows_the_weights(tmp_path, megatron_cpu):
                          int(Seg.TEXT))
     assert len(train) >= 2000
     assert from_a / len(train) == pytest.approx(0.7, abs=0.01)
-    weights = segment_loss_weights(torch.tensor([0, 1, 4, 3]), torch.ones(4),
-                                   {"text": 0.5, "observation": 2.0})
-    assert weights.tolist() == [0.0, 0.5, 2.0, 0.0]
+    table = segment_weight_table({"text": 0.5, "observation": 2.0})
+    assert table[torch.tensor([0, 1, 4, 3])].tolist() == [0.0, 0.5, 2.0, 0.0]
 
 
 def test_segments_of_a_trajectory_sample_line_up_with_its_labels(trajectories, tmp_path,

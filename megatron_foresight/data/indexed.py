@@ -11,7 +11,9 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from megatron_foresight.data.records import DataFileError, iter_jsonl, iter_raw
+from megatron_foresight.data.records import (
+    DataFileError, RecordError, iter_jsonl, iter_raw, text_of,
+)
 from megatron_foresight.runtime.dist import barrier, is_rank0
 
 
@@ -24,13 +26,10 @@ def read_text_documents(path: str | Path) -> Iterator[str]:
             yield text
         return
     for lineno, record in iter_jsonl(path):
-        if not isinstance(record, dict) or "text" not in record:
-            raise DataFileError(path, lineno, "text", "missing: each line must be an object "
-                                                      "with a 'text' string")
-        if not isinstance(record["text"], str):
-            raise DataFileError(path, lineno, "text", f"must be a string, got "
-                                                      f"{type(record['text']).__name__}")
-        yield record["text"]
+        try:
+            yield text_of(record)
+        except RecordError as e:
+            raise DataFileError(path, lineno, e.field, e.message) from None
 
 
 def _write_indexed(documents: Iterable[str], tokenizer, prefix: Path, desc: str) -> None:
@@ -47,7 +46,8 @@ def _write_indexed(documents: Iterable[str], tokenizer, prefix: Path, desc: str)
         writer.commit()
 
 
-def cached_indexed_dataset(key: dict, documents, tokenizer, cache_dir: str | Path, name: str) -> str:
+def cached_indexed_dataset(key: dict, documents, tokenizer, cache_dir: str | Path,
+                           name: str) -> str:
     """Tokenize `documents` (a zero-argument callable returning an iterable of strings) into an
     indexed dataset under `cache_dir`, once per distinct `key`; returns the path prefix. Rank 0
     builds while the others wait."""

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_foresight.config import TokenizerConfig
-from megatron_foresight.data.records import DataFileError, RecordError, iter_raw
+from megatron_foresight.data.records import DataFileError, RecordError, iter_raw, text_of
 from megatron_foresight.data.render import TEXT_RENDERER, Seg, get_renderer
 from megatron_foresight.data.tokenizer import build_tokenizer
 from megatron_foresight.data.trajectory import Trajectory
@@ -69,10 +69,7 @@ class _Encoder:
         except json.JSONDecodeError as e:
             raise RecordError(None, f"not valid JSON ({e.msg} at column {e.colno})") from None
         if self.render is None:
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise RecordError("text", "each line must be an object with a 'text' string "
-                                          "(the text renderer reads plain documents)")
-            return [(record["text"], Seg.TEXT)]
+            return [(text_of(record), Seg.TEXT)]
         return self.render(Trajectory.from_dict(record))
 
     def encode(self, batch: list[Item]):

@@ -177,3 +177,12 @@ def write_lines(lines: Iterable[str], path: str | Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def text_of(record) -> str:
+    """The `text` field of a plain-text document record; raises `RecordError`."""
+    if not isinstance(record, dict) or "text" not in record:
+        raise RecordError("text", "missing: each line must be an object with a 'text' string")
+    if not isinstance(record["text"], str):
+        raise RecordError("text", f"must be a string, got {type(record['text']).__name__}")
+    return record["text"]

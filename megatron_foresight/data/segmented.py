@@ -53,11 +53,10 @@ class SegmentedGPTDataset(GPTDataset):
         return item
 
 
-def segment_loss_weights(segments: torch.Tensor, loss_mask: torch.Tensor,
-                         weights: dict[str, float]) -> torch.Tensor:
-    """Per-token loss weights: `weights` by segment type name (e.g. {"observation": 1.0,
-    "action": 0.2}; types not named weigh 0), times the dataset's loss mask."""
-    table = torch.zeros(len(Seg), dtype=loss_mask.dtype, device=loss_mask.device)
+def segment_weight_table(weights: dict[str, float]) -> torch.Tensor:
+    """Loss weight by segment type id, from `weights` by type name (e.g. {"observation": 1.0,
+    "action": 0.2}; types not named weigh 0). Index it with a batch's `segments`."""
+    table = torch.zeros(len(Seg))
     for name, w in weights.items():
         table[Seg[name.upper()]] = w
-    return table[segments.long()] * loss_mask
+    return table

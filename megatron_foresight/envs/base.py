@@ -1,10 +1,11 @@
-"""The interface every environment has: `reset` with a task gives the prompt, `step` with the
-agent's turn gives the observation, whether the episode is over, and the reward."""
+"""The interface every environment has (`Episode`): `reset` with a task gives the prompt,
+`step` with the agent's turn gives the observation, whether the episode is over, and the
+reward."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from megatron_foresight.data.tasks import Task
 from megatron_foresight.foresight.action import Action, FormatError, parse_action
@@ -21,16 +22,8 @@ class StepResult:
     """`success` (bool) once done; `format_error` when the turn had no valid action."""
 
 
-class Environment(Protocol):
-    task_type: str
-
-    def reset(self, task: Task) -> str: ...
-
-    def step(self, agent_text: str) -> StepResult: ...
-
-
-class Episode:
-    """What the environments share: the task, the turn budget and the action grammar. Each
+class Episode(ABC):
+    """An environment: the task, the turn budget and the action grammar are shared; each
     environment supplies its prompt, its tool (`tool`) and how an answer is scored (`score`)."""
 
     task_type: str
@@ -44,14 +37,17 @@ class Episode:
         self.task: Task | None = None
         self.turns = 0
 
+    @abstractmethod
     def prompt(self, task: Task) -> str:
-        raise NotImplementedError
+        """The prompt that opens an episode of `task`."""
 
+    @abstractmethod
     def tool(self, argument: str) -> str:
-        raise NotImplementedError
+        """The tool's answer to an action's argument (the observation's content)."""
 
+    @abstractmethod
     def score(self, answer: str) -> tuple[float, bool, dict]:
-        raise NotImplementedError
+        """(reward, success, extra info) of a final answer."""
 
     def reset(self, task: Task) -> str:
         if task.type != self.task_type:

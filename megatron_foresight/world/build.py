@@ -25,7 +25,9 @@ from tqdm import tqdm
 
 from megatron_foresight.data.records import write_lines
 from megatron_foresight.data.tasks import write_corpus, write_tasks
-from megatron_foresight.data.trajectory import SCHEMA, MCEstimate, Outcome, Trajectory, Turn
+from megatron_foresight.data.trajectory import (
+    SCHEMA, MCEstimate, Outcome, Trajectory, Turn, read_trajectories,
+)
 from megatron_foresight.envs.math import MathEnv
 from megatron_foresight.envs.retriever import BM25Retriever
 from megatron_foresight.envs.search import SearchEnv
@@ -113,20 +115,20 @@ def _init_worker(seed: int, sizes: WorldSizes) -> None:
     _WORKER_WORLD = World(seed, sizes)
 
 
-def _trajectory_line(split_name: str, index: int) -> str:
-    return _WORKER_WORLD.trajectory(split_name, index).to_json()
+def _worker_trajectory(split_name: str, index: int) -> Trajectory:
+    return _WORKER_WORLD.trajectory(split_name, index)
 
 
-def _trajectory_lines(world: World, split_name: str, count: int, workers: int,
-                      progress: bool) -> Iterator[str]:
+def _trajectories(world: World, split_name: str, count: int, workers: int,
+                  progress: bool) -> Iterator[Trajectory]:
     bar = partial(tqdm, total=count, desc=f"trajectories ({split_name})", unit=" traj",
                   disable=None if progress else True, mininterval=1)
     if workers <= 1:
-        yield from bar(world.trajectory(split_name, i).to_json() for i in range(count))
+        yield from bar(world.trajectory(split_name, i) for i in range(count))
         return
     with get_context("spawn").Pool(workers, _init_worker, (world.seed, world.sizes)) as pool:
         # imap keeps the order, so the file does not depend on the number of workers.
-        yield from bar(pool.imap(partial(_trajectory_line, split_name), range(count),
+        yield from bar(pool.imap(partial(_worker_trajectory, split_name), range(count),
                                  chunksize=16))
 
 
@@ -138,17 +140,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _summary(path: Path) -> dict:
-    """Success rates of a trajectory file, by task type and noise level."""
-    stats: dict = {}
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            t = json.loads(line)
-            key = f"{t['task_type']}/noise={t['meta']['noise']}"
-            wins, n = stats.get(key, (0, 0))
-            stats[key] = (wins + t["outcome"]["success"], n + 1)
-    return {k: {"trajectories": n, "success_rate": round(w / n, 4)}
-            for k, (w, n) in sorted(stats.items())}
+class _Tally:
+    """Success rates by task type and noise level, counted as trajectories are written."""
+
+    def __init__(self):
+        self.stats: dict[str, tuple[int, int]] = {}
+
+    def lines(self, trajectories: Iterator[Trajectory]) -> Iterator[str]:
+        for t in trajectories:
+            key = f"{t.task_type}/noise={t.meta['noise']}"
+            wins, n = self.stats.get(key, (0, 0))
+            self.stats[key] = (wins + t.outcome.success, n + 1)
+            yield t.to_json()
+
+    def summary(self) -> dict:
+        return {k: {"trajectories": n, "success_rate": round(w / n, 4)}
+                for k, (w, n) in sorted(self.stats.items())}
 
 
 def build_world(out: str | Path, seed: int = 1234, sizes: WorldSizes = WorldSizes(),
@@ -168,12 +175,14 @@ def build_world(out: str | Path, seed: int = 1234, sizes: WorldSizes = WorldSize
     summaries = {}
     for split_name, count in counts.items():
         path = out / "trajectories" / f"{split_name}.jsonl"
-        write_lines(_trajectory_lines(world, split_name, count, workers, progress), path)
-        summaries[split_name] = _summary(path)
+        tally = _Tally()
+        write_lines(tally.lines(_trajectories(world, split_name, count, workers, progress)),
+                    path)
+        summaries[split_name] = tally.summary()
     if sizes.vocab_size:
         from megatron_foresight.data.tokenizer import train_sentencepiece
 
-        train_sentencepiece(_tokenizer_text(out), out / "tokenizer" / "spm.model",
+        train_sentencepiece(_tokenizer_text(world, out), out / "tokenizer" / "spm.model",
                             sizes.vocab_size)
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest = {
@@ -187,16 +196,13 @@ def build_world(out: str | Path, seed: int = 1234, sizes: WorldSizes = WorldSize
     return manifest
 
 
-def _tokenizer_text(out: Path) -> Iterator[str]:
-    """What the world's tokenizer learns from: the corpus, the questions and the training
-    trajectories, as the model will read them."""
-    for line in (out / "corpus.jsonl").open(encoding="utf-8"):
-        doc = json.loads(line)
-        yield f"{doc['title']}\n{doc['text']}"
-    for path in sorted((out / "tasks").glob("*-train.jsonl")):
-        for line in path.open(encoding="utf-8"):
-            yield json.loads(line)["question"]
-    for line in (out / "trajectories" / "train.jsonl").open(encoding="utf-8"):
-        t = json.loads(line)
-        yield "\n".join([t["prompt"], *(turn["text"] for turn in t["turns"])])
-
+def _tokenizer_text(world: World, out: Path) -> Iterator[str]:
+    """What the world's tokenizer learns from: the corpus, the training questions and the
+    training trajectories (streamed back from the file just written), as the model reads them."""
+    for doc in world.documents:
+        yield f"{doc.title}\n{doc.text}"
+    for task_type in sorted(world.splits):
+        for task in world.splits[task_type]["train"]:
+            yield task.question
+    for t in read_trajectories(out / "trajectories" / "train.jsonl"):
+        yield "\n".join([t.prompt, *(turn.text for turn in t.turns)])

@@ -9,7 +9,7 @@ The simplest stage the framework runs, and the replay half of WM-AMT's blend. Re
       weights: [0.3, 0.7]                          # blend weights (default: equal)
 
     lm:
-      sources: [data/idx/traj, builtin]      # `foresight data preprocess --output-prefix data/idx/traj`
+      sources: [data/idx/traj, builtin]   # from `foresight data preprocess --output-prefix ...`
       weights: [0.7, 0.3]
       segment_weights: {action: 1.0, observation: 1.0, text: 1.0}   # prompts weigh 0
 """

@@ -12,7 +12,7 @@ from megatron_foresight.data.indexed import (
     build_gpt_datasets, cached_indexed_dataset, file_fingerprint, read_text_documents,
 )
 from megatron_foresight.data.render import Seg
-from megatron_foresight.data.segmented import SegmentedGPTDataset, segment_loss_weights
+from megatron_foresight.data.segmented import SegmentedGPTDataset, segment_weight_table
 from megatron_foresight.data.synthetic import synthetic_documents
 from megatron_foresight.errors import UsageError
 from megatron_foresight.training.plugin import BuildContext, StageData, masked_token_loss
@@ -71,6 +71,7 @@ def _check_tokenizer(prefix: str, tok) -> None:
 
 class LanguageModelStage:
     Config = Config
+    weight_table = None  # loss weight by segment type; None: every token weighs 1
 
     def build_data(self, ctx: BuildContext) -> StageData:
         stage: Config = ctx.stage_cfg
@@ -95,13 +96,16 @@ class LanguageModelStage:
             prefixes, stage.weights, seq_length=ctx.cfg.data.seq_length, seed=ctx.cfg.seed,
             split=stage.split, num_samples=(ctx.num_train_samples, ctx.num_valid_samples),
             tokenizer=tok, cache_dir=ctx.cache_dir, dataset_cls=SegmentedGPTDataset)
-        self.segment_weights = stage.segment_weights
+        self.weight_table = (None if stage.segment_weights is None else
+                             segment_weight_table(stage.segment_weights))
         return StageData(train=train, valid=valid)
 
     def loss(self, batch, per_token_loss):
         weights = batch["loss_mask"]
-        if self.segment_weights is not None:
-            weights = segment_loss_weights(batch["segments"], weights, self.segment_weights)
+        if self.weight_table is not None:
+            if self.weight_table.device != weights.device:
+                self.weight_table = self.weight_table.to(weights.device)  # once
+            weights = self.weight_table[batch["segments"].long()].to(weights.dtype) * weights
         return masked_token_loss(per_token_loss, weights, "lm_loss")
 
 

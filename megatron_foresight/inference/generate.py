@@ -1,0 +1,170 @@
+"""Sampling from a Megatron `GPTModel` with a KV cache, batched, on any device.
+
+Megatron-Core's static inference context holds the cache; the decode loop is ours (its dynamic
+engine needs flash-attn, and an agent loop needs control between turns: stop on a closing tag,
+hand the text to an environment, continue). Rows of a batch have different lengths, so prompts
+are left-padded and the padding is hidden from attention by an explicit mask. RoPE depends only
+on the distance between positions, so the shift that left-padding gives a row changes nothing.
+
+Shapes: B rows, L padded prompt length, T = L + generated so far, V vocabulary.
+
+Tensor parallelism: logits are gathered over the TP group and every TP rank draws from a
+generator seeded the same way, so all ranks sample the same tokens. Pipeline parallelism is not
+supported here yet (refused with a message).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to choose each next token."""
+
+    temperature: float = 0.0
+    """0: greedy (argmax); otherwise softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling: draw only from the smallest set of tokens with this much probability."""
+    max_new_tokens: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Completion:
+    """One row's generated tokens. `logprobs[i]` is log p(ids[i]) under the distribution it was
+    drawn from (temperature-scaled logits; plain logits when greedy). `stop` says why it ended:
+    `stop` (a stop token), `length` (max_new_tokens) or `context` (the sequence limit)."""
+
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    stop: str = "length"
+
+
+def _draw(logits_BV: torch.Tensor, sampling: Sampling, gen: torch.Generator):
+    """Next token per row and its log-probability."""
+    logits_BV = logits_BV.float()
+    if sampling.temperature == 0:
+        ids_B = logits_BV.argmax(-1)
+        return ids_B, torch.log_softmax(logits_BV, -1).gather(-1, ids_B[:, None])[:, 0]
+    logp_BV = torch.log_softmax(logits_BV / sampling.temperature, -1)
+    probs_BV = logp_BV.exp()
+    if sampling.top_p < 1:
+        sorted_p, order = probs_BV.sort(-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= sampling.top_p  # keep the first token always
+        sorted_p = sorted_p.masked_fill(outside, 0)
+        probs_BV = torch.zeros_like(probs_BV).scatter(-1, order, sorted_p)
+    ids_B = torch.multinomial(probs_BV.cpu(), 1, generator=gen)[:, 0].to(logits_BV.device)
+    return ids_B, logp_BV.gather(-1, ids_B[:, None])[:, 0]
+
+
+class Generator:
+    """Batched generation from one model chunk (TP allowed, PP=1).
+
+    `max_sequence_length` bounds prompt + completion per row (the KV cache is allocated for it);
+    rows whose prompt leaves no room end with stop="context" and no tokens."""
+
+    def __init__(self, model, tokenizer, *, max_sequence_length: int, pad_id: int = 0):
+        from megatron.core import parallel_state
+
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise NotImplementedError("generation runs with pipeline_model_parallel_size=1 for "
+                                      "now; evaluate a checkpoint with a PP=1 layout (checkpoints "
+                                      "load at any TP/PP)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_sequence_length = max_sequence_length
+        self.pad_id = pad_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _forward(self, tokens_BS, positions_BS, hidden_BQT, context):
+        return self.model(tokens_BS, positions_BS, hidden_BQT[:, None], inference_context=context,
+                          runtime_gather_output=True)[:, -1]
+
+    def stop_condition(self, stop_texts: tuple[str, ...]):
+        """Stop tokens for the stop strings that are one token in this tokenizer (the tags of
+        the built-in world's tokenizer), and the strings that need a look at the decoded tail."""
+        ids, texts = set(), []
+        for text in stop_texts:
+            encoded = self.tokenizer.encode(text)
+            if len(encoded) == 1:
+                ids.add(encoded[0])
+            else:
+                texts.append(text)
+        return frozenset(ids), tuple(texts)
+
+    def _ends_with_stop_text(self, ids: list[int], texts: tuple[str, ...]) -> bool:
+        if not texts:
+            return False
+        tail = self.tokenizer.decode(ids[-max(len(t) for t in texts) - 2:])
+        return any(t in tail for t in texts)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: Sampling,
+                 stop_texts: tuple[str, ...] = ()) -> list[Completion]:
+        """Continue each prompt (token ids) until a stop string is generated (it ends the
+        completion, included), max_new_tokens, or the sequence limit."""
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        stop_ids, stop_tail = self.stop_condition(stop_texts)
+        out = [Completion() for _ in prompts]
+        live = [i for i, p in enumerate(prompts) if len(p) < self.max_sequence_length]
+        for i in set(range(len(prompts))) - set(live):
+            out[i].stop = "context"
+        if not live:
+            return out
+        rows = [prompts[i] for i in live]
+        B, L = len(rows), max(len(p) for p in rows)
+        new = min(sampling.max_new_tokens, self.max_sequence_length - min(len(p) for p in rows))
+        dev = self.device
+        tokens_BL = torch.full((B, L), self.pad_id, dtype=torch.long, device=dev)
+        pad_BT = torch.ones(B, L + new, dtype=torch.bool, device=dev)
+        for b, p in enumerate(rows):
+            tokens_BL[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
+            pad_BT[b, L - len(p):] = False
+        positions_BL = (~pad_BT[:, :L]).long().cumsum(-1).sub(1).clamp(min=0)
+        # Megatron's masks mark what to hide: the future, and padded keys (a padded query may
+        # see itself, so no softmax row is empty).
+        future_LL = torch.ones(L, L, dtype=torch.bool, device=dev).triu(1)
+        hide_BLL = future_LL | pad_BT[:, None, :L]
+        hide_BLL &= ~torch.eye(L, dtype=torch.bool, device=dev)
+        context = StaticInferenceContext(B, L + new)
+        logits_BV = self._forward(tokens_BL, positions_BL, hide_BLL, context)
+        context.sequence_len_offset = L
+        gen = torch.Generator().manual_seed(sampling.seed)
+        done = [False] * B
+        limit = [min(new, self.max_sequence_length - len(p)) for p in rows]
+        positions_B = positions_BL[:, -1]
+        for t in range(new):
+            ids_B, logp_B = _draw(logits_BV, sampling, gen)
+            for b, (tok, lp) in enumerate(zip(ids_B.tolist(), logp_B.tolist())):
+                if done[b]:
+                    continue
+                c = out[live[b]]
+                c.ids.append(tok)
+                c.logprobs.append(lp)
+                if tok in stop_ids or self._ends_with_stop_text(c.ids, stop_tail):
+                    done[b], c.stop = True, "stop"
+                elif len(c.ids) >= limit[b]:
+                    done[b], c.stop = True, ("length" if limit[b] == sampling.max_new_tokens
+                                            else "context")
+            if all(done) or t == new - 1:
+                break
+            positions_B = positions_B + 1
+            hide_B1T = pad_BT[:, None, :L + t + 1]
+            logits_BV = self._forward(ids_B[:, None], positions_B[:, None], hide_B1T, context)
+            context.sequence_len_offset += 1
+        return out

@@ -66,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "(to split a run over several jobs; continue with --resume)")
     train.add_argument("--verbose", action="store_true", help="debug logging on every rank")
 
+    ev = sub.add_parser(
+        "eval", help="evaluate a checkpoint: stage metrics and agent episodes",
+        description="Evaluate a checkpoint with a stage recipe: the stage's validation metrics "
+                    "(loss per segment type; next-observation accuracy for wm_amt), then greedy "
+                    "episodes on the built world's validation tasks (data.world): task success, "
+                    "format validity, rollout fidelity against the real environment, and value "
+                    "calibration (Brier, log score, ECE, AUROC).",
+        epilog="Examples:\n"
+               "  foresight eval recipes/tiny-cpu/fe_sft.yaml --ckpt runs/fe_sft\n"
+               "  foresight eval recipes/tiny-cpu/wm_amt.yaml --ckpt runs/wm_amt --tasks 0",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_args(ev)
+
     config = sub.add_parser(
         "config", help="validate a recipe and print it resolved (a dry run), or list all keys",
         description="Validate a recipe with its overrides, as `train` would before starting any "
@@ -114,6 +127,23 @@ example:
   foresight convert to-hf --ckpt runs/lm-20261125-101500 --out hf/lm"""
 
 
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    _add_recipe_args(p)
+    p.add_argument("--ckpt", help="run directory or checkpoint to evaluate (default: the "
+                                  "recipe's checkpoint.init_from, else its initial weights)")
+    p.add_argument("--tasks", type=int, default=64,
+                   help="validation tasks to play, alternating search and math; 0 reports the "
+                        "stage's validation metrics only (default 64)")
+    p.add_argument("--split", default="validation", choices=["validation", "test", "train"],
+                   help="which of the world's task splits to play (default validation)")
+    p.add_argument("--max-new-tokens", type=int, default=320,
+                   help="token budget of one agent turn (default 320)")
+    p.add_argument("--batch-size", type=int, default=16, help="episodes generated together")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 is greedy (default); the seed is the recipe's")
+    p.add_argument("--out", help="write the metrics as JSON here (episodes beside it)")
+
+
 def add_convert_from_hf_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-dir", required=True, help="Hugging Face model directory")
     p.add_argument("--out", required=True, help="output directory for the checkpoint")
@@ -144,6 +174,24 @@ def _cmd_train(args) -> int:
     cfg = load_recipe(args.recipe, args.overrides)
     train(cfg, run_dir=args.run_dir, resume=args.resume, verbose=args.verbose,
           stop_at_step=args.stop_at_step)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.eval.agent_eval import format_table
+    from megatron_foresight.eval.run import EvalOptions, evaluate_checkpoint
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    ckpt = args.ckpt or cfg.checkpoint.init_from
+    opts = EvalOptions(ckpt=ckpt, tasks=args.tasks, split=args.split,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       temperature=args.temperature)
+    metrics = evaluate_checkpoint(cfg, opts, args.out)
+    if _launch_rank() == 0:
+        print(format_table({ckpt or "initial weights": metrics}, sorted(metrics)))
+        if args.out:
+            print(args.out)
     return 0
 
 
@@ -206,7 +254,8 @@ def _cmd_convert(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _cmd_train, "config": _cmd_config, "convert": _cmd_convert,
+        return {"train": _cmd_train, "eval": _cmd_eval, "config": _cmd_config,
+                "convert": _cmd_convert,
                 "data": run_data}[args.command](args)
     except (ConfigError, UsageError, DataFileError) as e:
         if _launch_rank() == 0:

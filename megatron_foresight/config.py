@@ -243,13 +243,12 @@ class TokenizerConfig:
     directory (tokenizer.json / tokenizer_config.json), read from disk, never downloaded;
     sentencepiece: a .model file (`foresight data build-world` trains one on its world)."""
     path: Optional[str] = None
-    """Tokenizer file or directory, for types that load one."""
+    """Tokenizer file or directory, for types that load one. For sentencepiece, null means the
+    tokenizer of the built-in world in data.world (<world>/tokenizer/spm.model)."""
 
     def __post_init__(self):
         check(self.type != "hf" or bool(self.path), "path",
               "type hf needs the path of a local Hugging Face tokenizer directory")
-        check(self.type != "sentencepiece" or bool(self.path), "path",
-              "type sentencepiece needs the path of a .model file")
 
 
 @dataclass
@@ -264,10 +263,24 @@ class DataConfig:
     """Where tokenized datasets and their indices are cached; null means <runs_root>/cache."""
     num_workers: int = 2
     """Background processes that read and batch samples (0 reads in the training process)."""
+    world: Optional[str] = None
+    """Directory of a built-in world (`foresight data build-world`): its trajectories, tasks and
+    tokenizer are what the agent stages read by default. If it does not exist, it is built
+    there on first use (default sizes, the recipe's seed; about half a minute)."""
 
     def __post_init__(self):
         check(self.seq_length >= 2, "seq_length", f"must be at least 2, got {self.seq_length}")
         check(self.num_workers >= 0, "num_workers", "must be non-negative")
+        check(self.tokenizer.type != "sentencepiece" or bool(self.tokenizer.path or self.world),
+              "tokenizer.path", "type sentencepiece needs the path of a .model file (or set "
+              "data.world to use the built-in world's tokenizer)")
+
+    def tokenizer_config(self) -> TokenizerConfig:
+        """The tokenizer section with the world's tokenizer filled in where it is meant."""
+        if self.tokenizer.type == "sentencepiece" and not self.tokenizer.path:
+            return TokenizerConfig("sentencepiece", str(Path(self.world) / "tokenizer" /
+                                                        "spm.model"))
+        return self.tokenizer
 
 
 @dataclass

@@ -285,7 +285,16 @@ def to_dict(obj: Any) -> Any:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings: the string literal written under each field in the class body."""
+    """Attribute docstrings: the string literal written under each field in the class body
+    (or in a base class's body, for inherited fields; a subclass's own docstring wins)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):

@@ -120,7 +120,7 @@ def convert_to_hf(ckpt_path: str | Path, out: str | Path, *, dtype: str | None =
     _check_keys(reader, m, found)
     vocab = reader.shape(layout.EMBEDDING)[0]
     target = DTYPES[dtype] if dtype else reader.dtype(layout.EMBEDDING)
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    tokenizer = build_tokenizer(cfg.data.tokenizer_config())
     ids = dict(bos=tokenizer.bos, eos=tokenizer.eod, pad=tokenizer.pad)
     config = hf_config_from_model(m, vocab, dtype=_dtype_name(target), **ids)  # refuses early
 

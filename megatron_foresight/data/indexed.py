@@ -69,21 +69,26 @@ def file_fingerprint(path: str | Path) -> dict:
 
 def build_gpt_datasets(prefixes: list[str], weights: list[float] | None, *, seq_length: int,
                        seed: int, split: str, num_samples: tuple[int, int], tokenizer,
-                       cache_dir: str | Path, dataset_cls=None):
+                       cache_dir: str | Path, dataset_cls=None,
+                       valid_prefixes: list[str] | None = None):
     """Train and validation datasets over the blend of `prefixes`, with `num_samples`
     (train, validation) sequences each, built by Megatron's `BlendedMegatronDatasetBuilder`:
-    `GPTDataset`s, or `dataset_cls` (e.g. `segmented.SegmentedGPTDataset`)."""
+    `GPTDataset`s, or `dataset_cls` (e.g. `segmented.SegmentedGPTDataset`). Validation samples
+    come from `split` of the same documents, or, when `valid_prefixes` is given, from those
+    datasets (held-out files, equally weighted) and the training blend uses all its documents."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     blend = (prefixes, weights) if len(prefixes) > 1 else (prefixes, None)
+    layout = dict(blend=blend, split=split)
+    if valid_prefixes:
+        layout = dict(blend_per_split=[blend, (valid_prefixes, None), None])
     config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend=blend, split=split,
-        tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
-        eod_mask_loss=False, create_attention_mask=False, path_to_cache=str(cache_dir),
-        mmap_bin_files=True,
+        random_seed=seed, sequence_length=seq_length, tokenizer=tokenizer,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False, path_to_cache=str(cache_dir), mmap_bin_files=True, **layout,
     )
     train, valid, _ = BlendedMegatronDatasetBuilder(
         dataset_cls or GPTDataset, [num_samples[0], num_samples[1], 0], lambda: True,

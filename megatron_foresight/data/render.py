@@ -10,6 +10,7 @@ from typing import Callable
 
 from megatron_foresight.data.trajectory import Trajectory
 from megatron_foresight.errors import UsageError
+from megatron_foresight.foresight.format import segment_turn
 
 
 class Seg(IntEnum):
@@ -45,17 +46,37 @@ def register_renderer(name: str) -> Callable[[Renderer], Renderer]:
 
 
 def get_renderer(name: str) -> Renderer:
+    """The renderer called `name`; a stage's renderer is registered when its plugin package
+    (`plugins/<name>/`) is imported, which happens here on first use."""
+    if name not in RENDERERS:
+        _import_stage(name)
     if name not in RENDERERS:
         known = ", ".join(sorted([*RENDERERS, TEXT_RENDERER]))
         raise UsageError(f"unknown renderer {name!r}; known renderers: {known}")
     return RENDERERS[name]
 
 
+def _import_stage(name: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("plugins") and importlib.util.find_spec(f"plugins.{name}"):
+        importlib.import_module(f"plugins.{name}")
+
+
+def agent_segments(text: str) -> list[Segment]:
+    """An agent turn by kind: think, plan, rollout and value blocks, the rest as action."""
+    return [(piece, Seg[kind.upper()]) for piece, kind in segment_turn(text)]
+
+
 @register_renderer("transcript")
 def transcript(trajectory: Trajectory) -> list[Segment]:
-    """The episode as the agent saw it: the prompt, then its turns and the environment's."""
+    """The episode as the agent saw it: the prompt, then its turns (cut into think / plan /
+    rollout / value / action pieces) and the environment's, each turn ending in a newline."""
     segments = [(trajectory.prompt + "\n", Seg.PROMPT)]
     for turn in trajectory.turns:
-        segments.append((turn.text + "\n", Seg.ACTION if turn.role == "agent" else
-                         Seg.OBSERVATION))
+        if turn.role == "agent":
+            segments += agent_segments(turn.text)
+            segments.append(("\n", Seg.ACTION))
+        else:
+            segments.append((turn.text + "\n", Seg.OBSERVATION))
     return segments

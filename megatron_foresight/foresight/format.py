@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from megatron_foresight.foresight.action import Action, FormatError, parse_action
 from megatron_foresight.foresight.tags import (
-    ACTION_TAGS, FORESIGHT, PLAN, ROLLOUT, TAGS, THINK, VALUE, closing, opening,
+    ACTION_TAGS, FORESIGHT, OBSERVATION_TAGS, PLAN, ROLLOUT, TAGS, THINK, VALUE, closing,
+    opening,
 )
 
 VALUE_DECIMALS = 2
@@ -64,6 +65,47 @@ def render_turn(turn: AgentTurn) -> str:
         parts.append(render_foresight(turn.foresight))
     parts.append(f"{opening(turn.action.kind)}{turn.action.argument}{closing(turn.action.kind)}")
     return "\n".join(parts)
+
+
+_OBSERVATION = re.compile("|".join(
+    f"{re.escape(opening(t))}(.*?){re.escape(closing(t))}" for t in OBSERVATION_TAGS), re.DOTALL)
+
+
+def observation_content(observation: str) -> str:
+    """What a rollout predicts of an environment turn: its content without the <information> /
+    <result> wrapper (the whole text, stripped, when there is none)."""
+    m = _OBSERVATION.search(observation)
+    content = next(g for g in m.groups() if g is not None) if m else observation
+    return content.strip()
+
+
+def final_observation(success: bool | None) -> str:
+    """The rollout target of a turn the environment answers by ending the episode: whether the
+    answer was accepted (None: the turn budget ran out)."""
+    if success is None:
+        return "The episode ends without an answer."
+    return "The answer is correct." if success else "The answer is wrong."
+
+
+_SEGMENT_BLOCK = re.compile("|".join(
+    f"{re.escape(opening(t))}.*?{re.escape(closing(t))}" for t in (THINK, PLAN, ROLLOUT, VALUE)),
+    re.DOTALL)
+
+
+def segment_turn(text: str) -> list[tuple[str, str]]:
+    """An agent turn cut into consecutive pieces, each named for what it is: `think`, `plan`,
+    `rollout`, `value` (a block with its tags), or `action` (the rest: the action, the
+    <foresight> wrapper, whitespace, malformed text). The pieces join back to `text`; training
+    weights each kind's tokens separately."""
+    pieces, pos = [], 0
+    for m in _SEGMENT_BLOCK.finditer(text):
+        if m.start() > pos:
+            pieces.append((text[pos:m.start()], "action"))
+        pieces.append((m.group(0), m.group(0)[1:m.group(0).index(">")]))
+        pos = m.end()
+    if pos < len(text):
+        pieces.append((text[pos:], "action"))
+    return pieces
 
 
 class _Fail(Exception):

@@ -37,6 +37,7 @@ from megatron_foresight.training import checkpoint as ckpt
 from megatron_foresight.training.data import StepSampler, loader
 from megatron_foresight.training.optimizer import build_optimizer, build_scheduler
 from megatron_foresight.training.plugin import BuildContext, load_plugin
+from megatron_foresight.world.build import ensure_world
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,9 @@ def build_run(cfg: RecipeConfig, ctx: ParallelContext, run_dir: Path) -> Run:
     )
 
     plugin = load_plugin(cfg.stage)
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    if cfg.data.world:
+        ensure_world(cfg.data.world, cfg.seed)
+    tokenizer = build_tokenizer(cfg.data.tokenizer_config())
     s = cfg.schedule
     data = plugin.build_data(BuildContext(
         cfg=cfg, stage_cfg=cfg.stage_config, tokenizer=tokenizer,
@@ -174,10 +177,22 @@ def restore(run: Run, resume: bool) -> None:
 # steps
 
 
-def _forward_step(plugin, data_iterator, model):
+def _forward_step(plugin, with_predictions, data_iterator, model):
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(plugin.loss, batch)
+    if not with_predictions:
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(plugin.loss, batch)
+    # Evaluation of a plugin that scores predictions: the full logits (gathered over TP) give
+    # both the loss and the argmax; the output of a non-last pipeline stage passes through.
+    output = model(batch["tokens"], batch["position_ids"], None, runtime_gather_output=True)
+    return output, partial(_loss_with_predictions, plugin, batch)
+
+
+def _loss_with_predictions(plugin, batch, logits_BSV):
+    per_token_BS = torch.nn.functional.cross_entropy(
+        logits_BSV.float().flatten(0, 1), batch["labels"].flatten(), reduction="none"
+    ).view_as(batch["labels"])
+    return plugin.loss({**batch, "predicted": logits_BSV.argmax(-1)}, per_token_BS)
 
 
 def _iterators(run: Run, dataset, start_step: int, num_steps: int | None):
@@ -193,8 +208,10 @@ def _iterators(run: Run, dataset, start_step: int, num_steps: int | None):
 def _run_schedule(run: Run, iterators, forward_only: bool) -> list[dict]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    with_predictions = forward_only and getattr(run.plugin, "eval_predictions", False)
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, run.plugin), data_iterator=iterators,
+        forward_step_func=partial(_forward_step, run.plugin, with_predictions),
+        data_iterator=iterators,
         model=run.ddp if len(run.ddp) > 1 else run.ddp[0],
         num_microbatches=run.num_microbatches, seq_length=run.cfg.data.seq_length,
         micro_batch_size=run.cfg.schedule.micro_batch_size, forward_only=forward_only)
@@ -207,7 +224,8 @@ def _reduce_metrics(run: Run, outputs: list[dict]) -> dict[str, float]:
     names = sorted(outputs[0])
     totals = torch.stack([sum(o[n].float() for o in outputs) for n in names])
     dist.all_reduce(totals, group=run.ctx.dp_group)
-    return {n: (t[0] / t[1].clamp(min=1)).item() for n, t in zip(names, totals)}
+    # A metric with nothing to count (a segment type absent from the data) is left out.
+    return {n: (t[0] / t[1]).item() for n, t in zip(names, totals) if t[1] > 0}
 
 
 def train_step(run: Run, iterators) -> dict[str, float]:

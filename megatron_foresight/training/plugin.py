@@ -9,7 +9,9 @@ A stage is a package under `plugins/` exposing `PLUGIN`, an object with:
 * `loss(batch, per_token_loss) -> (loss_sum, num_tokens, metrics)`: the loss of one microbatch
   as a sum over tokens and the count it should be averaged by (the framework divides once per
   step by the global count), and named metrics as `tensor([sum, count])` pairs that the
-  framework sums over microbatches and data-parallel ranks before logging `sum / count`.
+  framework sums over microbatches and data-parallel ranks before logging `sum / count`;
+* optionally `eval_predictions = True`: during evaluation the batch then also holds
+  `predicted`, the model's argmax next token at every position (for token accuracy).
 
 The loop, parallelism, checkpoints and logging belong to the framework; plugins depend on it,
 never the reverse (plugins are found by name, not imported by the core).

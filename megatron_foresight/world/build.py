@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
+import shutil
 from dataclasses import asdict
 from functools import partial
 from multiprocessing import get_context
@@ -29,12 +31,16 @@ from megatron_foresight.data.trajectory import (
     SCHEMA, MCEstimate, Outcome, Trajectory, Turn, read_trajectories,
 )
 from megatron_foresight.envs.math import MathEnv
+from megatron_foresight.errors import UsageError
 from megatron_foresight.envs.retriever import BM25Retriever
 from megatron_foresight.envs.search import SearchEnv
 from megatron_foresight.world import kb as kb_mod
 from megatron_foresight.world.agents import MathExpert, SearchExpert, mc_success, play
 from megatron_foresight.world.sizes import WorldSizes
+from megatron_foresight.runtime.dist import barrier, is_rank0
 from megatron_foresight.world.tasks import math_problems, search_questions, split
+
+log = logging.getLogger(__name__)
 
 TASK_TYPES = ("search", "math")
 
@@ -206,3 +212,24 @@ def _tokenizer_text(world: World, out: Path) -> Iterator[str]:
             yield task.question
     for t in read_trajectories(out / "trajectories" / "train.jsonl"):
         yield "\n".join([t.prompt, *(turn.text for turn in t.turns)])
+
+
+def ensure_world(out: str | Path, seed: int) -> Path:
+    """The world in `out`, built there (default sizes, `seed`) if it is not: rank 0 builds into
+    a temporary directory and renames it, so a crash never leaves half a world; the other ranks
+    wait. A directory without `manifest.json` is refused rather than overwritten."""
+    out = Path(out)
+    if is_rank0() and not (out / "manifest.json").is_file():
+        if out.exists() and any(out.iterdir()):
+            raise UsageError(f"data.world={out} exists but holds no world (no manifest.json); "
+                             "point data.world elsewhere or build one there with `foresight "
+                             "data build-world --out DIR`")
+        log.info("building the built-in world in %s (seed %d)", out, seed)
+        tmp = out.with_name(out.name + ".building")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_world(tmp, seed, workers=min(2, os.cpu_count() or 1))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    barrier()
+    return out

@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
         cfg = recipe_from_tree(ckpt.read_common(path)["config"], rest)
     ctx = start_processes(cfg)
     assert ctx.pp_size == 1, "this helper gathers logits from one pipeline stage"
-    vocab = cfg.padded_vocab_size(build_tokenizer(cfg.data.tokenizer).vocab_size)
+    vocab = cfg.padded_vocab_size(build_tokenizer(cfg.data.tokenizer_config()).vocab_size)
     (model,) = build_model(cfg, vocab, ctx.pg_collection)
     if path is not None:
         ckpt.load_checkpoint(path, chunks=[model], ctx=ctx)

@@ -1,0 +1,99 @@
+"""The multi-turn agent loop on the Megatron model: generate a turn until a closing action tag,
+hand its text to the environment, append the observation, continue until the episode ends.
+
+Token in, token out: the ids the model sampled stay in the context as they are (the text is
+decoded only to hand it to the environment); each observation is encoded once and its ids are
+appended. The context is laid out as training renders a transcript (`data.render.transcript`):
+prompt, newline, then each turn followed by a newline.
+
+Every episode in a batch advances one turn per round; each round re-reads the episode's context
+(prefill) and decodes the new turn with the KV cache. The RL rollout builds on this loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from tqdm import tqdm
+
+from megatron_foresight.data.tasks import Task
+from megatron_foresight.envs.base import Episode
+from megatron_foresight.foresight.tags import ACTION_TAGS, closing
+from megatron_foresight.inference.generate import Generator, Sampling
+
+STOP_TEXTS = tuple(closing(t) for t in ACTION_TAGS)
+
+
+@dataclass
+class AgentTurnRecord:
+    text: str
+    """What the agent wrote (decoded from `ids`)."""
+    ids: list[int]
+    logprobs: list[float]
+    observation: str | None
+    """The environment's reply; None when the turn ended the episode."""
+    stop: str
+    """Why generation ended: stop (an action tag), length, or context."""
+
+
+@dataclass
+class EpisodeRecord:
+    task: Task
+    prompt: str
+    turns: list[AgentTurnRecord] = field(default_factory=list)
+    success: bool = False
+    reward: float = 0.0
+    ended: str = ""
+    """How it ended: answer, max_turns, context (the sequence limit), or no_action."""
+    ids: list[int] = field(default_factory=list)
+    """The whole episode as the model read and wrote it."""
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text))
+
+
+def run_episodes(generator: Generator, tasks: Sequence[Task], make_env: Callable[[Task], Episode],
+                 sampling: Sampling, batch_size: int = 16, progress: bool = True
+                 ) -> list[EpisodeRecord]:
+    """Play every task once; returns one record per task, in order."""
+    tok = generator.tokenizer
+    newline = _encode(tok, "\n")
+    records, envs = [], []
+    for task in tasks:
+        env = make_env(task)
+        prompt = env.reset(task)
+        records.append(EpisodeRecord(task, prompt, ids=_encode(tok, prompt) + newline))
+        envs.append(env)
+    active = list(range(len(tasks)))
+    bar = tqdm(total=len(tasks), desc="episodes", unit=" ep", disable=None if progress else True)
+    while active:
+        for start in range(0, len(active), batch_size):
+            chunk = active[start:start + batch_size]
+            outs = generator.generate([records[i].ids for i in chunk], sampling, STOP_TEXTS)
+            for i, out in zip(chunk, outs):
+                if _advance(records[i], envs[i], out, tok, newline):
+                    bar.update(1)
+        active = [i for i in active if not records[i].ended]
+    bar.close()
+    return records
+
+
+def _advance(record: EpisodeRecord, env: Episode, out, tok, newline: list[int]) -> bool:
+    """Give one generated turn to the environment; True when the episode ended."""
+    text = tok.decode(out.ids)
+    record.ids += out.ids + newline
+    if out.stop == "context":
+        record.turns.append(AgentTurnRecord(text, out.ids, out.logprobs, None, out.stop))
+        record.ended = "context"
+        return True
+    step = env.step(text)
+    record.turns.append(AgentTurnRecord(text, out.ids, out.logprobs, step.observation, out.stop))
+    if step.done:
+        record.success = bool(step.info.get("success", False))
+        record.reward = step.reward
+        record.ended = "answer" if "answer" in step.info else step.info.get("reason", "done")
+        return True
+    record.ids += _encode(tok, step.observation) + newline
+    return False

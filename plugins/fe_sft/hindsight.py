@@ -1,0 +1,80 @@
+"""Foresight-format traces from trajectories, by hindsight (FE-SFT's data).
+
+Every agent turn of a trajectory gets the foresight block it should have written:
+* `<plan>`: the action it took, and what the rest of the trajectory did after it
+  ("Search for "X", then 1 more search, then answer.");
+* `<rollout>`: the observation the environment really returned next (its content, without the
+  <information> / <result> wrapper), or, for the turn that ended the episode, whether the answer
+  was accepted (`format.final_observation`);
+* `<value>`: the Monte-Carlo success estimate of the state before the turn (`mc`), rounded to
+  the format's precision; a turn without an estimate takes the trajectory's outcome (0 or 1)
+  and is counted in the summary.
+The think block and the action are kept as they were. Turns that do not parse strictly (a noisy
+agent's malformed action) are kept unchanged, and counted."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from typing import Iterable, Iterator
+
+from megatron_foresight.data.trajectory import Trajectory, Turn
+from megatron_foresight.foresight.action import Action
+from megatron_foresight.foresight.format import (
+    VALUE_DECIMALS, AgentTurn, Foresight, final_observation, observation_content, parse_turn,
+    render_turn,
+)
+from megatron_foresight.foresight.tags import ANSWER, CALC, SEARCH
+
+_FIRST = {SEARCH: 'Search for "{}"', CALC: "Compute {}", ANSWER: "Answer {}"}
+_MORE = {SEARCH: ("search", "searches"), CALC: ("calculation", "calculations")}
+
+
+def plan_text(actions: list[Action], i: int) -> str:
+    """The plan of the i-th action: the action itself, then the kinds of what followed."""
+    parts = [_FIRST[actions[i].kind].format(actions[i].argument)]
+    later = Counter(a.kind for a in actions[i + 1:])
+    for kind in (SEARCH, CALC):
+        if later[kind]:
+            parts.append(f"then {later[kind]} more {_MORE[kind][later[kind] > 1]}")
+    if later[ANSWER]:
+        parts.append("then answer")
+    return ", ".join(parts) + "."
+
+
+def _rollout(trajectory: Trajectory, turn_index: int, action: Action) -> str:
+    turns = trajectory.turns
+    if turn_index + 1 < len(turns) and turns[turn_index + 1].role == "env":
+        return observation_content(turns[turn_index + 1].text)
+    return final_observation(trajectory.outcome.success if action.kind == ANSWER else None)
+
+
+def foresight_trace(trajectory: Trajectory, tally: Counter | None = None) -> Trajectory:
+    """`trajectory` with a hindsight foresight block in every agent turn that parses."""
+    tally = Counter() if tally is None else tally
+    values = {m.turn: m.value for m in trajectory.mc}
+    agent_at = [i for i, t in enumerate(trajectory.turns) if t.role == "agent"]
+    parsed = [parse_turn(trajectory.turns[i].text, require_foresight=False) for i in agent_at]
+    actions = [p.action for p in parsed if isinstance(p, AgentTurn)]
+    turns = list(trajectory.turns)
+    j = -1  # this turn's place among the parsed actions
+    for k, (i, turn) in enumerate(zip(agent_at, parsed)):
+        j += isinstance(turn, AgentTurn)
+        if not isinstance(turn, AgentTurn) or turn.foresight is not None:
+            tally["turns kept unchanged"] += 1
+            continue
+        if k not in values:
+            tally["values from the outcome (no MC estimate)"] += 1
+        value = round(values.get(k, float(trajectory.outcome.success)), VALUE_DECIMALS)
+        foresight = Foresight(plan_text(actions, j),
+                              _rollout(trajectory, i, turn.action), value)
+        turns[i] = Turn("agent", render_turn(replace(turn, foresight=foresight)))
+        tally["turns with foresight"] += 1
+    tally["trajectories"] += 1
+    return replace(trajectory, turns=tuple(turns),
+                   meta={**(trajectory.meta or {}), "format": "foresight"})
+
+
+def foresight_traces(trajectories: Iterable[Trajectory], tally: Counter) -> Iterator[Trajectory]:
+    for t in trajectories:
+        yield foresight_trace(t, tally)

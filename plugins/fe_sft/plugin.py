@@ -1,0 +1,71 @@
+"""FE-SFT, format-eliciting SFT: the model learns to write a foresight block before each action.
+
+Data: the world's trajectories re-rendered by hindsight (`hindsight.py`: the rollout target is
+the observation that really came next, the value target the Monte-Carlo success estimate of the
+state), blended with the same trajectories without foresight (format-free traces) by weight.
+Loss: agent turns only (think, plan, rollout, value, action); the prompt and the environment's
+observations are context, masked by their segment type."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from megatron_foresight.data.sources import WORLD_PREFIX, world_file
+from megatron_foresight.data.trajectory import read_trajectories, write_jsonl
+from megatron_foresight.runtime.dist import barrier, is_rank0
+from megatron_foresight.training.blend import BlendConfig, BlendStage
+from megatron_foresight.training.plugin import BuildContext
+from plugins.fe_sft.hindsight import foresight_traces
+
+FORESIGHT_PREFIX = "foresight:"
+
+
+@dataclass
+class Config(BlendConfig):
+    """Format-eliciting SFT: agent turns with hindsight foresight blocks, loss on agent turns."""
+
+    sources: list[str] = field(default_factory=lambda: ["foresight:world:train", "world:train"])
+    """Datasets to blend: foresight:X is X (world:SPLIT or a trajectory file) turned into
+    foresight traces by hindsight (`tools/build_foresight_sft.py` writes the same); X alone is
+    format-free traces; also trajectory files already in the foresight format."""
+    weights: Optional[list[float]] = field(default_factory=lambda: [0.85, 0.15])
+    """Blend weights, one per source (foresight traces vs format-free traces)."""
+    valid_sources: Optional[list[str]] = field(
+        default_factory=lambda: ["foresight:world:validation"])
+    """Held-out traces for the validation loss of each segment type."""
+    segment_weights: Optional[dict[str, float]] = field(default_factory=lambda: {
+        "think": 1.0, "plan": 1.0, "rollout": 1.0, "value": 1.0, "action": 1.0})
+    """Loss weight per segment type: the agent's turns; prompt and observation weigh 0."""
+
+
+def cached_foresight_traces(source: Path, cache_dir: Path) -> Path:
+    """`source` trajectories as foresight traces in the cache, written once per content."""
+    stat = source.stat()
+    key = json.dumps({"hindsight": 1, "path": str(source.resolve()), "size": stat.st_size,
+                      "mtime_ns": stat.st_mtime_ns}, sort_keys=True)
+    out = cache_dir / f"foresight-{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
+    if is_rank0() and not out.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        write_jsonl(foresight_traces(read_trajectories(source), Counter()), out)
+    barrier()
+    return out
+
+
+class FormatElicitingStage(BlendStage):
+    Config = Config
+
+    def resolve(self, source: str, ctx: BuildContext) -> str:
+        if not source.startswith(FORESIGHT_PREFIX):
+            return source
+        inner = source[len(FORESIGHT_PREFIX):]
+        path = (world_file(ctx.cfg.data.world, inner[len(WORLD_PREFIX):])
+                if inner.startswith(WORLD_PREFIX) else Path(inner))
+        return str(cached_foresight_traces(path, Path(ctx.cache_dir)))
+
+
+PLUGIN = FormatElicitingStage()

@@ -1,0 +1,1 @@
+"""Evaluation: agent episodes scored for success, format, rollout fidelity and calibration."""

@@ -141,3 +141,61 @@ def test_plan_names_the_action_and_counts_what_follows():
 
 def test_wm_amt_renderer_is_found_by_its_stage_name():
     assert get_renderer("wm_amt").__module__ == "plugins.wm_amt.plugin"
+
+
+def test_agent_loop_keeps_sampled_ids_and_appends_each_observation_once(world, megatron_cpu):
+    """Token in, token out, on the real Megatron model (random weights) and environments."""
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.eval.agent_eval import WorldEnvs
+    from megatron_foresight.inference.agent import run_episodes
+    from megatron_foresight.inference.generate import Generator, Sampling
+    from megatron_foresight.models.provider import build_model
+    from helpers.run import REPO
+
+    tok = SentencePieceTokenizer(str(world / "tokenizer" / "spm.model"))
+    (model,) = build_model(load_recipe(REPO / "recipes" / "tiny-cpu" / "lm.yaml"), 1024)
+    envs = WorldEnvs(world)
+    tasks = envs.tasks("validation", 2)
+    records = run_episodes(Generator(model.eval(), tok, max_sequence_length=512), tasks,
+                           envs.make_env, Sampling(temperature=1.0, max_new_tokens=6, seed=1),
+                           progress=False)
+    nl = tok.encode("\n")
+    for task, r in zip(tasks, records):
+        assert r.task is task and r.ended in ("max_turns", "answer", "context")
+        expected = tok.encode(r.prompt) + nl
+        for turn in r.turns:
+            assert turn.text == tok.decode(turn.ids) and len(turn.logprobs) == len(turn.ids)
+            expected += turn.ids + nl
+            if turn.observation is not None:
+                expected += tok.encode(turn.observation) + nl
+        assert r.ids == expected
+
+
+def test_episode_scores_against_hand_computed_values():
+    from megatron_foresight.data.tasks import Task
+    from megatron_foresight.eval.agent_eval import score_episodes
+    from megatron_foresight.inference.agent import AgentTurnRecord, EpisodeRecord
+
+    good = ("<foresight>\n<plan>p</plan>\n<rollout>Doc 1 (Title: Olgar) x</rollout>\n"
+            "<value>0.80</value>\n</foresight>\n<search>Olgar</search>")
+    answer = ("<foresight>\n<plan>p</plan>\n<rollout>The answer is correct.</rollout>\n"
+              "<value>0.60</value>\n</foresight>\n<answer>1234</answer>")
+    task = Task("s1", "search", "When?", ("1234",), {"hops": [{"entity": "Olgar"}]})
+    won = EpisodeRecord(task, "p", [
+        AgentTurnRecord(good, [], [], "<information>Doc 1 (Title: Olgar) x</information>", "stop"),
+        AgentTurnRecord(answer, [], [], None, "stop")], success=True, ended="answer")
+    lost = EpisodeRecord(task, "p", [
+        AgentTurnRecord("<search>Olgar</search>", [], [], "<information>y</information>", "stop"),
+        AgentTurnRecord(answer.replace("0.60", "0.40"), [], [], None, "stop")],
+        success=False, ended="answer")
+    s = score_episodes([won, lost])
+    assert s["task_success"] == 0.5
+    assert s["format_validity"] == 0.75  # the bare <search> turn has no foresight block
+    assert s["turns_with_foresight"] == 0.75
+    # fidelity: 1 (exact passage), 1 ("correct" predicted, correct), and "answer is correct"
+    # against "answer is wrong" (QA normalization drops "the" and the stop): F1 = 2/3
+    assert s["rollout_fidelity"] == pytest.approx((1 + 1 + 2 / 3) / 3)
+    assert s["rollout_names_gold"] == 1.0
+    # values 0.8, 0.6 (success) and 0.4 (failure)
+    assert s["value_brier"] == pytest.approx((0.2 ** 2 + 0.4 ** 2 + 0.4 ** 2) / 3)
+    assert s["value_auroc"] == 1.0

@@ -91,8 +91,11 @@ class Generator:
         return next(self.model.parameters()).device
 
     def _forward(self, tokens_BS, positions_BS, hidden_BQT, context):
-        return self.model(tokens_BS, positions_BS, hidden_BQT[:, None], inference_context=context,
-                          runtime_gather_output=True)[:, -1]
+        logits_BV = self.model(tokens_BS, positions_BS, hidden_BQT[:, None],
+                               inference_context=context, runtime_gather_output=True)[:, -1]
+        # The embedding is padded past the tokenizer's vocabulary; those ids mean nothing.
+        logits_BV[:, self.tokenizer.vocab_size:] = float("-inf")
+        return logits_BV
 
     def stop_condition(self, stop_texts: tuple[str, ...]):
         """Stop tokens for the stop strings that are one token in this tokenizer (the tags of

@@ -21,13 +21,15 @@ def _model(seed=7):
 
 
 def _greedy_without_cache(model, prompt, n):
+    """Greedy over the tokenizer's ids (the padded rows of the embedding never win)."""
+    vocab = ByteTokenizer().vocab_size
     ids = list(prompt)
     for _ in range(n):
         x = torch.tensor([ids])
         pos = torch.arange(len(ids))[None]
         with torch.no_grad():
             logits = model(x, pos, None)
-        ids.append(int(logits[0, -1].argmax()))
+        ids.append(int(logits[0, -1, :vocab].argmax()))
     return ids[len(prompt):]
 
 

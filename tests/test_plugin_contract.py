@@ -7,6 +7,7 @@ import torch
 
 from megatron_foresight.config import load_recipe
 from megatron_foresight.data.tokenizer import ByteTokenizer
+from megatron_foresight.training.data import collate
 from megatron_foresight.training.plugin import BuildContext, available_stages, load_plugin
 from helpers.run import REPO
 
@@ -17,7 +18,7 @@ def test_plugin_contract(stage, megatron_cpu, tmp_path):
     assert dataclasses.is_dataclass(plugin.Config)
     plugin.Config()  # defaults are valid
     recipe = next(p for p in sorted((REPO / "recipes" / "tiny-cpu").glob("*.yaml"))
-                  if load_recipe(p, stage_sections={}).stage == stage)
+                  if load_recipe(p).stage == stage)
     cfg = load_recipe(recipe, ["data.seq_length=64", f"{stage}.builtin_docs=300"]
                       if stage == "lm" else ["data.seq_length=64"])
     data = plugin.build_data(BuildContext(cfg=cfg, stage_cfg=cfg.stage_config,
@@ -28,13 +29,21 @@ def test_plugin_contract(stage, megatron_cpu, tmp_path):
     for sample in samples:
         for key in ("tokens", "labels", "position_ids", "loss_mask"):
             assert sample[key].shape == (64,), key
-    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    batch = collate(samples)  # the loop's own batching
     per_token = torch.rand(4, 64)
     loss_sum, num_tokens, metrics = plugin.loss(batch, per_token)
     assert loss_sum.shape == () and num_tokens.dtype == torch.int
     assert 0 < num_tokens <= 4 * 64
     for name, pair in metrics.items():
         assert pair.shape == (2,), name
-    # The loss is the masked sum of the per-token losses.
+    # The loss is a weighted sum of the per-token losses: linear, and blind to masked tokens.
     mask = batch["loss_mask"].float()
-    assert torch.isclose(loss_sum, (per_token * mask).sum())
+    other = torch.rand(4, 64)
+    both, _, _ = plugin.loss(batch, per_token + other)
+    assert torch.isclose(both, loss_sum + plugin.loss(batch, other)[0])
+    assert plugin.loss(batch, per_token * (mask == 0))[0] == 0
+    if getattr(plugin, "weight_table", None) is None:  # no per-segment weights: the masked sum
+        assert torch.isclose(loss_sum, (per_token * mask).sum())
+    else:  # per-segment weights: each token weighs its segment's weight
+        weights = plugin.weight_table[batch["segments"].long()] * mask
+        assert torch.isclose(loss_sum, (per_token * weights).sum())

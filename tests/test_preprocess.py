@@ -48,7 +48,7 @@ def test_tokens_and_segments_match_the_rendered_trajectories(trajectories, tmp_p
         assert tokens[i].tolist() == expected_ids + [tok.eod]
         assert segments[i].tolist() == expected_types + [expected_types[-1]]
     assert meta["tokens"] == sum(meta["tokens_by_segment"].values())
-    assert set(meta["tokens_by_segment"]) == {"prompt", "action", "observation"}
+    assert set(meta["tokens_by_segment"]) == {"prompt", "think", "action", "observation"}
     assert json.loads((tmp_path / "t.json").read_text()) == meta
 
 

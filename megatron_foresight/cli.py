@@ -251,8 +251,21 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """Recipe overrides may follow the options too (`train R --resume a.b=1`), which a
+    `nargs="*"` positional alone does not allow once an option has interrupted it."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides or []) + extra
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return {"train": _cmd_train, "eval": _cmd_eval, "config": _cmd_config,
                 "convert": _cmd_convert,

@@ -23,6 +23,19 @@ def test_config_dry_run_prints_the_resolved_recipe():
     assert "valid for 2 process(es)" in proc.stderr
 
 
+def test_overrides_may_follow_options_and_stray_words_are_refused():
+    proc = foresight(["config", "recipes/tiny-cpu/lm.yaml", "--world-size", "2",
+                      "schedule.train_steps=90", "seed=5"])
+    assert "train_steps: 90" in proc.stdout and "seed: 5" in proc.stdout
+    from megatron_foresight.cli import parse_args
+
+    args = parse_args(["train", "r.yaml", "a.b=1", "--resume", "c.d=2"])
+    assert args.overrides == ["a.b=1", "c.d=2"] and args.resume
+    for stray in (["train", "r.yaml", "--resume", "oops"], ["train", "r.yaml", "--nope"]):
+        with pytest.raises(SystemExit):
+            parse_args(stray)
+
+
 def test_config_keys_documents_every_key():
     out = foresight(["config", "--keys"]).stdout
     assert "model.num_query_groups (an integer or null; default None)" in out

@@ -15,7 +15,7 @@ from megatron_foresight.data.tokenizer import SentencePieceTokenizer
 from megatron_foresight.data.trajectory import (
     MCEstimate, Outcome, Trajectory, Turn, read_trajectories, write_jsonl,
 )
-from megatron_foresight.foresight.format import AgentTurn, parse_turn
+from megatron_foresight.foresight.format import FORESIGHT_INSTRUCTION, AgentTurn, parse_turn
 from megatron_foresight.world.build import build_world
 from megatron_foresight.world.sizes import WorldSizes
 from plugins.fe_sft import Config as FESFTConfig
@@ -74,7 +74,9 @@ def test_wm_amt_action_weight_adds_exactly_the_agent_turns(tmp_path, world):
 
 @pytest.mark.parametrize("task_type", ["search", "math"])
 def test_fe_sft_loss_is_on_agent_turns_exactly(tmp_path, world, task_type):
-    trace = foresight_trace(_first(world, task_type))
+    original = _first(world, task_type)
+    trace = foresight_trace(original)
+    assert trace.prompt == FORESIGHT_INSTRUCTION + "\n" + original.prompt  # asks for foresight
     carried, whole = _tokens_with_loss(tmp_path, world, trace, "transcript",
                                        FESFTConfig().segment_weights)
     agent = [turn.text for turn in trace.turns if turn.role == "agent"]
@@ -162,6 +164,7 @@ def test_agent_loop_keeps_sampled_ids_and_appends_each_observation_once(world, m
     nl = tok.encode("\n")
     for task, r in zip(tasks, records):
         assert r.task is task and r.ended in ("max_turns", "answer", "context")
+        assert r.prompt.startswith(FORESIGHT_INSTRUCTION + "\n")  # as FE-SFT's traces
         expected = tok.encode(r.prompt) + nl
         for turn in r.turns:
             assert turn.text == tok.decode(turn.ids) and len(turn.logprobs) == len(turn.ids)

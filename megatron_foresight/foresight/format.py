@@ -67,6 +67,21 @@ def render_turn(turn: AgentTurn) -> str:
     return "\n".join(parts)
 
 
+FORESIGHT_INSTRUCTION = (
+    f"Before each action, write {opening(FORESIGHT)} with your {opening(PLAN)}, the "
+    f"{opening(ROLLOUT)} you expect the environment to return and the {opening(VALUE)}: the "
+    f"chance from 0.00 to 1.00 that the task ends in success.")
+
+
+def foresight_prompt(prompt: str) -> str:
+    """A task prompt that asks for foresight: FE-SFT trains on it and the agent loop plays
+    with it, so the foresight format is asked for, not guessed from the task (format-free
+    traces in the same blend keep the bare prompt)."""
+    if prompt.startswith(FORESIGHT_INSTRUCTION):
+        return prompt
+    return f"{FORESIGHT_INSTRUCTION}\n{prompt}"
+
+
 _OBSERVATION = re.compile("|".join(
     f"{re.escape(opening(t))}(.*?){re.escape(closing(t))}" for t in OBSERVATION_TAGS), re.DOTALL)
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from megatron_foresight.data.tasks import Task
 from megatron_foresight.envs.base import Episode
+from megatron_foresight.foresight.format import foresight_prompt
 from megatron_foresight.foresight.tags import ACTION_TAGS, closing
 from megatron_foresight.inference.generate import Generator, Sampling
 
@@ -55,15 +56,17 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def run_episodes(generator: Generator, tasks: Sequence[Task], make_env: Callable[[Task], Episode],
-                 sampling: Sampling, batch_size: int = 16, progress: bool = True
-                 ) -> list[EpisodeRecord]:
-    """Play every task once; returns one record per task, in order."""
+                 sampling: Sampling, batch_size: int = 16, progress: bool = True,
+                 foresight: bool = True) -> list[EpisodeRecord]:
+    """Play every task once; returns one record per task, in order. With `foresight` the
+    prompt asks for the foresight format (`format.foresight_prompt`), as FE-SFT's traces do."""
     tok = generator.tokenizer
     newline = _encode(tok, "\n")
     records, envs = [], []
     for task in tasks:
         env = make_env(task)
         prompt = env.reset(task)
+        prompt = foresight_prompt(prompt) if foresight else prompt
         records.append(EpisodeRecord(task, prompt, ids=_encode(tok, prompt) + newline))
         envs.append(env)
     active = list(range(len(tasks)))

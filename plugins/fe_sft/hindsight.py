@@ -9,7 +9,8 @@ Every agent turn of a trajectory gets the foresight block it should have written
 * `<value>`: the Monte-Carlo success estimate of the state before the turn (`mc`), rounded to
   the format's precision; a turn without an estimate takes the trajectory's outcome (0 or 1)
   and is counted in the summary.
-The think block and the action are kept as they were. Turns that do not parse strictly (a noisy
+The prompt asks for foresight (`format.foresight_prompt`), as the agent loop's does. The think
+block and the action are kept as they were. Turns that do not parse strictly (a noisy
 agent's malformed action) are kept unchanged, and counted."""
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Iterable, Iterator
 from megatron_foresight.data.trajectory import Trajectory, Turn
 from megatron_foresight.foresight.action import Action
 from megatron_foresight.foresight.format import (
-    VALUE_DECIMALS, AgentTurn, Foresight, final_observation, observation_content, parse_turn,
-    render_turn,
+    VALUE_DECIMALS, AgentTurn, Foresight, final_observation, foresight_prompt,
+    observation_content, parse_turn, render_turn,
 )
 from megatron_foresight.foresight.tags import ANSWER, CALC, SEARCH
 
@@ -71,7 +72,7 @@ def foresight_trace(trajectory: Trajectory, tally: Counter | None = None) -> Tra
         turns[i] = Turn("agent", render_turn(replace(turn, foresight=foresight)))
         tally["turns with foresight"] += 1
     tally["trajectories"] += 1
-    return replace(trajectory, turns=tuple(turns),
+    return replace(trajectory, prompt=foresight_prompt(trajectory.prompt), turns=tuple(turns),
                    meta={**(trajectory.meta or {}), "format": "foresight"})
 
 

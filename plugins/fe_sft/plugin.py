@@ -46,7 +46,7 @@ class Config(BlendConfig):
 def cached_foresight_traces(source: Path, cache_dir: Path) -> Path:
     """`source` trajectories as foresight traces in the cache, written once per content."""
     stat = source.stat()
-    key = json.dumps({"hindsight": 1, "path": str(source.resolve()), "size": stat.st_size,
+    key = json.dumps({"hindsight": 2, "path": str(source.resolve()), "size": stat.st_size,
                       "mtime_ns": stat.st_mtime_ns}, sort_keys=True)
     out = cache_dir / f"foresight-{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
     if is_rank0() and not out.exists():

@@ -1,0 +1,1 @@
+"""FC-RL: rollout, rewards, advantages, policy loss."""

@@ -1,0 +1,84 @@
+"""FC-RL's policy loss: the clipped importance ratio per token, KL to a frozen reference,
+truncated importance sampling against the rollout engine's log-probabilities, and the
+aggregation over tokens. Every function takes [N, T] tensors with a loss mask that is 1 on the
+agent's own tokens and 0 on prompt, environment and padding tokens: those get no gradient."""
+
+from __future__ import annotations
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k3")
+AGGREGATIONS = ("token", "sequence")
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3"
+                ) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from samples of the policy (Schulman's
+    estimators): k1 = log p - log q (unbiased, can be negative); k3 = q/p - 1 - log(q/p)
+    (unbiased, never negative, lower variance)."""
+    if kind not in KL_ESTIMATORS:
+        raise ValueError(f"KL estimator is one of {KL_ESTIMATORS}, got {kind!r}")
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    return torch.exp(-log_ratio) - 1 + log_ratio
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token") -> torch.Tensor:
+    """Mean over the masked tokens: `token` weighs every token in the batch equally, `sequence`
+    averages within each sequence first, then over sequences (each episode weighs the same)."""
+    if how not in AGGREGATIONS:
+        raise ValueError(f"loss aggregation is one of {AGGREGATIONS}, got {how!r}")
+    mask = mask.to(per_token.dtype)
+    if how == "token":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    has_tokens = (mask.sum(-1) > 0).to(per_token.dtype)
+    return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+
+
+def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
+                         cap: float = 2.0) -> torch.Tensor:
+    """min(pi_old / pi_rollout, cap) per token: corrects for rollouts drawn by a different
+    engine (or precision) than the one that recomputes the log-probabilities (no gradient)."""
+    return torch.exp(old_logprobs - rollout_logprobs).clamp(max=cap).detach()
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2,
+                ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
+                kl_kind: str = "k3", aggregation: str = "token",
+                is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate on every agent token, plus `kl_coef` x KL to the reference.
+
+    ratio = exp(logprobs - old_logprobs); per token the loss is
+    -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) [x is_weights] + kl_coef * kl.
+    Returns the aggregated loss and detached metrics (clip fraction, ratio, KL)."""
+    mask = mask.float()
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
+    per_token = -torch.minimum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    metrics = {}
+    if ref_logprobs is not None and kl_coef:
+        kl = kl_estimate(logprobs, ref_logprobs, kl_kind)
+        per_token = per_token + kl_coef * kl
+        metrics["kl"] = aggregate(kl.detach(), mask, "token")
+    loss = aggregate(per_token, mask, aggregation)
+    with torch.no_grad():
+        metrics["clip_fraction"] = aggregate((clipped < unclipped).float(), mask, "token")
+        metrics["ratio_mean"] = aggregate(ratio, mask, "token")
+        metrics["ratio_max"] = (ratio * mask).max()
+    return loss, metrics
+
+
+def value_loss(values: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor,
+               mask: torch.Tensor, clip: float | None = 0.2) -> torch.Tensor:
+    """PPO's critic loss: 0.5 x max((v - R)^2, (clip(v, v_old +- clip) - R)^2) over the mask."""
+    err = (values - returns) ** 2
+    if clip is not None:
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        err = torch.maximum(err, (clipped - returns) ** 2)
+    return 0.5 * aggregate(err, mask, "token")

@@ -43,3 +43,17 @@ def megatron_cpu():
     seed_all(1234)
     yield ctx
     shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory) -> Path:
+    """A small built world (tasks, trajectories with Monte-Carlo values, corpus, tokenizer)
+    for the tests that need one but not its size."""
+    from megatron_foresight.world.build import build_world
+    from megatron_foresight.world.sizes import WorldSizes
+
+    out = tmp_path_factory.mktemp("small-world")
+    build_world(out, seed=9, progress=False, sizes=WorldSizes(
+        cities=20, people=40, guilds=8, search_tasks=100, math_tasks=100, trajectories=20,
+        validation_trajectories=4, mc_samples=2, vocab_size=1024))
+    return out

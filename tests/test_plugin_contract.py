@@ -12,18 +12,25 @@ from megatron_foresight.training.plugin import BuildContext, available_stages, l
 from helpers.run import REPO
 
 
-@pytest.mark.parametrize("stage", available_stages())
-def test_plugin_contract(stage, megatron_cpu, tmp_path):
+def _build(stage, world, tmp_path):
     plugin = load_plugin(stage)
     assert dataclasses.is_dataclass(plugin.Config)
     plugin.Config()  # defaults are valid
     recipe = next(p for p in sorted((REPO / "recipes" / "tiny-cpu").glob("*.yaml"))
                   if load_recipe(p).stage == stage)
-    cfg = load_recipe(recipe, ["data.seq_length=64", f"{stage}.builtin_docs=300"]
-                      if stage == "lm" else ["data.seq_length=64"])
+    overrides = ["data.seq_length=64", f"data.world={world}"]
+    cfg = load_recipe(recipe, overrides + [f"{stage}.builtin_docs=300"] if stage == "lm"
+                      else overrides)
     data = plugin.build_data(BuildContext(cfg=cfg, stage_cfg=cfg.stage_config,
                                           tokenizer=ByteTokenizer(), num_train_samples=32,
                                           num_valid_samples=8, cache_dir=tmp_path))
+    return plugin, data
+
+
+@pytest.mark.parametrize("stage", [s for s in available_stages()
+                                   if not getattr(load_plugin(s), "on_policy", False)])
+def test_plugin_contract(stage, megatron_cpu, small_world, tmp_path):
+    plugin, data = _build(stage, small_world, tmp_path)
     assert len(data.train) >= 32
     samples = [data.train[i] for i in range(4)]
     for sample in samples:
@@ -47,3 +54,22 @@ def test_plugin_contract(stage, megatron_cpu, tmp_path):
     else:  # per-segment weights: each token weighs its segment's weight
         weights = plugin.weight_table[batch["segments"].long()] * mask
         assert torch.isclose(loss_sum, (per_token * weights).sum())
+
+
+@pytest.mark.parametrize("stage", [s for s in available_stages()
+                                   if getattr(load_plugin(s), "on_policy", False)])
+def test_on_policy_plugin_contract(stage, megatron_cpu, small_world, tmp_path):
+    """An on-policy stage makes its samples while training (`collect`) and validates by
+    playing (`validate`); its loss is zero with zero advantages at the sampling policy and
+    ignores tokens off the mask."""
+    plugin, data = _build(stage, small_world, tmp_path)
+    assert len(data.train) == 0 and callable(plugin.collect) and callable(plugin.validate)
+    per_token = torch.rand(2, 8)
+    mask = torch.tensor([[0., 1., 1., 1., 0., 0., 1., 1.]] * 2)
+    batch = {"loss_mask": mask, "advantages": torch.zeros(2, 8), "old_logprobs": -per_token,
+             "rollout_logprobs": -per_token, "ref_logprobs": -per_token}
+    loss_sum, count, _ = plugin.loss(batch, per_token)
+    assert loss_sum == 0 and count > 0
+    batch["advantages"] = torch.randn(2, 8)
+    moved = per_token + 5 * (mask == 0)  # change only what the mask hides
+    assert torch.isclose(plugin.loss(batch, moved)[0], plugin.loss(batch, per_token)[0])

@@ -168,6 +168,7 @@ def test_agent_loop_keeps_sampled_ids_and_appends_each_observation_once(world, m
         expected = tok.encode(r.prompt) + nl
         for turn in r.turns:
             assert turn.text == tok.decode(turn.ids) and len(turn.logprobs) == len(turn.ids)
+            assert turn.start == len(expected)
             expected += turn.ids + nl
             if turn.observation is not None:
                 expected += tok.encode(turn.observation) + nl

@@ -23,9 +23,7 @@ from megatron_foresight.envs.math import MathEnv
 from megatron_foresight.envs.retriever import BM25Retriever
 from megatron_foresight.envs.search import SearchEnv
 from megatron_foresight.errors import UsageError
-from megatron_foresight.foresight.format import (
-    AgentTurn, final_observation, observation_content, parse_turn, parse_turn_lenient,
-)
+from megatron_foresight.foresight.format import AgentTurn, parse_turn, parse_turn_lenient
 from megatron_foresight.foresight.scores import (
     auroc, brier, expected_calibration_error, log_score, names_gold_document, rollout_fidelity,
 )
@@ -65,13 +63,6 @@ class WorldEnvs:
         return SearchEnv(self._retriever, self.sizes["top_k"], self.sizes["search_max_turns"])
 
 
-def _observed(record: EpisodeRecord, k: int) -> str:
-    turn = record.turns[k]
-    if turn.observation is not None:
-        return observation_content(turn.observation)
-    return final_observation(record.success if record.ended == "answer" else None)
-
-
 def _gold_titles(task: Task) -> list[str]:
     return [h["entity"] for h in (task.meta or {}).get("hops", []) if "entity" in h]
 
@@ -89,7 +80,7 @@ def score_episodes(records: Sequence[EpisodeRecord]) -> dict[str, float | None]:
             if lenient.rollout is None or lenient.value is None:
                 continue
             with_foresight += 1
-            fidelity += rollout_fidelity(lenient.rollout, _observed(record, k))
+            fidelity += rollout_fidelity(lenient.rollout, record.observed(k))
             values.append(lenient.value)
             outcomes.append(record.success)
             if record.task.type == "search" and turn.observation is not None:

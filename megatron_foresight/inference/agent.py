@@ -12,14 +12,16 @@ Every episode in a batch advances one turn per round; each round re-reads the ep
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from tqdm import tqdm
 
 from megatron_foresight.data.tasks import Task
 from megatron_foresight.envs.base import Episode
-from megatron_foresight.foresight.format import foresight_prompt
+from megatron_foresight.foresight.format import (
+    final_observation, foresight_prompt, observation_content,
+)
 from megatron_foresight.foresight.tags import ACTION_TAGS, closing
 from megatron_foresight.inference.generate import Generator, Sampling
 
@@ -36,6 +38,8 @@ class AgentTurnRecord:
     """The environment's reply; None when the turn ended the episode."""
     stop: str
     """Why generation ended: stop (an action tag), length, or context."""
+    start: int = 0
+    """Where `ids` begin in the episode's `ids` (the context the model read)."""
 
 
 @dataclass
@@ -49,6 +53,14 @@ class EpisodeRecord:
     """How it ended: answer, max_turns, context (the sequence limit), or no_action."""
     ids: list[int] = field(default_factory=list)
     """The whole episode as the model read and wrote it."""
+
+    def observed(self, k: int) -> str:
+        """What turn k's rollout is scored against: the content of the observation that
+        followed it, or for the turn that ended the episode, `format.final_observation`."""
+        turn = self.turns[k]
+        if turn.observation is not None:
+            return observation_content(turn.observation)
+        return final_observation(self.success if self.ended == "answer" else None)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -71,10 +83,14 @@ def run_episodes(generator: Generator, tasks: Sequence[Task], make_env: Callable
         envs.append(env)
     active = list(range(len(tasks)))
     bar = tqdm(total=len(tasks), desc="episodes", unit=" ep", disable=None if progress else True)
+    calls = 0
     while active:
         for start in range(0, len(active), batch_size):
             chunk = active[start:start + batch_size]
-            outs = generator.generate([records[i].ids for i in chunk], sampling, STOP_TEXTS)
+            # a new seed per call: turns must not replay the same random draws
+            seeded = replace(sampling, seed=sampling.seed + 7_919 * calls)
+            calls += 1
+            outs = generator.generate([records[i].ids for i in chunk], seeded, STOP_TEXTS)
             for i, out in zip(chunk, outs):
                 if _advance(records[i], envs[i], out, tok, newline):
                     bar.update(1)
@@ -86,13 +102,15 @@ def run_episodes(generator: Generator, tasks: Sequence[Task], make_env: Callable
 def _advance(record: EpisodeRecord, env: Episode, out, tok, newline: list[int]) -> bool:
     """Give one generated turn to the environment; True when the episode ended."""
     text = tok.decode(out.ids)
+    start = len(record.ids)
     record.ids += out.ids + newline
     if out.stop == "context":
-        record.turns.append(AgentTurnRecord(text, out.ids, out.logprobs, None, out.stop))
+        record.turns.append(AgentTurnRecord(text, out.ids, out.logprobs, None, out.stop, start))
         record.ended = "context"
         return True
     step = env.step(text)
-    record.turns.append(AgentTurnRecord(text, out.ids, out.logprobs, step.observation, out.stop))
+    record.turns.append(AgentTurnRecord(text, out.ids, out.logprobs, step.observation, out.stop,
+                                        start))
     if step.done:
         record.success = bool(step.info.get("success", False))
         record.reward = step.reward

@@ -34,7 +34,7 @@ from megatron_foresight.runtime.dist import (
 from megatron_foresight.runtime.log import MetricsWriter, setup_logging
 from megatron_foresight.runtime.seed import seed_all
 from megatron_foresight.training import checkpoint as ckpt
-from megatron_foresight.training.data import StepSampler, loader
+from megatron_foresight.training.data import StepSampler, collate, loader
 from megatron_foresight.training.optimizer import build_optimizer, build_scheduler
 from megatron_foresight.training.plugin import BuildContext, load_plugin
 from megatron_foresight.world.build import ensure_world
@@ -245,7 +245,41 @@ def train_step(run: Run, iterators) -> dict[str, float]:
     return metrics
 
 
+def on_policy_step(run: Run) -> dict[str, float]:
+    """One step of an on-policy stage (FC-RL): the plugin plays episodes with the current
+    model and turns them into samples (`collect`); then `epochs` passes of optimizer steps over
+    them, `global_batch_size` samples per step (this rank's share of it per rank)."""
+    s = run.cfg.schedule
+    started = time.perf_counter()
+    samples, metrics = run.plugin.collect(run)
+    per_update = s.global_batch_size // run.ctx.dp_size
+    if not samples or len(samples) % per_update:
+        raise UsageError(f"each rank made {len(samples)} samples this step, which is not a "
+                         f"multiple of the samples per optimizer step and rank ({per_update} = "
+                         f"schedule.global_batch_size / data-parallel size); change one of them")
+    collected = time.perf_counter()
+    rng = torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + run.step)
+    totals: dict[str, list[float]] = {}
+    for _ in range(getattr(run.cfg.stage_config, "epochs", 1)):
+        order = torch.randperm(len(samples), generator=rng).tolist()
+        for u in range(0, len(samples), per_update):
+            chosen = [samples[i] for i in order[u:u + per_update]]
+            micro = s.micro_batch_size
+            update = train_step(run, iter([collate(chosen[j:j + micro])
+                                           for j in range(0, per_update, micro)]))
+            for k, v in update.items():
+                totals.setdefault(k, []).append(v)
+    # per optimizer step figures averaged over the step's updates; lr is the last one
+    metrics.update({k: (v[-1] if k == "lr" else sum(v) / len(v)) for k, v in totals.items()})
+    metrics["updates"] = len(totals.get("lr", []))
+    metrics["time/train_s"] = time.perf_counter() - collected
+    metrics["step_time_s"] = time.perf_counter() - started
+    return metrics
+
+
 def evaluate(run: Run) -> dict[str, float]:
+    if hasattr(run.plugin, "validate"):  # an on-policy stage validates by playing episodes
+        return run.plugin.validate(run)
     s = run.cfg.schedule
     if run.valid_data is None or s.eval_steps == 0:
         return {}
@@ -313,14 +347,20 @@ def loop(run: Run, writer: MetricsWriter | None, stop_at_step: int | None = None
                disable=not (logging_rank and run.cfg.logging.progress_bar and sys.stderr.isatty()),
                dynamic_ncols=True)
     bar = None if bar.disable else bar
-    iterators = _iterators(run, run.train_data, run.step, s.train_steps - run.step)
+    on_policy = getattr(run.plugin, "on_policy", False)
+    iterators = None if on_policy else _iterators(run, run.train_data, run.step,
+                                                  s.train_steps - run.step)
     while run.step < s.train_steps:
         started = time.perf_counter()
-        metrics = train_step(run, iterators)
-        run.step += 1
-        elapsed = time.perf_counter() - started
-        metrics["tokens_per_s"] = tokens_per_step / elapsed
-        metrics["step_time_s"] = elapsed
+        if on_policy:
+            metrics = on_policy_step(run)
+            run.step += 1
+        else:
+            metrics = train_step(run, iterators)
+            run.step += 1
+            elapsed = time.perf_counter() - started
+            metrics["tokens_per_s"] = tokens_per_step / elapsed
+            metrics["step_time_s"] = elapsed
         if s.eval_interval and run.step % s.eval_interval == 0 and run.step < s.train_steps:
             metrics.update(evaluate(run))
         if run.step == s.train_steps:
@@ -330,7 +370,8 @@ def loop(run: Run, writer: MetricsWriter | None, stop_at_step: int | None = None
                 writer.write(run.step, metrics)
                 _report(run, bar, metrics)
             if bar is not None:
-                bar.set_postfix(loss=f"{metrics.get('lm_loss', float('nan')):.4f}", refresh=False)
+                shown = metrics.get("lm_loss", metrics.get("reward/total", float("nan")))
+                bar.set_postfix(loss=f"{shown:.4f}", refresh=False)
                 bar.update(1)
         stopping = _any_rank_stopping(run) or run.step == stop_at_step
         if (c.save_interval and run.step % c.save_interval == 0) or stopping \

@@ -13,6 +13,12 @@ A stage is a package under `plugins/` exposing `PLUGIN`, an object with:
 * optionally `eval_predictions = True`: during evaluation the batch then also holds
   `predicted`, the model's argmax next token at every position (for token accuracy).
 
+An on-policy stage (FC-RL) sets `on_policy = True`; its `build_data` returns no training
+samples. Instead, each step the loop calls `collect(run) -> (samples, metrics)` (episodes played
+by the current model, as samples of the same form, with whatever extra per-token tensors its
+`loss` reads) and takes optimizer steps over them (`training.loop.on_policy_step`);
+`validate(run) -> metrics` replaces the validation-set loss.
+
 The loop, parallelism, checkpoints and logging belong to the framework; plugins depend on it,
 never the reverse (plugins are found by name, not imported by the core).
 """

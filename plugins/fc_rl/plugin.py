@@ -1,0 +1,256 @@
+"""FC-RL, foresight-conditioned RL (GRPO), as an on-policy stage plugin.
+
+Each step (`collect`): G episodes of each of `prompts_per_step` training tasks are played by
+the current policy (the multi-turn agent loop with the KV cache, temperature / top-p); rewards
+and token advantages come from `rl.rollout.score_groups` (task reward over the episode,
+calibration on each <value>, fidelity on each <rollout>, format on each turn); the
+log-probabilities of the sampled ids are recomputed by the policy before any update (and by
+the frozen reference when `kl_coef` > 0). The framework then takes `epochs` passes of optimizer
+steps over the episodes, `schedule.global_batch_size` episodes per step, with `loss` below.
+
+Token in, token out: the ids trained on are the ids sampled (`rl.rollout.to_sample`)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from megatron_foresight.configtree import check
+from megatron_foresight.eval.agent_eval import WorldEnvs, score_episodes
+from megatron_foresight.inference.agent import run_episodes
+from megatron_foresight.inference.generate import Generator, Sampling
+from megatron_foresight.rl.loss import kl_estimate, truncated_is_weights
+from megatron_foresight.rl.rollout import COMPONENTS, RewardWeights, score_groups, to_sample
+from megatron_foresight.training.plugin import BuildContext, StageData
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    """Foresight-conditioned RL with GRPO on the built world's tasks (data.world)."""
+
+    split: str = "train"
+    """Tasks the policy trains on (the world's tasks/{search,math}-SPLIT.jsonl)."""
+    prompts_per_step: int = 4
+    """Tasks per step and data-parallel rank; each is played group_size times."""
+    group_size: int = 4
+    """G: samples per task, normalized against each other (GRPO)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 320
+    """Per agent turn; a turn that reaches it is cut (and scores as malformed)."""
+    epochs: int = 1
+    """Passes over each step's episodes (optimizer steps per pass: episodes / global batch)."""
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    """Clip of the importance ratio: [1 - clip_low, 1 + clip_high]."""
+    kl_coef: float = 0.0
+    """Weight of KL(policy || reference); the reference is checkpoint.init_from, frozen."""
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    aggregation: Literal["token", "sequence"] = "token"
+    """Mean over every agent token of the batch, or per episode first."""
+    normalize_std: bool = True
+    """Divide group-centred rewards by the group's std (GRPO); false: centre only (Dr. GRPO)."""
+    calibration_rule: Literal["brier", "log"] = "brier"
+    reward_weights: dict[str, float] = field(default_factory=lambda: {
+        "task": 1.0, "calibration": 0.5, "fidelity": 0.5, "format": 0.5})
+    """Weight of each reward component (task, calibration, fidelity, format)."""
+    tis_cap: Optional[float] = None
+    """Truncated importance sampling: weight each token by min(pi_old / pi_rollout, cap), for
+    rollouts drawn by another engine than the trainer's; null: off."""
+    validation_tasks: int = 16
+    """Validation tasks played greedily at each evaluation (val/ metrics)."""
+
+    def __post_init__(self):
+        for name in ("prompts_per_step", "group_size", "max_new_tokens", "epochs"):
+            check(getattr(self, name) >= 1, name, "must be at least 1")
+        check(self.group_size >= 2, "group_size", "GRPO needs at least 2 samples per task")
+        check(self.temperature > 0, "temperature", "RL samples; must be > 0")
+        check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(self.clip_low >= 0 and self.clip_high >= 0, "clip_low", "clips are >= 0")
+        check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        check(set(self.reward_weights) <= set(COMPONENTS), "reward_weights",
+              f"unknown component(s) {sorted(set(self.reward_weights) - set(COMPONENTS))}; "
+              f"known: {', '.join(COMPONENTS)}")
+        check(self.tis_cap is None or self.tis_cap >= 1, "tis_cap", "null or >= 1")
+        check(self.validation_tasks >= 0, "validation_tasks", "must be >= 0")
+
+
+def _logprobs(model, batch: dict) -> torch.Tensor:
+    """log p(labels) per position under `model`, [B, S] (vocab-parallel cross-entropy)."""
+    per_token_ce = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return -per_token_ce.float()
+
+
+class ForesightRLStage:
+    Config = Config
+    on_policy = True
+    eval_predictions = False
+
+    def build_data(self, ctx: BuildContext) -> StageData:
+        cfg, stage = ctx.cfg, ctx.stage_cfg
+        check(bool(cfg.data.world), "data.world", "FC-RL plays the built world's tasks; set "
+              "data.world (built on first use)")
+        check(cfg.parallel.pipeline_model_parallel_size == 1, "parallel",
+              "FC-RL's rollout runs with tensor and data parallelism; pipeline parallelism is "
+              "not supported yet")
+        check(stage.kl_coef == 0 or bool(cfg.checkpoint.init_from), "fc_rl.kl_coef",
+              "KL needs a reference model: set checkpoint.init_from (the FE-SFT run)")
+        self.cfg, self.stage, self.tokenizer = cfg, stage, ctx.tokenizer
+        self.envs = WorldEnvs(Path(cfg.data.world))
+        self.train_tasks = self.envs.tasks(stage.split, 10 ** 9)
+        check(len(self.train_tasks) > 0, "fc_rl.split", f"no {stage.split} tasks in the world")
+        self.weights = RewardWeights(**stage.reward_weights)
+        self.reference = None
+        return StageData(train=[], valid=None)
+
+    # ----------------------------------------------------------------------------------------
+    # rollout
+
+    def _tasks_for(self, step: int, dp_rank: int, dp_size: int):
+        """This rank's tasks at `step`: a seeded draw, so a resumed run plays the same ones."""
+        rng = random.Random(self.cfg.seed * 1_000_003 + step)
+        n = self.stage.prompts_per_step
+        picked = rng.sample(range(len(self.train_tasks)), min(n * dp_size, len(self.train_tasks)))
+        return [self.train_tasks[i] for i in picked[dp_rank * n:(dp_rank + 1) * n]]
+
+    def _reference(self, run):
+        if self.reference is None:
+            from megatron_foresight.models.provider import build_model
+            from megatron_foresight.training import checkpoint as ckpt
+
+            chunks = build_model(self.cfg, self.cfg.padded_vocab_size(self.tokenizer.vocab_size),
+                                 run.ctx.pg_collection)
+            ckpt.load_checkpoint(ckpt.find_checkpoint(self.cfg.checkpoint.init_from),
+                                 chunks=chunks, ctx=run.ctx)
+            self.reference = chunks[0].eval()
+            for p in self.reference.parameters():
+                p.requires_grad_(False)
+        return self.reference
+
+    def _generator(self, model) -> Generator:
+        return Generator(model, self.tokenizer, max_sequence_length=self.cfg.data.seq_length,
+                         pad_id=self.tokenizer.eod)
+
+    def collect(self, run) -> tuple[list[dict], dict[str, float]]:
+        """Play this step's episodes; return their training samples and rollout metrics."""
+        s, ctx = self.stage, run.ctx
+        model = run.chunks[0]
+        model.eval()
+        started = time.perf_counter()
+        tasks = self._tasks_for(run.step, ctx.dp_rank, ctx.dp_size)
+        sampling = Sampling(temperature=s.temperature, top_p=s.top_p,
+                            max_new_tokens=s.max_new_tokens,
+                            seed=self.cfg.seed + 7919 * run.step + ctx.dp_rank)
+        with torch.no_grad():
+            records = run_episodes(self._generator(model),
+                                   [t for t in tasks for _ in range(s.group_size)],
+                                   self.envs.make_env, sampling,
+                                   batch_size=len(tasks) * s.group_size, progress=False)
+        generated = time.perf_counter()
+        scored = score_groups(records, s.group_size, self.tokenizer, self.weights,
+                              s.calibration_rule, s.normalize_std)
+        samples = [to_sample(x, self.cfg.data.seq_length, self.tokenizer.eod) for x in scored]
+        mbs = self.cfg.schedule.micro_batch_size
+        gap_sum = gap_max = count = 0.0
+        with torch.no_grad():
+            for i in range(0, len(samples), mbs):
+                batch = {k: torch.stack([x[k] for x in samples[i:i + mbs]])
+                         for k in samples[i]}
+                old = _logprobs(model, batch)
+                ref = _logprobs(self._reference(run), batch) if s.kl_coef else None
+                for j, sample in enumerate(samples[i:i + mbs]):
+                    sample["old_logprobs"] = old[j]
+                    if ref is not None:
+                        sample["ref_logprobs"] = ref[j]
+                mask = batch["loss_mask"] > 0
+                gap = (old - batch["rollout_logprobs"]).abs()[mask]
+                if gap.numel():
+                    gap_sum += gap.sum().item()
+                    gap_max = max(gap_max, gap.max().item())
+                    count += gap.numel()
+        model.train()
+        metrics = {f"reward/{k}": sum(x.rewards[k] for x in scored) / len(scored)
+                   for k in (*COMPONENTS, "total")}
+        episodes = score_episodes(records)
+        metrics.update({"rollout/format_validity": episodes["format_validity"],
+                        "rollout/turns_per_episode": episodes["turns_per_episode"],
+                        "rollout/agent_tokens": sum(len(t.ids) for r in records
+                                                    for t in r.turns) / len(records),
+                        "time/generate_s": generated - started,
+                        "time/logprobs_s": time.perf_counter() - generated})
+        if episodes["value_brier"] is not None:
+            metrics["rollout/value_brier"] = episodes["value_brier"]
+        if count and s.temperature == 1.0 and s.top_p == 1.0:
+            # comparable only when the rollout drew from the plain softmax
+            metrics["logprob_gap_mean"] = gap_sum / count
+            metrics["logprob_gap_max"] = gap_max
+        return samples, metrics
+
+    # ----------------------------------------------------------------------------------------
+    # loss
+
+    def loss(self, batch: dict, per_token_ce: torch.Tensor):
+        s = self.stage
+        logprobs = -per_token_ce.float()
+        mask = batch["loss_mask"].float()
+        adv = batch["advantages"].float()
+        ratio = torch.exp(logprobs - batch["old_logprobs"].float())
+        unclipped = ratio * adv
+        clipped = ratio.clamp(1 - s.clip_low, 1 + s.clip_high) * adv
+        per_token = -torch.minimum(unclipped, clipped)
+        if s.tis_cap is not None:
+            per_token = per_token * truncated_is_weights(batch["old_logprobs"].float(),
+                                                         batch["rollout_logprobs"].float(),
+                                                         s.tis_cap)
+        metrics = {}
+        if s.kl_coef:
+            kl = kl_estimate(logprobs, batch["ref_logprobs"].float(), s.kl_estimator)
+            per_token = per_token + s.kl_coef * kl
+            metrics["kl"] = torch.stack([(kl.detach() * mask).sum(), mask.sum()])
+        if s.aggregation == "token":
+            loss_sum, count = (per_token * mask).sum(), mask.sum()
+        else:  # each episode's mean, summed; the framework divides by the number of episodes
+            tokens = mask.sum(-1)
+            has = (tokens > 0).float()
+            loss_sum = ((per_token * mask).sum(-1) / tokens.clamp(min=1) * has).sum()
+            count = has.sum()
+        with torch.no_grad():
+            n = mask.sum()
+            metrics["policy_loss"] = torch.stack([(per_token * mask).sum().detach(), n])
+            metrics["clip_fraction"] = torch.stack([((clipped < unclipped).float() * mask).sum(), n])
+            metrics["ratio_mean"] = torch.stack([(ratio * mask).sum(), n])
+        return loss_sum, count.int(), metrics
+
+    # ----------------------------------------------------------------------------------------
+    # validation
+
+    def validate(self, run) -> dict[str, float]:
+        """Greedy episodes on the validation tasks: the eval metrics and the mean reward."""
+        n = self.stage.validation_tasks
+        if not n:
+            return {}
+        model = run.chunks[0]
+        model.eval()
+        tasks = self.envs.tasks("validation", n)
+        with torch.no_grad():
+            records = run_episodes(self._generator(model), tasks, self.envs.make_env,
+                                   Sampling(max_new_tokens=self.stage.max_new_tokens),
+                                   batch_size=len(tasks), progress=False)
+        model.train()
+        out = {f"val/{k}": v for k, v in score_episodes(records).items() if v is not None}
+        scored = score_groups(records, 1, self.tokenizer, self.weights,
+                              self.stage.calibration_rule, normalize_std=False)
+        for k in (*COMPONENTS, "total"):
+            out[f"val/reward/{k}"] = sum(x.rewards[k] for x in scored) / len(scored)
+        return out
+
+
+PLUGIN = ForesightRLStage()

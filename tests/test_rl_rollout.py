@@ -1,0 +1,93 @@
+"""FC-RL's rollout layer: the ids trained on are exactly the ids the policy sampled, across
+several turns; each reward's advantage lies on the tokens that earned it."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_foresight.data.tasks import Task
+from megatron_foresight.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
+from megatron_foresight.foresight.action import Action
+from megatron_foresight.foresight.format import AgentTurn, Foresight, render_turn
+from megatron_foresight.inference.agent import AgentTurnRecord, EpisodeRecord
+from megatron_foresight.rl.rewards import credit_spans
+from megatron_foresight.rl.rollout import RewardWeights, score_groups, to_sample
+
+def test_trained_ids_are_the_sampled_ids_across_turns(small_world, megatron_cpu):
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.eval.agent_eval import WorldEnvs
+    from megatron_foresight.inference.agent import run_episodes
+    from megatron_foresight.inference.generate import Generator, Sampling
+    from megatron_foresight.models.provider import build_model
+    from helpers.run import REPO
+
+    torch.manual_seed(3)
+    world = small_world
+    tok = SentencePieceTokenizer(str(world / "tokenizer" / "spm.model"))
+    (model,) = build_model(load_recipe(REPO / "recipes" / "tiny-cpu" / "lm.yaml"), 1024)
+    envs = WorldEnvs(world)
+    tasks = envs.tasks("validation", 2)
+    group = 2
+    records = run_episodes(Generator(model.eval(), tok, max_sequence_length=512),
+                           [t for t in tasks for _ in range(group)], envs.make_env,
+                           Sampling(temperature=1.0, max_new_tokens=8, seed=4), progress=False)
+    assert max(len(r.turns) for r in records) >= 3  # several turns: the test means something
+    scored = score_groups(records, group, tok)
+    for x in scored:
+        sample = to_sample(x, 512, tok.eod)
+        mask = sample["loss_mask"] > 0
+        trained = sample["labels"][mask].tolist()
+        assert trained == [i for t in x.record.turns for i in t.ids]  # token in, token out
+        assert sample["rollout_logprobs"][mask].tolist() == pytest.approx(
+            [lp for t in x.record.turns for lp in t.logprobs])
+        n = min(len(x.record.ids) - 1, 512)  # an episode past the sequence is cut
+        assert sample["tokens"][:n].tolist() == x.record.ids[:n]
+        assert sample["labels"][:n].tolist() == x.record.ids[1:n + 1]
+        # environment and prompt tokens carry neither loss nor advantage
+        assert (sample["advantages"][~mask] == 0).all()
+
+
+def _turn(value: float, rollout: str) -> str:
+    return render_turn(AgentTurn(Action("answer", "Mir", 0),
+                                 Foresight("Answer Mir.", rollout, value), "I know it."))
+
+
+def _record(tok, text: str, success: bool) -> EpisodeRecord:
+    task = Task("search-1", "search", "Where is Kalo?", ("Mir",))
+    prompt_ids = tok.encode("Where is Kalo?\n")
+    ids = tok.encode(text)
+    turn = AgentTurnRecord(text, ids, [-0.1] * len(ids), None, "stop", start=len(prompt_ids))
+    return EpisodeRecord(task, "Where is Kalo?", [turn], success, float(success), "answer",
+                         prompt_ids + ids + tok.encode("\n"))
+
+
+def test_each_reward_is_credited_to_its_own_tokens_by_hand():
+    tok = ByteTokenizer()
+    text = _turn(0.9, "The answer is correct.")
+    right, wrong = _record(tok, text, True), _record(tok, text, False)
+    scored = score_groups([right, wrong], 2, tok, RewardWeights(1.0, 0.5, 0.5, 0.5))
+    # task 1 vs 0; calibration -(0.1)^2 vs -(0.9)^2; fidelity 1 vs F1(correct|wrong) = 2/3;
+    # format 0 for both. Two values normalize to +-1/sqrt(2) (unbiased std), equal ones to 0.
+    a = 1 / math.sqrt(2)
+    spans = credit_spans(tok, right.turns[0].ids)
+    for x, sign in ((scored[0], 1), (scored[1], -1)):
+        start, n = x.record.turns[0].start, len(x.record.turns[0].ids)
+        expected = torch.zeros(len(x.record.ids))
+        expected[start:start + n] = sign * a                  # task: the whole turn
+        for kind in ("value", "rollout"):                     # calibration / fidelity: own block
+            s, e = spans[kind]
+            expected[start + s:start + e] += sign * 0.5 * a
+        assert x.advantages.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert scored[0].rewards["calibration"] == pytest.approx(-0.01)
+    assert scored[1].rewards["fidelity"] == pytest.approx(2 / 3)
+    assert scored[0].rewards["total"] == pytest.approx(1 + 0.5 * (-0.01) + 0.5 * 1.0)
+
+
+def test_to_sample_cuts_an_episode_longer_than_the_sequence():
+    tok = ByteTokenizer()
+    record = _record(tok, _turn(0.5, "x" * 100), True)
+    (x,) = score_groups([record, record], 2, tok)[:1]
+    sample = to_sample(x, 64, tok.eod)
+    assert all(v.shape == (64,) for v in sample.values())
+    assert sample["labels"].tolist() == record.ids[1:65]

@@ -79,6 +79,27 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(ev)
 
+    pipe = sub.add_parser(
+        "pipeline", help="run WM-AMT -> FE-SFT -> FC-RL and evaluate each stage",
+        description="Run the three stages from a recipe directory (wm_amt.yaml, fe_sft.yaml, "
+                    "fc_rl.yaml), each starting from the previous stage's checkpoint, evaluate "
+                    "each by playing the validation tasks, and print a table of task success, "
+                    "format validity, value Brier / ECE / AUROC and rollout fidelity per stage, "
+                    "also written as report.json in the run directory. Re-running with the same "
+                    "--run-dir continues where it stopped.",
+        epilog="Examples:\n"
+               "  foresight pipeline recipes/tiny-cpu\n"
+               "  foresight pipeline recipes/tiny-cpu --run-dir runs/demo --tasks 64",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pipe.add_argument("recipe_dir", help="directory with wm_amt.yaml, fe_sft.yaml, fc_rl.yaml")
+    pipe.add_argument("overrides", nargs="*", metavar="section.key=value",
+                      help="overrides applied to every stage's recipe, e.g. data.world=DIR")
+    pipe.add_argument("--run-dir", default="runs/pipeline",
+                      help="one subdirectory per stage, eval_<stage>.json and report.json "
+                           "(default runs/pipeline)")
+    pipe.add_argument("--tasks", type=int, default=32,
+                      help="validation tasks each stage's evaluation plays (default 32)")
+
     config = sub.add_parser(
         "config", help="validate a recipe and print it resolved (a dry run), or list all keys",
         description="Validate a recipe with its overrides, as `train` would before starting any "
@@ -195,6 +216,13 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_pipeline(args) -> int:
+    from megatron_foresight.pipeline import run_pipeline
+
+    run_pipeline(args.recipe_dir, args.run_dir, tasks=args.tasks, overrides=args.overrides)
+    return 0
+
+
 def _cmd_config(args) -> int:
     from megatron_foresight.config import describe_recipe, load_recipe
     from megatron_foresight.training.plugin import available_stages, load_plugin
@@ -268,6 +296,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return {"train": _cmd_train, "eval": _cmd_eval, "config": _cmd_config,
+                "pipeline": _cmd_pipeline,
                 "convert": _cmd_convert,
                 "data": run_data}[args.command](args)
     except (ConfigError, UsageError, DataFileError) as e:

@@ -148,24 +148,33 @@ class Generator:
         logits_BV = self._forward(tokens_BL, positions_BL, hide_BLL, context)
         context.sequence_len_offset = L
         gen = torch.Generator().manual_seed(sampling.seed)
-        done = [False] * B
         limit = [min(new, self.max_sequence_length - len(p)) for p in rows]
         positions_B = positions_BL[:, -1]
+        rows_now = list(range(B))  # the batch rows still decoding, in the cache's row order
         for t in range(new):
             ids_B, logp_B = _draw(logits_BV, sampling, gen)
-            for b, (tok, lp) in enumerate(zip(ids_B.tolist(), logp_B.tolist())):
-                if done[b]:
-                    continue
+            keep = []
+            for j, (tok, lp) in enumerate(zip(ids_B.tolist(), logp_B.tolist())):
+                b = rows_now[j]
                 c = out[live[b]]
                 c.ids.append(tok)
                 c.logprobs.append(lp)
                 if tok in stop_ids or self._ends_with_stop_text(c.ids, stop_tail):
-                    done[b], c.stop = True, "stop"
+                    c.stop = "stop"
                 elif len(c.ids) >= limit[b]:
-                    done[b], c.stop = True, ("length" if limit[b] == sampling.max_new_tokens
-                                            else "context")
-            if all(done) or t == new - 1:
+                    c.stop = "length" if limit[b] == sampling.max_new_tokens else "context"
+                else:
+                    keep.append(j)
+            if not keep or t == new - 1:
                 break
+            if len(keep) < len(rows_now):
+                # Finished rows leave the batch: their cache rows move behind the live ones
+                # (Megatron's static context reads rows [0, B') of its memory).
+                gone = [j for j in range(B) if j not in keep]
+                context.swap_key_value_dict(keep + gone)
+                rows_now = [rows_now[j] for j in keep]
+                index = torch.tensor(keep, device=dev)
+                ids_B, positions_B, pad_BT = ids_B[index], positions_B[index], pad_BT[index]
             positions_B = positions_B + 1
             hide_B1T = pad_BT[:, None, :L + t + 1]
             logits_BV = self._forward(ids_B[:, None], positions_B[:, None], hide_B1T, context)

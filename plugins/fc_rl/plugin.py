@@ -148,7 +148,7 @@ class ForesightRLStage:
         tasks = self._tasks_for(run.step, ctx.dp_rank, ctx.dp_size)
         sampling = Sampling(temperature=s.temperature, top_p=s.top_p,
                             max_new_tokens=s.max_new_tokens,
-                            seed=self.cfg.seed + 7919 * run.step + ctx.dp_rank)
+                            seed=self.cfg.seed + 1_000_003 * run.step + 101 * ctx.dp_rank)
         with torch.no_grad():
             records = run_episodes(self._generator(model),
                                    [t for t in tasks for _ in range(s.group_size)],

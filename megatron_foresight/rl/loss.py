@@ -44,33 +44,46 @@ def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Ten
     return torch.exp(old_logprobs - rollout_logprobs).clamp(max=cap).detach()
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2,
-                ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
-                kl_kind: str = "k3", aggregation: str = "token",
-                is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """PPO's clipped surrogate on every agent token, plus `kl_coef` x KL to the reference.
-
-    ratio = exp(logprobs - old_logprobs); per token the loss is
-    -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) [x is_weights] + kl_coef * kl.
-    Returns the aggregated loss and detached metrics (clip fraction, ratio, KL)."""
-    mask = mask.float()
+def per_token_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                          advantages: torch.Tensor, clip_low: float = 0.2,
+                          clip_high: float = 0.2, ref_logprobs: torch.Tensor | None = None,
+                          kl_coef: float = 0.0, kl_kind: str = "k3",
+                          is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate per token, plus `kl_coef` x KL to the reference:
+    -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) [x is_weights] + kl_coef * kl
+    with ratio = exp(logprobs - old_logprobs). Returns it and, per token and detached, whether
+    the clip was active, the ratio, and the KL estimate (when used)."""
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
     per_token = -torch.minimum(unclipped, clipped)
     if is_weights is not None:
         per_token = per_token * is_weights
-    metrics = {}
+    parts = {"clipped": (clipped < unclipped).float().detach(), "ratio": ratio.detach()}
     if ref_logprobs is not None and kl_coef:
         kl = kl_estimate(logprobs, ref_logprobs, kl_kind)
         per_token = per_token + kl_coef * kl
-        metrics["kl"] = aggregate(kl.detach(), mask, "token")
+        parts["kl"] = kl.detach()
+    return per_token, parts
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2,
+                ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
+                kl_kind: str = "k3", aggregation: str = "token",
+                is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """`per_token_policy_loss` aggregated over the mask; metrics: clip fraction, mean and max
+    ratio, and the KL when used (detached)."""
+    mask = mask.float()
+    per_token, parts = per_token_policy_loss(logprobs, old_logprobs, advantages, clip_low,
+                                             clip_high, ref_logprobs, kl_coef, kl_kind,
+                                             is_weights)
     loss = aggregate(per_token, mask, aggregation)
-    with torch.no_grad():
-        metrics["clip_fraction"] = aggregate((clipped < unclipped).float(), mask, "token")
-        metrics["ratio_mean"] = aggregate(ratio, mask, "token")
-        metrics["ratio_max"] = (ratio * mask).max()
+    metrics = {"clip_fraction": aggregate(parts["clipped"], mask, "token"),
+               "ratio_mean": aggregate(parts["ratio"], mask, "token"),
+               "ratio_max": (parts["ratio"] * mask).max()}
+    if "kl" in parts:
+        metrics["kl"] = aggregate(parts["kl"], mask, "token")
     return loss, metrics
 
 

@@ -25,7 +25,7 @@ from megatron_foresight.configtree import check
 from megatron_foresight.eval.agent_eval import WorldEnvs, score_episodes
 from megatron_foresight.inference.agent import run_episodes
 from megatron_foresight.inference.generate import Generator, Sampling
-from megatron_foresight.rl.loss import kl_estimate, truncated_is_weights
+from megatron_foresight.rl.loss import per_token_policy_loss, truncated_is_weights
 from megatron_foresight.rl.rollout import COMPONENTS, RewardWeights, score_groups, to_sample
 from megatron_foresight.training.plugin import BuildContext, StageData
 
@@ -199,22 +199,13 @@ class ForesightRLStage:
 
     def loss(self, batch: dict, per_token_ce: torch.Tensor):
         s = self.stage
-        logprobs = -per_token_ce.float()
         mask = batch["loss_mask"].float()
-        adv = batch["advantages"].float()
-        ratio = torch.exp(logprobs - batch["old_logprobs"].float())
-        unclipped = ratio * adv
-        clipped = ratio.clamp(1 - s.clip_low, 1 + s.clip_high) * adv
-        per_token = -torch.minimum(unclipped, clipped)
-        if s.tis_cap is not None:
-            per_token = per_token * truncated_is_weights(batch["old_logprobs"].float(),
-                                                         batch["rollout_logprobs"].float(),
-                                                         s.tis_cap)
-        metrics = {}
-        if s.kl_coef:
-            kl = kl_estimate(logprobs, batch["ref_logprobs"].float(), s.kl_estimator)
-            per_token = per_token + s.kl_coef * kl
-            metrics["kl"] = torch.stack([(kl.detach() * mask).sum(), mask.sum()])
+        is_weights = (None if s.tis_cap is None else truncated_is_weights(
+            batch["old_logprobs"].float(), batch["rollout_logprobs"].float(), s.tis_cap))
+        per_token, parts = per_token_policy_loss(
+            -per_token_ce.float(), batch["old_logprobs"].float(), batch["advantages"].float(),
+            s.clip_low, s.clip_high, batch["ref_logprobs"].float() if s.kl_coef else None,
+            s.kl_coef, s.kl_estimator, is_weights)
         if s.aggregation == "token":
             loss_sum, count = (per_token * mask).sum(), mask.sum()
         else:  # each episode's mean, summed; the framework divides by the number of episodes
@@ -222,11 +213,12 @@ class ForesightRLStage:
             has = (tokens > 0).float()
             loss_sum = ((per_token * mask).sum(-1) / tokens.clamp(min=1) * has).sum()
             count = has.sum()
-        with torch.no_grad():
-            n = mask.sum()
-            metrics["policy_loss"] = torch.stack([(per_token * mask).sum().detach(), n])
-            metrics["clip_fraction"] = torch.stack([((clipped < unclipped).float() * mask).sum(), n])
-            metrics["ratio_mean"] = torch.stack([(ratio * mask).sum(), n])
+        n = mask.sum()
+        pair = lambda x: torch.stack([(x * mask).sum(), n])  # noqa: E731
+        metrics = {"policy_loss": pair(per_token.detach()), "clip_fraction": pair(parts["clipped"]),
+                   "ratio_mean": pair(parts["ratio"])}
+        if "kl" in parts:
+            metrics["kl"] = pair(parts["kl"])
         return loss_sum, count.int(), metrics
 
     # ----------------------------------------------------------------------------------------

@@ -28,6 +28,15 @@ def policy(small_world, tmp_path_factory):
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def straight(small_world, policy, tmp_path_factory):
+    """Two RL steps without interruption (TP=1), logged every step."""
+    tmp = tmp_path_factory.mktemp("fc-rl-straight")
+    _train(small_world, tmp, tmp / "run", "schedule.train_steps=2", "logging.log_interval=1",
+           policy=policy)
+    return tmp / "run"
+
+
 def _steps(run_dir):
     return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").open())}
 
@@ -39,10 +48,9 @@ def _train(world, tmp_path, run_dir, *extra, nproc=1, policy=None):
 
 
 @pytest.mark.slow
-def test_rl_resumes_mid_training_exactly(small_world, policy, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
+def test_rl_resumes_mid_training_exactly(small_world, policy, straight, tmp_path):
+    split = tmp_path / "split"
     args = ("schedule.train_steps=2", "logging.log_interval=1")
-    _train(small_world, tmp_path, straight, *args, policy=policy)
     _train(small_world, tmp_path, split, *args, "--stop-at-step", "1", policy=policy)
     assert not (split / "checkpoints" / "step_0000002").exists()
     _train(small_world, tmp_path, split, *args, "--resume", policy=policy)
@@ -55,13 +63,12 @@ def test_rl_resumes_mid_training_exactly(small_world, policy, tmp_path):
 
 
 @pytest.mark.slow
-def test_tp2_rollouts_and_update_match_tp1(small_world, policy, tmp_path):
-    one, two = tmp_path / "tp1", tmp_path / "tp2"
-    args = ("schedule.train_steps=1", "logging.log_interval=1")
-    _train(small_world, tmp_path, one, *args, policy=policy)
-    _train(small_world, tmp_path, two, *args, "parallel.tensor_model_parallel_size=2", nproc=2,
-           policy=policy)
-    a, b = _steps(one)[1], _steps(two)[1]
+def test_tp2_rollouts_and_update_match_tp1(small_world, policy, straight, tmp_path):
+    """TP=2 against step 1 of the TP=1 run (the same seeds: step 1 does not see step 2)."""
+    two = tmp_path / "tp2"
+    _train(small_world, tmp_path, two, "schedule.train_steps=1", "logging.log_interval=1",
+           "parallel.tensor_model_parallel_size=2", nproc=2, policy=policy)
+    a, b = _steps(straight)[1], _steps(two)[1]
     assert a["grad_norm"] > 0  # the advantages were not all zero: the comparison means something
     assert b["rollout/agent_tokens"] == a["rollout/agent_tokens"]  # the same episodes
     for key in ("reward/total", "policy_loss", "grad_norm"):

@@ -34,5 +34,5 @@ def test_pipeline_chains_the_stages_and_writes_the_report(small_world, tmp_path)
     assert (run_dir / "fc_rl" / "checkpoints" / "latest").exists()
     # a second call finds every stage done and every evaluation written
     again = foresight(args)
-    assert "already trained to step 2 of 2" in again.stderr
+    assert "already trained to step 2 of 2" in again.stdout + again.stderr
     assert json.loads((run_dir / "report.json").read_text()) == report

@@ -24,17 +24,26 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
     return torch.exp(-log_ratio) - 1 + log_ratio
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token") -> torch.Tensor:
-    """Mean over the masked tokens: `token` weighs every token in the batch equally, `sequence`
-    averages within each sequence first, then over sequences (each episode weighs the same)."""
+def masked_sums(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, count) whose ratio is the aggregated loss: `token` sums every masked token and
+    counts them; `sequence` sums each sequence's own mean and counts the sequences with tokens
+    (each episode weighs the same). The train loop adds both up over microbatches and ranks."""
     if how not in AGGREGATIONS:
         raise ValueError(f"loss aggregation is one of {AGGREGATIONS}, got {how!r}")
     mask = mask.to(per_token.dtype)
     if how == "token":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1)
-    per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    has_tokens = (mask.sum(-1) > 0).to(per_token.dtype)
-    return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+        return (per_token * mask).sum(), mask.sum()
+    tokens = mask.sum(-1)
+    has_tokens = (tokens > 0).to(per_token.dtype)
+    return ((per_token * mask).sum(-1) / tokens.clamp(min=1) * has_tokens).sum(), has_tokens.sum()
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token") -> torch.Tensor:
+    """Mean over the masked tokens: `token` weighs every token in the batch equally, `sequence`
+    averages within each sequence first, then over sequences (each episode weighs the same)."""
+    total, count = masked_sums(per_token, mask, how)
+    return total / count.clamp(min=1)
 
 
 def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,

@@ -84,19 +84,14 @@ def score_groups(records: Sequence[EpisodeRecord], group_size: int, tokenizer,
     return out
 
 
-def agent_mask(record: EpisodeRecord) -> torch.Tensor:
-    """[len(record.ids)] 1 on the tokens the agent sampled, 0 on prompt and environment."""
-    mask = torch.zeros(len(record.ids))
+def agent_tokens(record: EpisodeRecord) -> tuple[torch.Tensor, torch.Tensor]:
+    """[len(record.ids)] each: 1 on the tokens the agent sampled (0 on prompt and
+    environment), and the sampler's log-probability of each of them."""
+    mask, logprobs = torch.zeros(len(record.ids)), torch.zeros(len(record.ids))
     for turn in record.turns:
         mask[turn.start:turn.start + len(turn.ids)] = 1
-    return mask
-
-
-def rollout_logprobs(record: EpisodeRecord) -> torch.Tensor:
-    out = torch.zeros(len(record.ids))
-    for turn in record.turns:
-        out[turn.start:turn.start + len(turn.ids)] = torch.tensor(turn.logprobs)
-    return out
+        logprobs[turn.start:turn.start + len(turn.ids)] = torch.tensor(turn.logprobs)
+    return mask, logprobs
 
 
 def to_sample(scored: ScoredEpisode, seq_length: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -105,12 +100,13 @@ def to_sample(scored: ScoredEpisode, seq_length: int, pad_id: int) -> dict[str, 
     those of ids[1:]. Padding (and anything past the sequence) carries no loss."""
     ids = torch.tensor(scored.record.ids, dtype=torch.long)[:seq_length + 1]
     n = len(ids) - 1
+    mask, logprobs = agent_tokens(scored.record)
+
     def pad(x, value=0):
         full = torch.full((seq_length,), value, dtype=x.dtype)
         full[:n] = x[:n]
         return full
     return {"tokens": pad(ids[:-1], pad_id), "labels": pad(ids[1:], pad_id),
             "position_ids": torch.arange(seq_length),
-            "loss_mask": pad(agent_mask(scored.record)[1:n + 1]),
-            "advantages": pad(scored.advantages[1:n + 1]),
-            "rollout_logprobs": pad(rollout_logprobs(scored.record)[1:n + 1])}
+            "loss_mask": pad(mask[1:n + 1]), "advantages": pad(scored.advantages[1:n + 1]),
+            "rollout_logprobs": pad(logprobs[1:n + 1])}

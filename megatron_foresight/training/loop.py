@@ -352,12 +352,9 @@ def loop(run: Run, writer: MetricsWriter | None, stop_at_step: int | None = None
                                                   s.train_steps - run.step)
     while run.step < s.train_steps:
         started = time.perf_counter()
-        if on_policy:
-            metrics = on_policy_step(run)
-            run.step += 1
-        else:
-            metrics = train_step(run, iterators)
-            run.step += 1
+        metrics = on_policy_step(run) if on_policy else train_step(run, iterators)
+        run.step += 1
+        if not on_policy:  # an on-policy step times itself (generation, log-probs, training)
             elapsed = time.perf_counter() - started
             metrics["tokens_per_s"] = tokens_per_step / elapsed
             metrics["step_time_s"] = elapsed

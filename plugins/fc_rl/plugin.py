@@ -25,8 +25,9 @@ from megatron_foresight.configtree import check
 from megatron_foresight.eval.agent_eval import WorldEnvs, score_episodes
 from megatron_foresight.inference.agent import run_episodes
 from megatron_foresight.inference.generate import Generator, Sampling
-from megatron_foresight.rl.loss import per_token_policy_loss, truncated_is_weights
+from megatron_foresight.rl.loss import masked_sums, per_token_policy_loss, truncated_is_weights
 from megatron_foresight.rl.rollout import COMPONENTS, RewardWeights, score_groups, to_sample
+from megatron_foresight.training.data import collate
 from megatron_foresight.training.plugin import BuildContext, StageData
 
 log = logging.getLogger(__name__)
@@ -162,8 +163,7 @@ class ForesightRLStage:
         gap_sum = gap_max = count = 0.0
         with torch.no_grad():
             for i in range(0, len(samples), mbs):
-                batch = {k: torch.stack([x[k] for x in samples[i:i + mbs]])
-                         for k in samples[i]}
+                batch = collate(samples[i:i + mbs])
                 old = _logprobs(model, batch)
                 ref = _logprobs(self._reference(run), batch) if s.kl_coef else None
                 for j, sample in enumerate(samples[i:i + mbs]):
@@ -206,13 +206,8 @@ class ForesightRLStage:
             -per_token_ce.float(), batch["old_logprobs"].float(), batch["advantages"].float(),
             s.clip_low, s.clip_high, batch["ref_logprobs"].float() if s.kl_coef else None,
             s.kl_coef, s.kl_estimator, is_weights)
-        if s.aggregation == "token":
-            loss_sum, count = (per_token * mask).sum(), mask.sum()
-        else:  # each episode's mean, summed; the framework divides by the number of episodes
-            tokens = mask.sum(-1)
-            has = (tokens > 0).float()
-            loss_sum = ((per_token * mask).sum(-1) / tokens.clamp(min=1) * has).sum()
-            count = has.sum()
+        # the framework divides the sum by the count summed over microbatches and ranks
+        loss_sum, count = masked_sums(per_token, mask, s.aggregation)
         n = mask.sum()
         pair = lambda x: torch.stack([(x * mask).sum(), n])  # noqa: E731
         metrics = {"policy_loss": pair(per_token.detach()), "clip_fraction": pair(parts["clipped"]),

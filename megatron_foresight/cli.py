@@ -3,6 +3,7 @@
     foresight train RECIPE [section.key=value ...] [--run-dir DIR] [--resume]
     foresight config RECIPE [section.key=value ...] [--world-size N]
     foresight config --keys [--stage STAGE]
+    foresight plan RECIPE --nodes N --gpus-per-node G [section.key=value ...]
     foresight convert from-hf --hf-dir DIR --out CKPT_DIR [--tp N] [--pp M]
     foresight convert to-hf --ckpt CKPT_DIR --out DIR
     foresight data validate|build-world|import|preprocess ...
@@ -111,6 +112,46 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--keys", action="store_true",
                         help="list every recipe key with its type, default and meaning")
     config.add_argument("--stage", default=None, help="with --keys: include this stage's section")
+
+    plan = sub.add_parser(
+        "plan", help="check a recipe's layout against a cluster and estimate per-GPU memory",
+        description="Check the recipe's parallel layout against NODES x GPUS_PER_NODE processes "
+                    "and the model's shape, then print per-GPU memory (weights, gradients, "
+                    "optimizer state with and without the distributed optimizer, activations "
+                    "with the chosen recomputation, and for fc_rl the reference model and the "
+                    "rollout KV cache) and the FLOPs of one step. Exits with status 2 and says "
+                    "which divisibility or memory limit fails. Starts no process and needs no "
+                    "GPU: run it on a login node. The formulas are in "
+                    "megatron_foresight/planner.py.",
+        epilog="Examples:\n"
+               "  foresight plan recipes/70b/wm_amt.yaml --nodes 8 --gpus-per-node 8\n"
+               "  foresight plan recipes/8b/fc_rl.yaml --nodes 2 --gpus-per-node 8 "
+               "schedule.micro_batch_size=2\n"
+               "  foresight plan recipes/tiny-cpu/lm.yaml --gpus-per-node 2 "
+               "parallel.tensor_model_parallel_size=2",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe_args(plan)
+    plan.add_argument("--nodes", type=int,
+                      help="nodes (default: $SLURM_JOB_NUM_NODES inside a job, else the "
+                           "recipe's launch.nodes)")
+    plan.add_argument("--gpus-per-node", type=int,
+                      help="processes per node, one per GPU (default: $SLURM_NTASKS_PER_NODE "
+                           "inside a job, else the recipe's launch.gpus_per_node)")
+    plan.add_argument("--gpu-memory-gib", type=float,
+                      help="memory of one GPU (default: the recipe's launch.gpu_memory_gib, "
+                           "80 for an H100 80GB)")
+    plan.add_argument("--overhead-gib", type=float,
+                      help="allowance for the CUDA context, NCCL buffers and fragmentation "
+                           "(default: the recipe's launch.overhead_gib, 5)")
+    plan.add_argument("--vocab-size", type=int,
+                      help="tokenizer vocabulary, when model.vocab_size is null and the "
+                           "tokenizer is not on this machine")
+    plan.add_argument("--mfu", type=float, default=0.4,
+                      help="model FLOPs utilization assumed for the step-time estimate "
+                           "(default 0.4)")
+    plan.add_argument("--peak-tflops", type=float, default=989.0,
+                      help="peak dense TFLOP/s of one GPU (default 989, H100 SXM BF16)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     convert = sub.add_parser(
         "convert", help="convert checkpoints to and from Hugging Face",
@@ -241,6 +282,24 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.planner import format_plan, plan, plan_json
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    launch, env = cfg.launch, os.environ
+    nodes = args.nodes or int(env.get("SLURM_JOB_NUM_NODES", 0)) or launch.nodes
+    per_node = (args.gpus_per_node or int(env.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0])
+                or launch.gpus_per_node)
+    result = plan(cfg, nodes, per_node,
+                  gpu_memory_gib=args.gpu_memory_gib or launch.gpu_memory_gib,
+                  overhead_gib=launch.overhead_gib if args.overhead_gib is None
+                  else args.overhead_gib, vocab_size=args.vocab_size)
+    print(plan_json(result) if args.json else
+          format_plan(result, peak_tflops=args.peak_tflops, mfu=args.mfu))
+    return 0
+
+
 def parse_size(text: str) -> int:
     units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40, "B": 1}
     upper = text.strip().upper()
@@ -296,7 +355,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return {"train": _cmd_train, "eval": _cmd_eval, "config": _cmd_config,
-                "pipeline": _cmd_pipeline,
+                "pipeline": _cmd_pipeline, "plan": _cmd_plan,
                 "convert": _cmd_convert,
                 "data": run_data}[args.command](args)
     except (ConfigError, UsageError, DataFileError) as e:

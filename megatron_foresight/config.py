@@ -216,6 +216,9 @@ class ScheduleConfig:
     """Evaluate on the validation split every this many steps (0: only at the end)."""
     eval_steps: int = 2
     """Validation batches per evaluation (0 disables evaluation)."""
+    eval_at_start: bool = False
+    """Also evaluate before the first step, logged as step 0: the starting point the later
+    evaluations compare with."""
 
     def __post_init__(self):
         check(self.train_steps >= 1, "train_steps", f"must be at least 1, got {self.train_steps}")
@@ -326,6 +329,33 @@ class LoggingConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """The cluster shape the recipe is laid out for: `foresight plan` checks it by default, and
+    the Slurm scripts request it."""
+
+    nodes: int = 1
+    """Nodes the recipe is meant to run on."""
+    gpus_per_node: int = 8
+    """Processes per node, one per GPU (CPU processes on the CPU path)."""
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU that the plan must fit in (H100 80GB; on the CPU path, the memory one
+    process may use)."""
+    overhead_gib: float = 5.0
+    """Memory the plan sets aside per GPU for the CUDA context, NCCL buffers and allocator
+    fragmentation (0 on the CPU path)."""
+
+    def __post_init__(self):
+        check(self.nodes >= 1, "nodes", "must be at least 1")
+        check(self.gpus_per_node >= 1, "gpus_per_node", "must be at least 1")
+        check(self.gpu_memory_gib > 0, "gpu_memory_gib", "must be positive")
+        check(self.overhead_gib >= 0, "overhead_gib", "must be non-negative")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
 class RecipeConfig:
     """A recipe: one stage of training at one model size."""
 
@@ -347,6 +377,8 @@ class RecipeConfig:
     """Checkpoints."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Logging."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """Intended cluster shape."""
     stage_config: object = field(default=None, init=False, repr=False, compare=False)
     name: str = field(default="recipe", init=False, compare=False)
 
@@ -469,7 +501,7 @@ def describe_recipe(stage_sections: dict | None = None) -> str:
 
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig",
+    "CheckpointConfig", "ConfigError", "DataConfig", "LaunchConfig", "LoggingConfig", "ModelConfig",
     "OptimizerConfig", "ParallelConfig", "RecipeConfig", "ScheduleConfig", "TokenizerConfig",
     "describe_recipe", "load_recipe", "recipe_from_tree",
 ]

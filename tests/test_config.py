@@ -166,5 +166,5 @@ def test_recipe_keys_are_a_reviewed_surface():
 
 def test_every_recipe_in_the_repo_loads():
     for path in sorted((REPO / "recipes").rglob("*.yaml")) + [TEST_RECIPE]:
-        if path.name != "base.yaml":
+        if path.name not in ("base.yaml", "cluster.yaml"):  # bases are not whole recipes
             load_recipe(path)

@@ -181,3 +181,24 @@ def load_checkpoint(path: Path, *, chunks: list, ctx: ParallelContext, optimizer
                         "resharded; RNG streams start fresh", common.get("layout"), ctx.layout)
     return common
 
+
+def start_writer_immune_to_stop_signals() -> None:
+    """Start Megatron's checkpoint-writer result queue now, with SIGTERM and SIGUSR1 blocked.
+
+    dist_checkpointing reports its writes through a Manager process that it spawns on the first
+    save. A spawned process starts with default signal handlers, and Slurm delivers its stop
+    signals (SIGUSR1 before the time limit, SIGTERM on preemption) to every process of a job
+    step: the Manager died and the very save the signal asked for failed with BrokenPipeError
+    (seen with slurm/tiny_cpu.sh). A process inherits the blocked-signal mask across exec, so the
+    Manager started here never sees them; the training process handles them as before."""
+    import signal
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    stop = {signal.SIGTERM, signal.SIGUSR1}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+

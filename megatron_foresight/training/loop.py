@@ -319,6 +319,7 @@ def _install_stop_signals(run: Run) -> None:
         log.warning("received %s: will save and stop after this step", signal.Signals(signum).name)
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, request_stop)
+    ckpt.start_writer_immune_to_stop_signals()
 
 
 def _any_rank_stopping(run: Run) -> bool:
@@ -350,6 +351,11 @@ def loop(run: Run, writer: MetricsWriter | None, stop_at_step: int | None = None
     on_policy = getattr(run.plugin, "on_policy", False)
     iterators = None if on_policy else _iterators(run, run.train_data, run.step,
                                                   s.train_steps - run.step)
+    if s.eval_at_start and run.step == 0:
+        metrics = evaluate(run)
+        if logging_rank and metrics:
+            writer.write(0, metrics)
+            _report(run, bar, metrics)
     while run.step < s.train_steps:
         started = time.perf_counter()
         metrics = on_policy_step(run) if on_policy else train_step(run, iterators)

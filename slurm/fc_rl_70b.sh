@@ -1,0 +1,19 @@
+#!/bin/bash
+# FC-RL (foresight-conditioned GRPO, from the FE-SFT run) at Llama 3 70B: recipes/70b/fc_rl.yaml on 16 node(s) of 8 H100s (the recipe's
+# launch section; `foresight plan recipes/70b/fc_rl.yaml` shows its memory per GPU).
+#   sbatch slurm/fc_rl_70b.sh [section.key=value ...]        (from the repository root)
+# Writes runs/fc_rl_70b; resubmitting or a requeue continues it. slurm/launch.sh lists the
+# variables (CONTAINER_IMAGE, DATA_DIR, TOKENIZER_DIR, INIT_FROM, RUN_DIR, ...).
+#SBATCH --job-name=fc_rl_70b
+#SBATCH --nodes=16
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=16
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@600
+exec "${SLURM_SUBMIT_DIR:-.}/slurm/launch.sh" recipes/70b/fc_rl.yaml "$@"

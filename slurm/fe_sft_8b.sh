@@ -1,0 +1,19 @@
+#!/bin/bash
+# FE-SFT (format-eliciting SFT, from the WM-AMT run) at Llama 3 8B: recipes/8b/fe_sft.yaml on 2 node(s) of 8 H100s (the recipe's
+# launch section; `foresight plan recipes/8b/fe_sft.yaml` shows its memory per GPU).
+#   sbatch slurm/fe_sft_8b.sh [section.key=value ...]        (from the repository root)
+# Writes runs/fe_sft_8b; resubmitting or a requeue continues it. slurm/launch.sh lists the
+# variables (CONTAINER_IMAGE, DATA_DIR, TOKENIZER_DIR, INIT_FROM, RUN_DIR, ...).
+#SBATCH --job-name=fe_sft_8b
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=16
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=12:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@600
+exec "${SLURM_SUBMIT_DIR:-.}/slurm/launch.sh" recipes/8b/fe_sft.yaml "$@"

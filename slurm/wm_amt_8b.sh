@@ -1,0 +1,19 @@
+#!/bin/bash
+# WM-AMT (world-model agentic mid-training) at Llama 3 8B: recipes/8b/wm_amt.yaml on 2 node(s) of 8 H100s (the recipe's
+# launch section; `foresight plan recipes/8b/wm_amt.yaml` shows its memory per GPU).
+#   sbatch slurm/wm_amt_8b.sh [section.key=value ...]        (from the repository root)
+# Writes runs/wm_amt_8b; resubmitting or a requeue continues it. slurm/launch.sh lists the
+# variables (CONTAINER_IMAGE, DATA_DIR, TOKENIZER_DIR, INIT_FROM, RUN_DIR, ...).
+#SBATCH --job-name=wm_amt_8b
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=16
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=12:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@600
+exec "${SLURM_SUBMIT_DIR:-.}/slurm/launch.sh" recipes/8b/wm_amt.yaml "$@"

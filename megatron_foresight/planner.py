@@ -124,6 +124,7 @@ class Plan:
     hardware_flops_per_step: float
     tokens_per_step: int
     distributed_optimizer: bool = False
+    precision: str = ""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -135,6 +136,21 @@ class Plan:
         out["memory_bytes"] = {**asdict(self.memory), "total": self.memory.total}
         out["fits"] = self.fits
         return out
+
+
+def describe_precision(cfg: RecipeConfig) -> str:
+    """The recipe's numerics and layer implementation, as the cluster will run them."""
+    m = cfg.model
+    layers = {"auto": "Transformer Engine layers on CUDA (local layers without it)",
+              "transformer_engine": "Transformer Engine layers (CUDA only)",
+              "local": "Megatron-Core local layers"}[m.transformer_impl]
+    text = f"{m.precision}, {layers}"
+    if m.fp8:
+        text += (f"; FP8 {m.fp8} (delayed scaling, amax history {m.fp8_amax_history_len}, "
+                 f"{m.fp8_amax_compute_algo}; CUDA + Transformer Engine only)")
+    if m.recompute_granularity:
+        text += f"; {m.recompute_granularity} activation recomputation"
+    return text
 
 
 def count_parameters(cfg: RecipeConfig, padded_vocab: int) -> ParamCounts:
@@ -281,7 +297,7 @@ def plan(cfg: RecipeConfig, nodes: int, gpus_per_node: int, gpu_memory_gib: floa
                   memory=worst, gpu_memory=int(gpu_memory_gib * GIB),
                   model_flops_per_step=model_flops, hardware_flops_per_step=hardware_flops,
                   tokens_per_step=tokens, distributed_optimizer=p.use_distributed_optimizer,
-                  notes=notes)
+                  precision=describe_precision(cfg), notes=notes)
     if not result.fits:
         parts = _memory_rows(worst)
         biggest = max(parts[:-1], key=lambda kv: kv[1])
@@ -358,6 +374,7 @@ def format_plan(pl: Plan, peak_tflops: float = H100_BF16_DENSE_TFLOPS, mfu: floa
         f"{pl.gpus_per_node} GPU(s) = {pl.world_size}",
         f"layout: TP {pl.tp} x PP {pl.pp}" + (f" (VPP {pl.vpp})" if pl.vpp > 1 else "")
         + f" x CP {pl.cp} x DP {pl.dp}; {pl.microbatches} microbatch(es) per step per DP rank",
+        f"precision: {pl.precision}",
         f"model: {pl.parameters / 1e9:.3f}B parameters (vocabulary padded to {pl.padded_vocab}); "
         f"{pl.memory.parameters / 1e9:.3f}B on one GPU of pipeline stage {pl.memory.stage}",
         f"per-GPU memory (pipeline stage {pl.memory.stage}, the fullest):",

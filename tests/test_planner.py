@@ -130,5 +130,20 @@ def test_plan_command_prints_the_table_and_fails_with_status_2(capsys):
     out = capsys.readouterr().out
     assert "8 node(s) x 8 GPU(s) = 64" in out and "TP 8 x PP 4 (VPP 5) x CP 1 x DP 2" in out
     assert "(without the distributed optimizer: 25.38 GiB)" in out
+    assert ("precision: bf16, Transformer Engine layers on CUDA (local layers without it); "
+            "FP8 hybrid (delayed scaling, amax history 1024, max; CUDA + Transformer Engine "
+            "only)") in out
     assert main(["plan", str(ROOT / "recipes/70b/wm_amt.yaml"), "--nodes", "3"]) == 2
     assert "must be divisible by tensor x pipeline" in capsys.readouterr().err
+
+
+def test_fp8_fields_of_a_recipe_become_transformer_engine_settings():
+    """The FP8 wiring that only runs on CUDA, checked as data here (no GPU on this machine):
+    the recipe's fields are what TransformerConfig receives; the CPU path refuses FP8 (see
+    tests/test_cli.py)."""
+    from megatron_foresight.models.provider import fp8_settings
+
+    assert fp8_settings(_load("recipes/70b/wm_amt.yaml").model) == dict(
+        fp8="hybrid", fp8_recipe="delayed", fp8_amax_history_len=1024,
+        fp8_amax_compute_algo="max")
+    assert fp8_settings(_load("recipes/1b/wm_amt.yaml").model) == {}  # 1B trains in bf16

@@ -63,16 +63,22 @@ def _check_local_path(cfg: RecipeConfig, impl: str) -> None:
                               "support it. Set it to false on this machine.") from None
 
 
+def fp8_settings(m) -> dict:
+    """The TransformerConfig fields of the recipe's FP8 choice: Transformer Engine's delayed
+    scaling (per-tensor scales from an amax history), hybrid = E4M3 forward, E5M2 gradients."""
+    if not m.fp8:
+        return {}
+    return dict(fp8=m.fp8, fp8_recipe="delayed", fp8_amax_history_len=m.fp8_amax_history_len,
+                fp8_amax_compute_algo=m.fp8_amax_compute_algo)
+
+
 def transformer_config(cfg: RecipeConfig, use_te: bool):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     m, p = cfg.model, cfg.parallel
     dtype = _DTYPES[m.precision]
     cuda = torch.cuda.is_available()
-    fp8 = {}
-    if m.fp8:
-        fp8 = dict(fp8=m.fp8, fp8_recipe="delayed", fp8_amax_history_len=m.fp8_amax_history_len,
-                   fp8_amax_compute_algo=m.fp8_amax_compute_algo)
+    fp8 = fp8_settings(m)
     recompute = {}
     if m.recompute_granularity:
         recompute = dict(recompute_granularity=m.recompute_granularity)

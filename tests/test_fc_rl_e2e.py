@@ -1,6 +1,6 @@
 """FC-RL through the real command line on a small world (slow): a run stopped after an RL step
-resumes from its checkpoint and continues exactly as an uninterrupted run; TP=2 rollouts and
-update give the losses of TP=1."""
+resumes from its checkpoint and continues exactly as an uninterrupted run (GRPO, and PPO with its
+value head); TP=2 rollouts and update give the losses of TP=1."""
 
 import json
 
@@ -73,3 +73,21 @@ def test_tp2_rollouts_and_update_match_tp1(small_world, policy, straight, tmp_pa
     assert b["rollout/agent_tokens"] == a["rollout/agent_tokens"]  # the same episodes
     for key in ("reward/total", "policy_loss", "grad_norm"):
         assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_ppo_with_its_value_head_resumes_exactly(small_world, policy, tmp_path):
+    """PPO's critic starts fresh on the FE-SFT weights, is trained, saved and restored: the
+    second step of a resumed run equals the uninterrupted run's, value loss included."""
+    args = ("fc_rl.algorithm=ppo", "schedule.train_steps=2", "logging.log_interval=1")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    proc = _train(small_world, tmp_path, straight, *args, policy=policy)
+    assert "value_head. newly initialized" in proc.stdout + proc.stderr
+    _train(small_world, tmp_path, split, *args, "--stop-at-step", "1", policy=policy)
+    _train(small_world, tmp_path, split, *args, "--resume", policy=policy)
+    a, b = _steps(straight), _steps(split)
+    assert a[1]["grad_norm"] > 0 and a[1]["value_loss"] > 0
+    assert a[2]["critic/value_mean"] != 0  # step 1 moved the critic, which was zero at start
+    for key in ("reward/total", "critic/value_mean", "critic/return_mean", "policy_loss",
+                "value_loss", "grad_norm"):
+        assert b[2][key] == pytest.approx(a[2][key], rel=1e-5, abs=1e-7), key

@@ -84,6 +84,51 @@ def test_each_reward_is_credited_to_its_own_tokens_by_hand():
     assert scored[0].rewards["total"] == pytest.approx(1 + 0.5 * (-0.01) + 0.5 * 1.0)
 
 
+def test_ppo_rewards_sit_on_the_last_token_of_the_block_that_earned_them():
+    tok = ByteTokenizer()
+    text = _turn(0.9, "The answer is correct.")
+    right, wrong = _record(tok, text, True), _record(tok, text, False)
+    scored = score_groups([right, wrong], 2, tok, RewardWeights(1.0, 0.5, 0.5, 0.5))
+    spans = credit_spans(tok, right.turns[0].ids)
+    for x, task, calibration, fidelity in ((scored[0], 1.0, -0.01, 1.0),
+                                           (scored[1], 0.0, -0.81, 2 / 3)):
+        start, n = x.record.turns[0].start, len(x.record.turns[0].ids)
+        expected = torch.zeros(len(x.record.ids))
+        expected[start + spans["value"][1] - 1] += 0.5 * calibration
+        expected[start + spans["rollout"][1] - 1] += 0.5 * fidelity
+        expected[start + n - 1] += 0.5 * 0.0 + 1.0 * task     # format 0, then the task reward
+        assert x.token_rewards.tolist() == pytest.approx(expected.tolist(), abs=1e-6)
+        sample = to_sample(x, 512, tok.eod)                   # aligned like the advantages
+        assert sample["token_rewards"][:len(x.record.ids) - 1].tolist() == pytest.approx(
+            expected[1:].tolist(), abs=1e-6)
+
+
+def test_value_head_reads_the_final_norm_and_trains_the_trunk(megatron_cpu):
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.models.provider import build_model
+    from megatron_foresight.rl.value_head import attach_value_head
+    from helpers.run import REPO
+
+    torch.manual_seed(5)
+    (model,) = build_model(load_recipe(REPO / "recipes" / "tiny-cpu" / "lm.yaml"), 384)
+    head = attach_value_head(model)
+    assert "value_head.linear.weight" in model.state_dict()   # checkpointed with the model
+    with torch.no_grad():
+        head.linear.weight.normal_()
+        head.linear.bias.fill_(0.25)
+    tokens = torch.randint(0, 300, (2, 16))
+    positions = torch.arange(16).expand(2, 16)
+    hidden = {}
+    model.decoder.final_layernorm.register_forward_hook(
+        lambda _m, _i, out: hidden.setdefault("h", out.detach()))
+    ce = model(tokens, positions, None, labels=tokens)
+    assert head.last.shape == ce.shape == (2, 16)            # [batch, sequence], like the loss
+    by_hand = hidden["h"].transpose(0, 1) @ head.linear.weight[0] + 0.25
+    assert torch.allclose(head.last, by_hand, atol=1e-4)
+    head.last.sum().backward()                               # the critic's gradient
+    assert model.decoder.layers[0].mlp.linear_fc1.weight.grad.abs().sum() > 0  # reaches the trunk
+
+
 def test_to_sample_cuts_an_episode_longer_than_the_sequence():
     tok = ByteTokenizer()
     record = _record(tok, _turn(0.5, "x" * 100), True)

@@ -96,11 +96,17 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     return loss, metrics
 
 
-def value_loss(values: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor,
-               mask: torch.Tensor, clip: float | None = 0.2) -> torch.Tensor:
-    """PPO's critic loss: 0.5 x max((v - R)^2, (clip(v, v_old +- clip) - R)^2) over the mask."""
+def per_token_value_loss(values: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor,
+                         clip: float | None = 0.2) -> torch.Tensor:
+    """PPO's critic loss per token: 0.5 x max((v - R)^2, (clip(v, v_old +- clip) - R)^2)."""
     err = (values - returns) ** 2
     if clip is not None:
         clipped = old_values + (values - old_values).clamp(-clip, clip)
         err = torch.maximum(err, (clipped - returns) ** 2)
-    return 0.5 * aggregate(err, mask, "token")
+    return 0.5 * err
+
+
+def value_loss(values: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor,
+               mask: torch.Tensor, clip: float | None = 0.2) -> torch.Tensor:
+    """PPO's critic loss, the mean of `per_token_value_loss` over the mask."""
+    return aggregate(per_token_value_loss(values, returns, old_values, clip), mask, "token")

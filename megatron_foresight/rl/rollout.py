@@ -43,6 +43,11 @@ class ScoredEpisode:
     """[len(record.ids)] advantage of each token (0 off the agent's tokens)."""
     rewards: dict[str, float] = field(default_factory=dict)
     """Each component (a turn component averaged over the episode's turns) and `total`."""
+    token_rewards: torch.Tensor | None = None
+    """[len(record.ids)] PPO's per-token rewards, weighted, each where it was earned: a turn's
+    calibration reward on the last token of its <value> block, its fidelity reward on the last
+    token of its <rollout> block (on the turn's last token when the block is missing), its
+    format reward on the turn's last token, the task reward on the episode's last agent token."""
 
 
 def episode_total(rewards: dict[str, float], weights: RewardWeights) -> float:
@@ -63,7 +68,8 @@ def score_groups(records: Sequence[EpisodeRecord], group_size: int, tokenizer,
     baselined = {name: group_baseline([getattr(tr, name) for _, _, tr in turns], groups,
                                       normalize_std)
                  for name in ("calibration", "fidelity", "format")}
-    out = [ScoredEpisode(r, torch.zeros(len(r.ids)), {"task": r.reward}) for r in records]
+    out = [ScoredEpisode(r, torch.zeros(len(r.ids)), {"task": r.reward},
+                         torch.zeros(len(r.ids))) for r in records]
     per_episode: dict[int, list] = {}
     for i, (e, k, tr) in enumerate(turns):
         per_episode.setdefault(e, []).append(tr)
@@ -76,7 +82,17 @@ def score_groups(records: Sequence[EpisodeRecord], group_size: int, tokenizer,
             if kind in spans:
                 s, t = spans[kind]
                 adv[a + s:a + t] += getattr(weights, name) * baselined[name][i]
+        if n:
+            earned = out[e].token_rewards
+            earned[a + n - 1] += weights.format * tr.format
+            for kind, name in ((VALUE, "calibration"), (ROLLOUT, "fidelity")):
+                end = a + spans[kind][1] - 1 if kind in spans else a + n - 1
+                earned[end] += getattr(weights, name) * getattr(tr, name)
     for e, scored in enumerate(out):
+        last = scored.record.turns[-1] if scored.record.turns else None
+        if last is not None and last.ids:
+            end = last.start + len(last.ids) - 1
+            scored.token_rewards[end] += weights.task * scored.record.reward
         trs = per_episode.get(e, [])
         for name in ("calibration", "fidelity", "format"):
             scored.rewards[name] = sum(getattr(tr, name) for tr in trs) / len(trs) if trs else 0.0
@@ -109,4 +125,5 @@ def to_sample(scored: ScoredEpisode, seq_length: int, pad_id: int) -> dict[str, 
     return {"tokens": pad(ids[:-1], pad_id), "labels": pad(ids[1:], pad_id),
             "position_ids": torch.arange(seq_length),
             "loss_mask": pad(mask[1:n + 1]), "advantages": pad(scored.advantages[1:n + 1]),
-            "rollout_logprobs": pad(logprobs[1:n + 1])}
+            "rollout_logprobs": pad(logprobs[1:n + 1]),
+            "token_rewards": pad(scored.token_rewards[1:n + 1])}

@@ -148,14 +148,20 @@ def _check_optimizer_kind(path: Path, common: dict, distributed_optimizer: bool)
 
 def load_checkpoint(path: Path, *, chunks: list, ctx: ParallelContext, optimizer=None,
                     scheduler=None, optimizer_sharding: str = "fully_reshardable",
-                    distributed_optimizer: bool = False) -> dict:
+                    distributed_optimizer: bool = False, fresh: tuple[str, ...] = ()) -> dict:
     """Load model weights, and when `optimizer` is given the optimizer, schedule and RNG too.
+    `fresh`: prefixes of model state this run adds to the checkpoint's model (a stage's new
+    module, such as PPO's value head), which are not read and keep their initial values.
     Returns the checkpoint's common state (progress, layout, config)."""
     from megatron.core import dist_checkpointing
 
     common = read_common(path)
     metadata = _metadata(optimizer_sharding)
     template = _model_state(chunks, metadata)
+    if fresh:
+        for state in template.values():
+            for key in [k for k in state if k.startswith(fresh)]:
+                del state[key]
     if optimizer is not None:
         if not common.get("has_optimizer", True):
             raise CheckpointError(f"{path} was saved without optimizer state "
@@ -170,7 +176,11 @@ def load_checkpoint(path: Path, *, chunks: list, ctx: ParallelContext, optimizer
         template["rng_state"] = _rng_object(ctx, None)
     loaded = dist_checkpointing.load(template, str(path))
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+        state = loaded["model" if len(chunks) == 1 else f"model{i}"]
+        if fresh:
+            own = getattr(chunk, "module", chunk).state_dict()  # unwrapped, as loaded
+            state.update({k: v for k, v in own.items() if k.startswith(fresh)})
+        chunk.load_state_dict(state)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["scheduler"])

@@ -135,6 +135,8 @@ def build_run(cfg: RecipeConfig, ctx: ParallelContext, run_dir: Path) -> Run:
         cache_dir=Path(cfg.data.cache_dir or Path(cfg.logging.runs_root) / "cache"),
     ))
     chunks = build_model(cfg, cfg.padded_vocab_size(tokenizer.vocab_size), ctx.pg_collection)
+    if hasattr(plugin, "extend_model"):  # modules a stage adds to the model (PPO's value head)
+        plugin.extend_model(chunks)
     config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
@@ -169,8 +171,10 @@ def restore(run: Run, resume: bool) -> None:
         source = ckpt.find_checkpoint(init_from)
         if source is None:
             raise UsageError(f"checkpoint.init_from={init_from}: no complete checkpoint there")
-        ckpt.load_checkpoint(source, chunks=run.chunks, ctx=run.ctx)
-        log.info("initialized model weights from %s", source)
+        fresh = tuple(getattr(run.plugin, "fresh_modules", ()))
+        ckpt.load_checkpoint(source, chunks=run.chunks, ctx=run.ctx, fresh=fresh)
+        log.info("initialized model weights from %s%s", source,
+                 f" ({', '.join(fresh)} newly initialized)" if fresh else "")
 
 
 # --------------------------------------------------------------------------------------------

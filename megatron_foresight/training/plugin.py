@@ -19,6 +19,12 @@ by the current model, as samples of the same form, with whatever extra per-token
 `loss` reads) and takes optimizer steps over them (`training.loop.on_policy_step`);
 `validate(run) -> metrics` replaces the validation-set loss.
 
+A stage that adds modules to the model (PPO's value head) defines `extend_model(chunks)`, called
+after the model is built and before DDP and the optimizer wrap it, so the new parameters are
+trained and checkpointed with the rest; `fresh_modules` lists the state-dict prefixes of what it
+added, which `checkpoint.init_from` (the previous stage's checkpoint) does not have and therefore
+does not load.
+
 The loop, parallelism, checkpoints and logging belong to the framework; plugins depend on it,
 never the reverse (plugins are found by name, not imported by the core).
 """

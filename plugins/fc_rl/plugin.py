@@ -1,4 +1,4 @@
-"""FC-RL, foresight-conditioned RL (GRPO), as an on-policy stage plugin.
+"""FC-RL, foresight-conditioned RL (GRPO or PPO), as an on-policy stage plugin.
 
 Each step (`collect`): G episodes of each of `prompts_per_step` training tasks are played by
 the current policy (the multi-turn agent loop with the KV cache, temperature / top-p); rewards
@@ -7,6 +7,12 @@ calibration on each <value>, fidelity on each <rollout>, format on each turn); t
 log-probabilities of the sampled ids are recomputed by the policy before any update (and by
 the frozen reference when `kl_coef` > 0). The framework then takes `epochs` passes of optimizer
 steps over the episodes, `schedule.global_batch_size` episodes per step, with `loss` below.
+
+With `algorithm: ppo` the advantages come instead from generalized advantage estimation with a
+critic: a value head on the policy's final hidden states (`rl.value_head`), trained with PPO's
+clipped value loss beside the policy loss. Its per-token rewards sit where they were earned
+(`ScoredEpisode.token_rewards`), and the critic's baseline is what keeps a block's reward on
+that block's tokens.
 
 Token in, token out: the ids trained on are the ids sampled (`rl.rollout.to_sample`)."""
 
@@ -25,8 +31,12 @@ from megatron_foresight.configtree import check
 from megatron_foresight.eval.agent_eval import WorldEnvs, score_episodes
 from megatron_foresight.inference.agent import run_episodes
 from megatron_foresight.inference.generate import Generator, Sampling
-from megatron_foresight.rl.loss import masked_sums, per_token_policy_loss, truncated_is_weights
+from megatron_foresight.rl.advantages import gae
+from megatron_foresight.rl.loss import (
+    masked_sums, per_token_policy_loss, per_token_value_loss, truncated_is_weights,
+)
 from megatron_foresight.rl.rollout import COMPONENTS, RewardWeights, score_groups, to_sample
+from megatron_foresight.rl.value_head import PREFIX as VALUE_HEAD, attach_value_head
 from megatron_foresight.training.data import collate
 from megatron_foresight.training.plugin import BuildContext, StageData
 
@@ -35,14 +45,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Config:
-    """Foresight-conditioned RL with GRPO on the built world's tasks (data.world)."""
+    """Foresight-conditioned RL (GRPO or PPO) on the built world's tasks (data.world)."""
 
+    algorithm: Literal["grpo", "ppo"] = "grpo"
+    """grpo: advantages from each prompt's group of samples, no critic. ppo: generalized
+    advantage estimation with a value head on the policy (trained beside it)."""
     split: str = "train"
     """Tasks the policy trains on (the world's tasks/{search,math}-SPLIT.jsonl)."""
     prompts_per_step: int = 4
     """Tasks per step and data-parallel rank; each is played group_size times."""
     group_size: int = 4
-    """G: samples per task, normalized against each other (GRPO)."""
+    """G: samples per task, normalized against each other (GRPO; PPO may use 1)."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 320
@@ -58,7 +71,16 @@ class Config:
     aggregation: Literal["token", "sequence"] = "token"
     """Mean over every agent token of the batch, or per episode first."""
     normalize_std: bool = True
-    """Divide group-centred rewards by the group's std (GRPO); false: centre only (Dr. GRPO)."""
+    """GRPO: divide group-centred rewards by the group's std (false: centre only, Dr. GRPO).
+    PPO: whiten the advantages over the step's agent tokens."""
+    gamma: float = 1.0
+    """PPO: discount per agent token (environment tokens are skipped)."""
+    gae_lambda: float = 0.95
+    """PPO: GAE's lambda (1: Monte-Carlo returns minus the value; 0: one-step TD)."""
+    value_coef: float = 0.5
+    """PPO: weight of the critic's loss beside the policy loss."""
+    value_clip: Optional[float] = 0.2
+    """PPO: clip each new value to old value +- this in the critic loss; null: no clip."""
     calibration_rule: Literal["brier", "log"] = "brier"
     reward_weights: dict[str, float] = field(default_factory=lambda: {
         "task": 1.0, "calibration": 0.5, "fidelity": 0.5, "format": 0.5})
@@ -72,7 +94,12 @@ class Config:
     def __post_init__(self):
         for name in ("prompts_per_step", "group_size", "max_new_tokens", "epochs"):
             check(getattr(self, name) >= 1, name, "must be at least 1")
-        check(self.group_size >= 2, "group_size", "GRPO needs at least 2 samples per task")
+        check(self.group_size >= 2 or self.algorithm == "ppo", "group_size",
+              "GRPO needs at least 2 samples per task")
+        check(0 < self.gamma <= 1, "gamma", "must be in (0, 1]")
+        check(0 <= self.gae_lambda <= 1, "gae_lambda", "must be in [0, 1]")
+        check(self.value_coef >= 0, "value_coef", "must be >= 0")
+        check(self.value_clip is None or self.value_clip > 0, "value_clip", "null or > 0")
         check(self.temperature > 0, "temperature", "RL samples; must be > 0")
         check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         check(self.clip_low >= 0 and self.clip_high >= 0, "clip_low", "clips are >= 0")
@@ -110,7 +137,16 @@ class ForesightRLStage:
         check(len(self.train_tasks) > 0, "fc_rl.split", f"no {stage.split} tasks in the world")
         self.weights = RewardWeights(**stage.reward_weights)
         self.reference = None
+        self.value_head = None
+        self.fresh_modules = ()
         return StageData(train=[], valid=None)
+
+    def extend_model(self, chunks: list) -> None:
+        """PPO: the critic, a value head on the policy's last stage. The FE-SFT checkpoint that
+        checkpoint.init_from names has none, so it starts fresh there (a resumed run loads it)."""
+        if self.stage.algorithm == "ppo":
+            self.value_head = attach_value_head(chunks[-1])
+            self.fresh_modules = (VALUE_HEAD,)
 
     # ----------------------------------------------------------------------------------------
     # rollout
@@ -165,9 +201,12 @@ class ForesightRLStage:
             for i in range(0, len(samples), mbs):
                 batch = collate(samples[i:i + mbs])
                 old = _logprobs(model, batch)
+                values = self.value_head.last if self.value_head is not None else None
                 ref = _logprobs(self._reference(run), batch) if s.kl_coef else None
                 for j, sample in enumerate(samples[i:i + mbs]):
                     sample["old_logprobs"] = old[j]
+                    if values is not None:
+                        sample["old_values"] = values[j]
                     if ref is not None:
                         sample["ref_logprobs"] = ref[j]
                 mask = batch["loss_mask"] > 0
@@ -179,6 +218,8 @@ class ForesightRLStage:
         model.train()
         metrics = {f"reward/{k}": sum(x.rewards[k] for x in scored) / len(scored)
                    for k in (*COMPONENTS, "total")}
+        if self.value_head is not None:
+            metrics.update(self._gae(samples))
         episodes = score_episodes(records)
         metrics.update({"rollout/format_validity": episodes["format_validity"],
                         "rollout/turns_per_episode": episodes["turns_per_episode"],
@@ -194,6 +235,24 @@ class ForesightRLStage:
             metrics["logprob_gap_max"] = gap_max
         return samples, metrics
 
+    def _gae(self, samples: list[dict]) -> dict[str, float]:
+        """PPO: replace each sample's advantages by GAE over its per-token rewards and the
+        critic's values at rollout time; add the returns the critic regresses on."""
+        s = self.stage
+        mask = torch.stack([x["loss_mask"] for x in samples]).float()
+        values = torch.stack([x["old_values"] for x in samples]) * mask
+        rewards = torch.stack([x["token_rewards"] for x in samples]).float()
+        adv, returns = gae(rewards, values, mask, s.gamma, s.gae_lambda)
+        n = mask.sum().clamp(min=1)
+        if s.normalize_std:
+            mean = (adv * mask).sum() / n
+            std = (((adv - mean) * mask) ** 2).sum().div(n).sqrt()
+            adv = (adv - mean) / (std + 1e-6) * mask
+        for i, x in enumerate(samples):
+            x["advantages"], x["returns"] = adv[i], returns[i]
+        return {"critic/value_mean": ((values * mask).sum() / n).item(),
+                "critic/return_mean": ((returns * mask).sum() / n).item()}
+
     # ----------------------------------------------------------------------------------------
     # loss
 
@@ -206,12 +265,17 @@ class ForesightRLStage:
             -per_token_ce.float(), batch["old_logprobs"].float(), batch["advantages"].float(),
             s.clip_low, s.clip_high, batch["ref_logprobs"].float() if s.kl_coef else None,
             s.kl_coef, s.kl_estimator, is_weights)
-        # the framework divides the sum by the count summed over microbatches and ranks
-        loss_sum, count = masked_sums(per_token, mask, s.aggregation)
         n = mask.sum()
         pair = lambda x: torch.stack([(x * mask).sum(), n])  # noqa: E731
         metrics = {"policy_loss": pair(per_token.detach()), "clip_fraction": pair(parts["clipped"]),
                    "ratio_mean": pair(parts["ratio"])}
+        if self.value_head is not None:  # PPO: the critic's clipped loss on the same tokens
+            critic = per_token_value_loss(self.value_head.last, batch["returns"].float(),
+                                          batch["old_values"].float(), s.value_clip)
+            per_token = per_token + s.value_coef * critic
+            metrics["value_loss"] = pair(critic.detach())
+        # the framework divides the sum by the count summed over microbatches and ranks
+        loss_sum, count = masked_sums(per_token, mask, s.aggregation)
         if "kl" in parts:
             metrics["kl"] = pair(parts["kl"])
         return loss_sum, count.int(), metrics

@@ -28,6 +28,7 @@
 #                    (PROJECT_DIR, and DATA_DIR when set, are always mounted)
 #   MASTER_PORT      rendezvous port (default: 20000 + job id mod 20000)
 set -euo pipefail
+# (empty arrays are expanded as ${a[@]+"${a[@]}"}: bash before 4.4 calls "${a[@]}" unbound)
 
 if [[ $# -lt 1 ]]; then
     echo "usage: launch.sh RECIPE [section.key=value ...] [train options]" >&2
@@ -87,9 +88,9 @@ echo "job ${SLURM_JOB_ID:-none} (restart ${SLURM_RESTART_COUNT:-0}): $RECIPE on 
      "$GPUS_PER_NODE task(s), run directory $RUN_DIR, rendezvous $MASTER_ADDR:$MASTER_PORT"
 
 # 1. The plan: refuse a layout that cannot run before any training process starts.
-srun --nodes=1 --ntasks=1 "${container[@]}" \
+srun --nodes=1 --ntasks=1 ${container[@]+"${container[@]}"} \
     "$FORESIGHT" plan "$RECIPE" --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" \
-    "${overrides[@]}"
+    ${overrides[@]+"${overrides[@]}"}
 
 # 2.-4. Training, one task per GPU, in the background so the time-limit signal is handled now.
 stopping=0
@@ -101,9 +102,10 @@ on_time_limit() {
 }
 trap on_time_limit USR1
 
-srun --kill-on-bad-exit=1 --ntasks-per-node="$GPUS_PER_NODE" "${container[@]}" \
+srun --kill-on-bad-exit=1 --ntasks-per-node="$GPUS_PER_NODE" ${container[@]+"${container[@]}"} \
     --output="$LOG_DIR/%x-%j.log" --open-mode=append \
-    "$FORESIGHT" train "$RECIPE" "${overrides[@]}" "${train_options[@]}" \
+    "$FORESIGHT" train "$RECIPE" ${overrides[@]+"${overrides[@]}"} \
+    ${train_options[@]+"${train_options[@]}"} \
     --run-dir "$RUN_DIR" --resume &
 srun_pid=$!
 status=0

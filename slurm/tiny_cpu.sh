@@ -4,6 +4,7 @@
 #   sbatch slurm/tiny_cpu.sh [section.key=value ...]
 #   RECIPE=recipes/tiny-cpu/wm_amt.yaml sbatch slurm/tiny_cpu.sh
 # RECIPE defaults to recipes/tiny-cpu/lm.yaml; slurm/launch.sh lists the other variables.
+# Partition and account are site-specific: sbatch -p PARTITION -A ACCOUNT slurm/...
 #SBATCH --job-name=tiny_cpu
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=2

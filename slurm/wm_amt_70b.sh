@@ -4,6 +4,7 @@
 #   sbatch slurm/wm_amt_70b.sh [section.key=value ...]        (from the repository root)
 # Writes runs/wm_amt_70b; resubmitting or a requeue continues it. slurm/launch.sh lists the
 # variables (CONTAINER_IMAGE, DATA_DIR, TOKENIZER_DIR, INIT_FROM, RUN_DIR, ...).
+# Partition and account are site-specific: sbatch -p PARTITION -A ACCOUNT slurm/...
 #SBATCH --job-name=wm_amt_70b
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=8

@@ -334,7 +334,8 @@ def step_flops(cfg: RecipeConfig, counts: ParamCounts, dp: int) -> tuple[float, 
 
 def _tokenizer_vocab(cfg: RecipeConfig) -> int:
     """The tokenizer's vocabulary when model.vocab_size is null: read from the tokenizer file,
-    or, for a built-in world not built yet, the size the world builder gives its tokenizer."""
+    or, for a built-in world not built yet, the size the world builder asks sentencepiece for
+    (an upper bound: the built world's tokenizer may come out smaller)."""
     tok = cfg.data.tokenizer_config()
     if tok.type == "byte":
         from megatron_foresight.data.tokenizer import ByteTokenizer

@@ -129,6 +129,26 @@ def test_value_head_reads_the_final_norm_and_trains_the_trunk(megatron_cpu):
     assert model.decoder.layers[0].mlp.linear_fc1.weight.grad.abs().sum() > 0  # reaches the trunk
 
 
+def test_padded_vocabulary_gets_no_probability_in_training_as_in_sampling(megatron_cpu):
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.models.provider import build_model, mask_padded_vocab
+    from helpers.run import REPO
+
+    torch.manual_seed(6)
+    (model,) = build_model(load_recipe(REPO / "recipes" / "tiny-cpu" / "lm.yaml"), 384)
+    tokens = torch.randint(0, 300, (2, 12))
+    positions = torch.arange(12).expand(2, 12)
+    before = model(tokens, positions, None, labels=tokens)
+    mask_padded_vocab(model, 300)                           # ids 300..383 are padding
+    logits = model(tokens, positions, None, runtime_gather_output=True)
+    assert torch.isinf(logits[..., 300:]).all() and torch.isfinite(logits[..., :300]).all()
+    ce = model(tokens, positions, None, labels=tokens)      # the loss path (vocab-parallel CE)
+    logp = torch.log_softmax(logits[..., :300].float(), -1)
+    by_hand = -logp.gather(-1, tokens[..., None])[..., 0]
+    assert torch.allclose(ce, by_hand, atol=1e-5)
+    assert (ce < before).all()                              # the padded rows had taken mass
+
+
 def test_to_sample_cuts_an_episode_longer_than_the_sequence():
     tok = ByteTokenizer()
     record = _record(tok, _turn(0.5, "x" * 100), True)

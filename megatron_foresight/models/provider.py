@@ -213,3 +213,29 @@ def _build_chunk(cfg: RecipeConfig, config, spec, padded_vocab_size: int, vp_sta
     if config.fp16 or config.bf16:
         model = Float16Module(config, model)
     return model
+
+
+def mask_padded_vocab(model, vocab_size: int) -> None:
+    """Give the padded vocabulary rows (ids past the tokenizer's `vocab_size`, which exist only
+    because the embedding is padded to a multiple of make_vocab_size_divisible_by) a logit of
+    -inf, in training and scoring as in sampling (`inference.generate` never draws them). Then
+    the log-probabilities the trainer recomputes are those of the distribution the sampler drew
+    from. A forward hook on the last stage's output layer, which sees either this rank's
+    vocabulary shard or, with runtime_gather_output, all of it."""
+    inner = getattr(model, "module", model)
+    layer = getattr(inner, "output_layer", None)
+    if layer is None or vocab_size >= layer.output_size:
+        return
+    full, local = layer.output_size, layer.output_size_per_partition
+
+    def hook(_module, _inputs, output):
+        from megatron.core import parallel_state as ps
+
+        logits, bias = output
+        width = logits.shape[-1]
+        start = 0 if width == full else ps.get_tensor_model_parallel_rank() * local
+        padded = torch.arange(start, start + width, device=logits.device) >= vocab_size
+        return logits.masked_fill(padded, float("-inf")), bias
+
+    layer.register_forward_hook(hook)
+

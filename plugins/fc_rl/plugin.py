@@ -31,6 +31,7 @@ from megatron_foresight.configtree import check
 from megatron_foresight.eval.agent_eval import WorldEnvs, score_episodes
 from megatron_foresight.inference.agent import run_episodes
 from megatron_foresight.inference.generate import Generator, Sampling
+from megatron_foresight.models.provider import mask_padded_vocab
 from megatron_foresight.rl.advantages import gae
 from megatron_foresight.rl.loss import (
     masked_sums, per_token_policy_loss, per_token_value_loss, truncated_is_weights,
@@ -142,8 +143,11 @@ class ForesightRLStage:
         return StageData(train=[], valid=None)
 
     def extend_model(self, chunks: list) -> None:
-        """PPO: the critic, a value head on the policy's last stage. The FE-SFT checkpoint that
-        checkpoint.init_from names has none, so it starts fresh there (a resumed run loads it)."""
+        """Padded vocabulary rows get -inf logits (the sampler never draws them), so trained and
+        sampled log-probabilities agree. PPO: the critic, a value head on the policy's last
+        stage; the FE-SFT checkpoint that checkpoint.init_from names has none, so it starts
+        fresh there (a resumed run loads it)."""
+        mask_padded_vocab(chunks[-1], self.tokenizer.vocab_size)
         if self.stage.algorithm == "ppo":
             self.value_head = attach_value_head(chunks[-1])
             self.fresh_modules = (VALUE_HEAD,)
@@ -165,6 +169,7 @@ class ForesightRLStage:
 
             chunks = build_model(self.cfg, self.cfg.padded_vocab_size(self.tokenizer.vocab_size),
                                  run.ctx.pg_collection)
+            mask_padded_vocab(chunks[-1], self.tokenizer.vocab_size)
             ckpt.load_checkpoint(ckpt.find_checkpoint(self.cfg.checkpoint.init_from),
                                  chunks=chunks, ctx=run.ctx)
             self.reference = chunks[0].eval()

@@ -286,7 +286,11 @@ def _cmd_plan(args) -> int:
     from megatron_foresight.config import load_recipe
     from megatron_foresight.planner import format_plan, plan, plan_json
 
-    cfg = load_recipe(args.recipe, args.overrides)
+    import warnings
+
+    with warnings.catch_warnings():  # loading a stage plugin imports Megatron, which warns
+        warnings.simplefilter("ignore")  # about TE / Apex: noise on a login node
+        cfg = load_recipe(args.recipe, args.overrides)
     launch, env = cfg.launch, os.environ
     nodes = args.nodes or int(env.get("SLURM_JOB_NUM_NODES", 0)) or launch.nodes
     per_node = (args.gpus_per_node or int(env.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0])

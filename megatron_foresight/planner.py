@@ -8,8 +8,9 @@ models/provider.py) and are meant for choosing a layout, not to the last GiB:
 * Parameters per GPU: every matrix is split over tensor-parallel ranks, norms are replicated,
   layers split evenly over pipeline stages; the embedding sits on the first stage and the output
   layer (or, with tied embeddings and PP > 1, a copy of the embedding) on the last.
-* Weights take 2 bytes (bf16 / fp16) or 4 (fp32) per parameter; FP8 runs keep bf16 weights (TE
-  casts to FP8 per GEMM), so FP8 does not change this estimate.
+* Weights take 2 bytes (bf16 / fp16) or 4 (fp32) per parameter. FP8 runs keep the bf16 weights
+  and Transformer Engine also caches an FP8 copy of each layer matrix and of its transpose: 2
+  more bytes per matrix parameter (the embedding and output layer stay bf16).
 * Gradients: Megatron's DDP accumulates and reduces them in fp32 (`grad_reduce_in_fp32`),
   4 bytes per parameter, full size even with the distributed optimizer.
 * Optimizer state: Adam moments (8 bytes) plus fp32 master weights for bf16 / fp16 models
@@ -93,14 +94,16 @@ class StageMemory:
     reference_model: int = 0
     kv_cache: int = 0
     overhead: int = 0
+    fp8_weights: int = 0
     optimizer_other: int = 0
     """The optimizer state with the other choice of parallel.use_distributed_optimizer (not in
     the total)."""
 
     @property
     def total(self) -> int:
-        return (self.weights + self.gradients + self.optimizer + self.activations + self.logits
-                + self.reference_model + self.kv_cache + self.overhead)
+        return (self.weights + self.fp8_weights + self.gradients + self.optimizer
+                + self.activations + self.logits + self.reference_model + self.kv_cache
+                + self.overhead)
 
 
 @dataclass
@@ -261,10 +264,8 @@ def plan(cfg: RecipeConfig, nodes: int, gpus_per_node: int, gpu_memory_gib: floa
     microbatches = s.global_batch_size // (s.micro_batch_size * dp)
     half = m.precision != "fp32"
     rl = cfg.stage == "fc_rl" and cfg.stage_config is not None
-    if rl and pp > 1:
-        raise ConfigError("parallel.pipeline_model_parallel_size",
-                          f"FC-RL rollouts run with tensor and data parallelism only (PP is "
-                          f"{pp}); use PP=1 with more TP or more nodes")
+    if hasattr(cfg.stage_config, "check_recipe"):  # what the stage itself requires
+        cfg.stage_config.check_recipe(cfg)
     stages = []
     for stage in range(pp):
         n = _stage_parameters(cfg, counts, padded, stage)
@@ -279,6 +280,8 @@ def plan(cfg: RecipeConfig, nodes: int, gpus_per_node: int, gpu_memory_gib: floa
         mem = StageMemory(stage=stage, parameters=n, weights=weight_bytes, gradients=4 * n,
                           optimizer=optimizer, activations=_activations(cfg, microbatches, stage),
                           logits=logits, overhead=int(overhead_gib * GIB), optimizer_other=other)
+        if m.fp8:
+            mem.fp8_weights = 2 * (m.num_layers // pp) * (counts.per_layer_matrices // tp)
         if rl:
             rc = cfg.stage_config
             if rc.kl_coef > 0:
@@ -357,7 +360,10 @@ def _tokenizer_vocab(cfg: RecipeConfig) -> int:
 
 
 def _memory_rows(mem: StageMemory) -> list[tuple[str, int]]:
-    rows = [("weights", mem.weights), ("gradients (fp32)", mem.gradients),
+    rows = [("weights", mem.weights)]
+    if mem.fp8_weights:
+        rows.append(("FP8 weight copies (TE cache)", mem.fp8_weights))
+    rows += [("gradients (fp32)", mem.gradients),
             ("optimizer state", mem.optimizer), ("activations", mem.activations),
             ("logits (fp32, last stage)", mem.logits)]
     if mem.reference_model:

@@ -9,12 +9,12 @@
 #SBATCH --nodes=16
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=16
+#SBATCH --cpus-per-task=12     # 96 per node: fits 96-vCPU and 112-core H100 nodes
 #SBATCH --mem=0
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@600
+#SBATCH --signal=B:USR1@1800   # a 70B step plus a ~1 TB save
 exec "${SLURM_SUBMIT_DIR:-.}/slurm/launch.sh" recipes/70b/fc_rl.yaml "$@"

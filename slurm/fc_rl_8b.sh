@@ -9,7 +9,7 @@
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=16
+#SBATCH --cpus-per-task=12     # 96 per node: fits 96-vCPU and 112-core H100 nodes
 #SBATCH --mem=0
 #SBATCH --exclusive
 #SBATCH --time=12:00:00

@@ -23,10 +23,13 @@
 #   LOG_DIR          where the training tasks log, one file per job (<job name>-<job id>.log,
 #                    appended to across requeues; default: $RUN_DIR/logs)
 #   GPUS_PER_NODE    tasks per node (default: $SLURM_NTASKS_PER_NODE, else 8)
-#   FORESIGHT        the command (default: foresight on PATH, else $PROJECT_DIR/.venv/bin/foresight)
+#   FORESIGHT        the command (default: foresight on PATH or in the container, else
+#                    $PROJECT_DIR/.venv/bin/foresight)
 #   CONTAINER_IMAGE  run the tasks in this image (pyxis/enroot); CONTAINER_MOUNTS adds mounts
-#                    (PROJECT_DIR, and DATA_DIR when set, are always mounted)
-#   MASTER_PORT      rendezvous port (default: 20000 + job id mod 20000)
+#                    (PROJECT_DIR, RUN_DIR, LOG_DIR and, when set, DATA_DIR, TOKENIZER_DIR and
+#                    INIT_FROM are mounted at the same paths)
+#   MASTER_PORT      rendezvous port (default: 20000 + job id mod 20000); the address is always
+#                    the allocation's first node
 set -euo pipefail
 # (empty arrays are expanded as ${a[@]+"${a[@]}"}: bash before 4.4 calls "${a[@]}" unbound)
 
@@ -52,7 +55,7 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-8}}
 GPUS_PER_NODE=${GPUS_PER_NODE%%(*}          # "8(x2)" -> 8
 NODES=${SLURM_JOB_NUM_NODES:-1}
 if [[ -z ${FORESIGHT:-} ]]; then
-    if command -v foresight > /dev/null; then FORESIGHT=foresight
+    if [[ -n ${CONTAINER_IMAGE:-} ]] || command -v foresight > /dev/null; then FORESIGHT=foresight
     else FORESIGHT=$PROJECT_DIR/.venv/bin/foresight; fi
 fi
 mkdir -p "$RUN_DIR" "$LOG_DIR"
@@ -70,15 +73,18 @@ done
 
 # Rendezvous: the first node of the allocation (each task also derives it from Slurm's
 # environment; exporting it keeps every task on the same address and port).
-MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)}
+# (not taken from the environment: sbatch exports the submitting shell's, which may be stale)
+MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 export MASTER_ADDR MASTER_PORT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
 container=()
 if [[ -n ${CONTAINER_IMAGE:-} ]]; then
-    mounts=$PROJECT_DIR:$PROJECT_DIR
-    [[ -n ${DATA_DIR:-} ]] && mounts+=",$DATA_DIR:$DATA_DIR"
+    mounts=$PROJECT_DIR:$PROJECT_DIR,$RUN_DIR:$RUN_DIR,$LOG_DIR:$LOG_DIR
+    for path in "${DATA_DIR:-}" "${TOKENIZER_DIR:-}" "${INIT_FROM:-}"; do
+        [[ -n $path ]] && mounts+=",$path:$path"
+    done
     [[ -n ${CONTAINER_MOUNTS:-} ]] && mounts+=",$CONTAINER_MOUNTS"
     container=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts"
                --container-workdir="$PROJECT_DIR")
@@ -88,7 +94,9 @@ echo "job ${SLURM_JOB_ID:-none} (restart ${SLURM_RESTART_COUNT:-0}): $RECIPE on 
      "$GPUS_PER_NODE task(s), run directory $RUN_DIR, rendezvous $MASTER_ADDR:$MASTER_PORT"
 
 # 1. The plan: refuse a layout that cannot run before any training process starts.
-srun --nodes=1 --ntasks=1 ${container[@]+"${container[@]}"} \
+# srun does not inherit --cpus-per-task from sbatch (Slurm 22.05+): pass it on
+cpus=--cpus-per-task=${SLURM_CPUS_PER_TASK:-1}
+srun --nodes=1 --ntasks=1 "$cpus" ${container[@]+"${container[@]}"} \
     "$FORESIGHT" plan "$RECIPE" --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" \
     ${overrides[@]+"${overrides[@]}"}
 
@@ -102,18 +110,19 @@ on_time_limit() {
 }
 trap on_time_limit USR1
 
-srun --kill-on-bad-exit=1 --ntasks-per-node="$GPUS_PER_NODE" ${container[@]+"${container[@]}"} \
+srun --kill-on-bad-exit=1 --ntasks-per-node="$GPUS_PER_NODE" "$cpus" \
+    ${container[@]+"${container[@]}"} \
     --output="$LOG_DIR/%x-%j.log" --open-mode=append \
     "$FORESIGHT" train "$RECIPE" ${overrides[@]+"${overrides[@]}"} \
     ${train_options[@]+"${train_options[@]}"} \
     --run-dir "$RUN_DIR" --resume &
 srun_pid=$!
-status=0
-while true; do
-    wait "$srun_pid" && status=0 || status=$?
-    # wait returns >128 when a trapped signal interrupted it; the step is still running then
-    kill -0 "$srun_pid" 2> /dev/null || break
+# wait returns >128 when the trapped signal interrupts it while the step still runs; once
+# srun has exited, a last wait returns its real status (bash keeps it)
+while kill -0 "$srun_pid" 2> /dev/null; do
+    wait "$srun_pid" || true
 done
+wait "$srun_pid" && status=0 || status=$?
 echo "training tasks exited with status $status"
 if [[ $stopping == 1 && $status == 0 && -n ${SLURM_JOB_ID:-} ]]; then
     echo "requeueing job $SLURM_JOB_ID to continue from the checkpoint just saved"

@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-DAEMONS = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo")
+DAEMONS = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue", "scancel")
 
 
 def missing_programs() -> list[str]:
@@ -31,9 +31,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(root: Path, cpus: int) -> str:
-    user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True,
+def _user() -> str:
+    return os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True,
                                                     text=True).stdout.strip()
+
+
+def _config(root: Path, cpus: int) -> str:
+    user = _user()
     return f"""\
 ClusterName=foresight-test
 SlurmctldHost=localhost(127.0.0.1)
@@ -94,7 +98,14 @@ class SlurmCluster:
                            f"{self.logs()}")
 
     def stop(self) -> None:
-        """Stop both daemons by their pid files' PIDs; SIGKILL what outlives 10 s."""
+        """Cancel every job (so no training task outlives a failed test), then stop both daemons
+        by their pid files' PIDs; SIGKILL what outlives 10 s."""
+        if (self.root / "slurmctld.pid").exists():
+            self.run("scancel", "--full", "--user", _user(), check=False, timeout=30)
+            deadline = time.time() + 30
+            while time.time() < deadline and self.run(
+                    "squeue", "-h", check=False, timeout=30).stdout.strip():
+                time.sleep(0.5)
         pids = []
         for name in ("slurmd", "slurmctld"):
             f = self.root / f"{name}.pid"
@@ -117,7 +128,13 @@ class SlurmCluster:
 
     def job(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""
-        out = self.run("scontrol", "-o", "show", "job", job_id).stdout
+        out = ""
+        for _ in range(5):  # a busy controller may time out one query
+            proc = self.run("scontrol", "-o", "show", "job", job_id, check=False)
+            if proc.returncode == 0:
+                out = proc.stdout
+                break
+            time.sleep(1)
         fields = {}
         for word in out.split():
             key, _, value = word.partition("=")

@@ -34,6 +34,7 @@ def test_llama3_8b_tp2_matches_hand_calculation():
     assert p.memory.parameters == local
     assert (p.tp, p.pp, p.dp, p.microbatches) == (2, 1, 8, 16)
     assert p.memory.weights == 2 * local                          # bf16
+    assert p.memory.fp8_weights == 2 * 32 * (attention + mlp) // 2  # TE's FP8 copy + transpose
     assert p.memory.gradients == 4 * local                        # fp32 main grads
     assert p.memory.optimizer == 12 * local // 8                  # Adam + masters over DP 8
     assert p.memory.optimizer_other == 12 * local                 # without distributed optimizer
@@ -92,16 +93,20 @@ def test_kl_reference_counts_a_second_copy_of_the_weights():
      "pipeline_model_parallel_size (4)"),
     # 70B at TP 8 without PP: 8,820,367,360 parameters per GPU; weights 2x, gradients 4x,
     # optimizer 12x / DP 8, activations 34304 x 80 layers x 8192 tokens, logits 4 x 8192 x
-    # 128256 / 8, 5 GiB overhead: 94,528,270,336 bytes = 88.0 GiB.
+    # 128256 / 8, 5 GiB overhead: 94,528,270,336 bytes; FP8 copies 2 x 80 x 855,638,016 / 8 =
+    # 17,112,760,320 more: 111,641,030,656 bytes = 104.0 GiB.
     ("recipes/70b/fe_sft.yaml", ["parallel.pipeline_model_parallel_size=1",
                                  "parallel.virtual_pipeline_model_parallel_size=null"], 8,
-     "needs 88.0 GiB per GPU, more than the 80 GiB of one GPU (largest part: gradients (fp32) "
+     "needs 104.0 GiB per GPU, more than the 80 GiB of one GPU (largest part: gradients (fp32) "
      "32.9 GiB)"),
     # The same without the distributed optimizer: 12 x 8,820,367,360 bytes = 98.6 GiB of state.
     ("recipes/70b/fc_rl.yaml", ["parallel.use_distributed_optimizer=false"], 16,
      "largest part: optimizer state 98.6 GiB"),
     ("recipes/8b/fc_rl.yaml", ["parallel.pipeline_model_parallel_size=2"], 2,
      "FC-RL rollouts run with tensor and data parallelism only"),
+    ("recipes/8b/fc_rl.yaml", ["model.fp8=hybrid"], 2, "set model.fp8: null for this stage"),
+    ("recipes/8b/fc_rl.yaml", ["fc_rl.algorithm=ppo"], 2,
+     "set sequence_parallel: false with fc_rl.algorithm: ppo"),
 ])
 def test_impossible_layouts_are_refused_naming_the_limit(rel, overrides, nodes, message):
     with pytest.raises(ConfigError) as e:

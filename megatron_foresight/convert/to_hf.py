@@ -208,7 +208,9 @@ def _check_keys(reader: CheckpointReader, m, path: Path) -> None:
     if missing:
         raise UsageError(f"{path}: checkpoint lacks {', '.join(missing)}; it does not hold the "
                          f"{m.family} model its config describes")
-    model_keys = {k for k in reader.meta if not k.startswith("optimizer.") and k != "rng_state"}
+    # value_head.*: PPO's critic, trained beside the policy; Hugging Face has no place for it
+    model_keys = {k for k in reader.meta if not k.startswith(("optimizer.", "value_head."))
+                  and k != "rng_state"}
     unknown = sorted(model_keys - expected - {layout.OUTPUT})
     if unknown:
         raise UsageError(f"{path}: tensors with no Hugging Face {m.family} counterpart: "

@@ -42,7 +42,9 @@ def _load(run, path: str | None) -> None:
     found = ckpt.find_checkpoint(path)
     if found is None:
         raise UsageError(f"--ckpt {path}: no complete checkpoint there")
-    ckpt.load_checkpoint(found, chunks=run.chunks, ctx=run.ctx)
+    # a stage's own modules (PPO's value head) play no part in evaluation: not read
+    ckpt.load_checkpoint(found, chunks=run.chunks, ctx=run.ctx,
+                         fresh=tuple(getattr(run.plugin, "fresh_modules", ())))
     log.info("evaluating %s", found)
 
 

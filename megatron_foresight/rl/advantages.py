@@ -60,9 +60,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     Returns (advantages, returns), zero off the mask."""
     rewards, values, mask = rewards.float(), values.float(), mask.float()
     n, t_len = rewards.shape
-    adv = torch.zeros(n, t_len)
-    next_value = torch.zeros(n)
-    running = torch.zeros(n)
+    adv = torch.zeros(n, t_len, device=rewards.device)
+    next_value = torch.zeros(n, device=rewards.device)
+    running = torch.zeros(n, device=rewards.device)
     for t in reversed(range(t_len)):
         m = mask[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]

@@ -46,6 +46,13 @@ def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
             if samples[0][k] is not None}
 
 
+def to_device(batch: dict, device) -> dict:
+    """A batch's tensors on `device` (a module's device, or None to leave them where they are)."""
+    if device is None or all(v.device == torch.device(device) for v in batch.values()):
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def loader(dataset, sampler: StepSampler, num_workers: int) -> Iterator[dict]:
     """Batches on this process's device."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None

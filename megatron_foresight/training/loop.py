@@ -34,7 +34,7 @@ from megatron_foresight.runtime.dist import (
 from megatron_foresight.runtime.log import MetricsWriter, setup_logging
 from megatron_foresight.runtime.seed import seed_all
 from megatron_foresight.training import checkpoint as ckpt
-from megatron_foresight.training.data import StepSampler, collate, loader
+from megatron_foresight.training.data import StepSampler, collate, loader, to_device
 from megatron_foresight.training.optimizer import build_optimizer, build_scheduler
 from megatron_foresight.training.plugin import BuildContext, load_plugin
 from megatron_foresight.world.build import ensure_world
@@ -269,7 +269,8 @@ def on_policy_step(run: Run) -> dict[str, float]:
         for u in range(0, len(samples), per_update):
             chosen = [samples[i] for i in order[u:u + per_update]]
             micro = s.micro_batch_size
-            update = train_step(run, iter([collate(chosen[j:j + micro])
+            device = next(run.chunks[0].parameters()).device
+            update = train_step(run, iter([to_device(collate(chosen[j:j + micro]), device)
                                            for j in range(0, per_update, micro)]))
             for k, v in update.items():
                 totals.setdefault(k, []).append(v)

@@ -38,7 +38,7 @@ from megatron_foresight.rl.loss import (
 )
 from megatron_foresight.rl.rollout import COMPONENTS, RewardWeights, score_groups, to_sample
 from megatron_foresight.rl.value_head import PREFIX as VALUE_HEAD, attach_value_head
-from megatron_foresight.training.data import collate
+from megatron_foresight.training.data import collate, to_device
 from megatron_foresight.training.plugin import BuildContext, StageData
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,25 @@ class Config:
     validation_tasks: int = 16
     """Validation tasks played greedily at each evaluation (val/ metrics)."""
 
+    def check_recipe(self, cfg) -> None:
+        """What FC-RL needs of the rest of the recipe; run when training starts and by
+        `foresight plan`, so a layout that cannot run is refused before a job is queued."""
+        check(bool(cfg.data.world), "data.world", "FC-RL plays the built world's tasks; set "
+              "data.world (built on first use)")
+        check(cfg.parallel.pipeline_model_parallel_size == 1,
+              "parallel.pipeline_model_parallel_size",
+              f"FC-RL rollouts run with tensor and data parallelism only (PP is "
+              f"{cfg.parallel.pipeline_model_parallel_size}); use PP=1 with more TP or more nodes")
+        check(cfg.model.fp8 is None, "model.fp8",
+              "FC-RL generates outside Megatron's training schedule, where Transformer Engine's "
+              "FP8 weight cache is not refreshed and decode batches are not padded for FP8; "
+              "set model.fp8: null for this stage")
+        check(self.algorithm != "ppo" or not cfg.parallel.sequence_parallel,
+              "parallel.sequence_parallel", "PPO's value head reads whole final hidden states; "
+              "set sequence_parallel: false with fc_rl.algorithm: ppo")
+        check(self.kl_coef == 0 or bool(cfg.checkpoint.init_from), "fc_rl.kl_coef",
+              "KL needs a reference model: set checkpoint.init_from (the FE-SFT run)")
+
     def __post_init__(self):
         for name in ("prompts_per_step", "group_size", "max_new_tokens", "epochs"):
             check(getattr(self, name) >= 1, name, "must be at least 1")
@@ -113,9 +132,10 @@ class Config:
 
 
 def _logprobs(model, batch: dict) -> torch.Tensor:
-    """log p(labels) per position under `model`, [B, S] (vocab-parallel cross-entropy)."""
+    """log p(labels) per position under `model`, [B, S] on the CPU (where samples live)."""
+    batch = to_device(batch, next(model.parameters()).device)
     per_token_ce = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return -per_token_ce.float()
+    return -per_token_ce.float().cpu()
 
 
 class ForesightRLStage:
@@ -125,13 +145,7 @@ class ForesightRLStage:
 
     def build_data(self, ctx: BuildContext) -> StageData:
         cfg, stage = ctx.cfg, ctx.stage_cfg
-        check(bool(cfg.data.world), "data.world", "FC-RL plays the built world's tasks; set "
-              "data.world (built on first use)")
-        check(cfg.parallel.pipeline_model_parallel_size == 1, "parallel",
-              "FC-RL's rollout runs with tensor and data parallelism; pipeline parallelism is "
-              "not supported yet")
-        check(stage.kl_coef == 0 or bool(cfg.checkpoint.init_from), "fc_rl.kl_coef",
-              "KL needs a reference model: set checkpoint.init_from (the FE-SFT run)")
+        stage.check_recipe(cfg)
         self.cfg, self.stage, self.tokenizer = cfg, stage, ctx.tokenizer
         self.envs = WorldEnvs(Path(cfg.data.world))
         self.train_tasks = self.envs.tasks(stage.split, 10 ** 9)
@@ -206,7 +220,7 @@ class ForesightRLStage:
             for i in range(0, len(samples), mbs):
                 batch = collate(samples[i:i + mbs])
                 old = _logprobs(model, batch)
-                values = self.value_head.last if self.value_head is not None else None
+                values = self.value_head.last.cpu() if self.value_head is not None else None
                 ref = _logprobs(self._reference(run), batch) if s.kl_coef else None
                 for j, sample in enumerate(samples[i:i + mbs]):
                     sample["old_logprobs"] = old[j]

@@ -59,5 +59,4 @@ def loader(dataset, sampler: StepSampler, num_workers: int) -> Iterator[dict]:
     data = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                       pin_memory=device is not None, persistent_workers=num_workers > 0)
     for batch in data:
-        yield batch if device is None else {k: v.to(device, non_blocking=True)
-                                            for k, v in batch.items()}
+        yield to_device(batch, device)

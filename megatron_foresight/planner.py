@@ -159,7 +159,7 @@ def describe_precision(cfg: RecipeConfig) -> str:
 def count_parameters(cfg: RecipeConfig, padded_vocab: int) -> ParamCounts:
     m = cfg.model
     h, a, g, f = m.hidden_size, m.num_attention_heads, m.query_groups, m.ffn_hidden_size
-    d = m.kv_channels or h // a
+    d = m.head_dim
     attention = h * a * d + 2 * h * g * d + a * d * h
     if m.add_qkv_bias:
         attention += a * d + 2 * g * d
@@ -196,17 +196,24 @@ def activation_bytes_per_layer_token(cfg: RecipeConfig) -> dict[str, float]:
     what it divides only with sequence parallelism, and the unfused attention matrices."""
     m, p = cfg.model, cfg.parallel
     h, a, g, f = m.hidden_size, m.num_attention_heads, m.query_groups, m.ffn_hidden_size
-    d = m.kv_channels or h // a
-    scale = 2 if m.precision == "fp32" else 1  # the formulas below count 2-byte activations
+    d = m.head_dim
+    scale = _activation_scale(m)
     seq = cfg.data.seq_length // p.context_parallel_size
     norms_and_inputs = 8 * h
     sharded = 2 * a * d + 4 * g * d + 2 * a * d + (6 if m.activation == "swiglu" else 4) * f
     unfused = m.transformer_impl == "local" and m.local_core_attention == "megatron"
     scores = 4 * a * seq if unfused and m.recompute_granularity != "selective" else 0
-    dropout = (2 * h if m.hidden_dropout > 0 else 0) + (a * seq if m.attention_dropout > 0
-                                                        and scores else 0)
-    return {"sequence_parallel_only": scale * (norms_and_inputs + dropout / 2),
-            "tensor_parallel": scale * (sharded + scores + dropout / 2)}
+    # 1-byte dropout masks: after attention and after the MLP (split like the layer input), and
+    # on the attention probabilities (split over heads, like the scores)
+    hidden_dropout = 2 * h if m.hidden_dropout > 0 else 0
+    attention_dropout = a * seq if m.attention_dropout > 0 and scores else 0
+    return {"sequence_parallel_only": scale * (norms_and_inputs + hidden_dropout),
+            "tensor_parallel": scale * (sharded + scores + attention_dropout)}
+
+
+def _activation_scale(m) -> int:
+    """The activation formulas count 2-byte (bf16 / fp16) values; fp32 doubles them."""
+    return 2 if m.precision == "fp32" else 1
 
 
 def _in_flight(cfg: RecipeConfig, microbatches: int, stage: int) -> tuple[int, int]:
@@ -227,10 +234,9 @@ def _activations(cfg: RecipeConfig, microbatches: int, stage: int) -> int:
     sp_div = tp if p.sequence_parallel else 1
     full_layer = parts["sequence_parallel_only"] / sp_div + parts["tensor_parallel"] / tp
     chunks, layers_per_chunk = _in_flight(cfg, microbatches, stage)
-    scale = 2 if m.precision == "fp32" else 1
     if m.recompute_granularity == "full":
         n = m.recompute_num_layers
-        stored = 2 * m.hidden_size * scale / sp_div / n  # each recompute chunk keeps its input
+        stored = 2 * m.hidden_size * _activation_scale(m) / sp_div / n  # each recompute chunk keeps its input
         working = min(n, layers_per_chunk) * full_layer  # one chunk recomputed during backward
         per_token = chunks * layers_per_chunk * stored + working
     else:
@@ -287,10 +293,8 @@ def plan(cfg: RecipeConfig, nodes: int, gpus_per_node: int, gpu_memory_gib: floa
             if rc.kl_coef > 0:
                 mem.reference_model = weight_bytes
             rows = rc.prompts_per_step * rc.group_size
-            local_layers = m.num_layers // pp
-            d = m.kv_channels or m.hidden_size // m.num_attention_heads
-            mem.kv_cache = (2 * local_layers * rows * cfg.data.seq_length
-                            * (m.query_groups // tp) * d * (2 if half else 4))
+            mem.kv_cache = (2 * (m.num_layers // pp) * rows * cfg.data.seq_length
+                            * (m.query_groups // tp) * m.head_dim * (2 if half else 4))
         stages.append(mem)
     worst = max(stages, key=lambda x: x.total)
     model_flops, hardware_flops, tokens = step_flops(cfg, counts, dp)
@@ -317,7 +321,7 @@ def step_flops(cfg: RecipeConfig, counts: ParamCounts, dp: int) -> tuple[float, 
     """(model FLOPs, hardware FLOPs, tokens) of one optimizer step; for FC-RL, of one rollout
     step (generation, log-prob recomputation and `epochs` passes of training)."""
     m, s = cfg.model, cfg.schedule
-    d = m.kv_channels or m.hidden_size // m.num_attention_heads
+    d = m.head_dim
     seq = cfg.data.seq_length
     forward_per_token = (2 * counts.matmul_per_token
                          + 4 * seq * m.num_attention_heads * d * m.num_layers)

@@ -25,7 +25,7 @@ def _program(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -42,8 +42,8 @@ def _config(root: Path, cpus: int) -> str:
 ClusterName=foresight-test
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldAddr=127.0.0.1
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser={user}
 SlurmdUser={user}
 # bind to the node's own address (127.0.0.1), not to every interface

@@ -15,7 +15,7 @@ import pytest
 from megatron_foresight.config import load_recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
-from slurm_cluster import SlurmCluster, _free_port, missing_programs  # noqa: E402
+from slurm_cluster import SlurmCluster, free_port, missing_programs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "slurm").glob("*_*.sh"))
@@ -73,7 +73,7 @@ def slurm(tmp_path_factory):
 @pytest.mark.slow
 def test_sbatch_tiny_cpu_trains_saves_on_the_time_limit_signal_and_resumes(slurm, tmp_path):
     run_dir = tmp_path / "run"
-    env = {**slurm.env, "RUN_DIR": str(run_dir), "MASTER_PORT": str(_free_port()),
+    env = {**slurm.env, "RUN_DIR": str(run_dir), "MASTER_PORT": str(free_port()),
            "FORESIGHT": str(Path(sys.executable).parent / "foresight"),
            "RUNS_DIR": str(tmp_path)}
     steps = 30

@@ -122,7 +122,7 @@ def hf_config_from_model(m: ModelConfig, vocab_size: int, *, dtype: str,
     if m.add_qkv_bias != (m.family == "qwen2"):
         refuse("add_qkv_bias", f"{m.add_qkv_bias} (Qwen2 has a QKV bias, Llama has none: "
                                "set model.family to match)")
-    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    head_dim = m.head_dim
     config = {
         "architectures": [FAMILIES[m.family]],
         "model_type": m.family,

@@ -54,7 +54,7 @@ def hf_layer_names(m: ModelConfig) -> list[str]:
 
 
 def _head_shape(m: ModelConfig) -> tuple[int, int, int]:
-    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    head_dim = m.head_dim
     groups = m.query_groups
     return groups, m.num_attention_heads // groups, head_dim
 

@@ -19,6 +19,7 @@ from megatron_foresight.inference.generate import Generator, Sampling
 from megatron_foresight.runtime.dist import shutdown
 from megatron_foresight.training import checkpoint as ckpt
 from megatron_foresight.training.loop import build_run, evaluate, start_processes
+from megatron_foresight.training.plugin import fresh_modules
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def _load(run, path: str | None) -> None:
         raise UsageError(f"--ckpt {path}: no complete checkpoint there")
     # a stage's own modules (PPO's value head) play no part in evaluation: not read
     ckpt.load_checkpoint(found, chunks=run.chunks, ctx=run.ctx,
-                         fresh=tuple(getattr(run.plugin, "fresh_modules", ())))
+                         fresh=fresh_modules(run.plugin))
     log.info("evaluating %s", found)
 
 

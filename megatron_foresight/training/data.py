@@ -47,8 +47,9 @@ def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def to_device(batch: dict, device) -> dict:
-    """A batch's tensors on `device` (a module's device, or None to leave them where they are)."""
-    if device is None or all(v.device == torch.device(device) for v in batch.values()):
+    """A batch's tensors on `device` (a module's device, or None to leave them where they are;
+    tensors already there are not copied)."""
+    if device is None:
         return batch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 

@@ -36,7 +36,7 @@ from megatron_foresight.runtime.seed import seed_all
 from megatron_foresight.training import checkpoint as ckpt
 from megatron_foresight.training.data import StepSampler, collate, loader, to_device
 from megatron_foresight.training.optimizer import build_optimizer, build_scheduler
-from megatron_foresight.training.plugin import BuildContext, load_plugin
+from megatron_foresight.training.plugin import BuildContext, fresh_modules, load_plugin
 from megatron_foresight.world.build import ensure_world
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def restore(run: Run, resume: bool) -> None:
         source = ckpt.find_checkpoint(init_from)
         if source is None:
             raise UsageError(f"checkpoint.init_from={init_from}: no complete checkpoint there")
-        fresh = tuple(getattr(run.plugin, "fresh_modules", ()))
+        fresh = fresh_modules(run.plugin)
         ckpt.load_checkpoint(source, chunks=run.chunks, ctx=run.ctx, fresh=fresh)
         log.info("initialized model weights from %s%s", source,
                  f" ({', '.join(fresh)} newly initialized)" if fresh else "")
@@ -264,12 +264,12 @@ def on_policy_step(run: Run) -> dict[str, float]:
     collected = time.perf_counter()
     rng = torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + run.step)
     totals: dict[str, list[float]] = {}
+    device = next(run.chunks[0].parameters()).device
     for _ in range(getattr(run.cfg.stage_config, "epochs", 1)):
         order = torch.randperm(len(samples), generator=rng).tolist()
         for u in range(0, len(samples), per_update):
             chosen = [samples[i] for i in order[u:u + per_update]]
             micro = s.micro_batch_size
-            device = next(run.chunks[0].parameters()).device
             update = train_step(run, iter([to_device(collate(chosen[j:j + micro]), device)
                                            for j in range(0, per_update, micro)]))
             for k, v in update.items():

@@ -43,6 +43,12 @@ import torch
 from megatron_foresight.configtree import ConfigError
 
 
+def fresh_modules(plugin) -> tuple[str, ...]:
+    """State-dict prefixes of the modules `plugin` added to the model (see above): what a
+    checkpoint of the previous stage does not have."""
+    return tuple(getattr(plugin, "fresh_modules", ()))
+
+
 @dataclass
 class StageData:
     train: Sequence[dict]

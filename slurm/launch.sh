@@ -127,5 +127,9 @@ echo "training tasks exited with status $status"
 if [[ $stopping == 1 && $status == 0 && -n ${SLURM_JOB_ID:-} ]]; then
     echo "requeueing job $SLURM_JOB_ID to continue from the checkpoint just saved"
     scontrol requeue "$SLURM_JOB_ID"
+    # Slurm now ends this run of the job itself ("cancelled due to job requeue"); exiting first
+    # races with that and can leave the job FAILED instead of queued again, so wait for it.
+    sleep 300 &
+    wait $! || true
 fi
 exit "$status"

@@ -94,8 +94,14 @@ def test_sbatch_tiny_cpu_trains_saves_on_the_time_limit_signal_and_resumes(slurm
     slurm.run("scancel", "--batch", "--signal=USR1", job)
     # The launcher has the tasks save and stop, then requeues the job. Slurm holds a requeued
     # job for a while before it is eligible; start it now, as an administrator could.
-    deadline = time.time() + 120
-    while slurm.job(job).get("Restarts") != "1":
+    # While the requeue tears the first run down, scontrol may briefly report a terminal state
+    # (FAILED: the batch shell is killed "DUE TO JOB REQUEUE"); wait until the job is pending
+    # or running again before waiting for its end.
+    deadline = time.time() + 180
+    while True:
+        info = slurm.job(job)
+        if info.get("Restarts") == "1" and info.get("JobState") in ("PENDING", "RUNNING"):
+            break
         assert time.time() < deadline, f"job {job} was not requeued:\n{_output(out, job)}"
         time.sleep(0.5)
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)

@@ -1,6 +1,6 @@
 """FC-RL through the real command line on a small world (slow): a run stopped after an RL step
 resumes from its checkpoint and continues exactly as an uninterrupted run (GRPO, and PPO with its
-value head); TP=2 rollouts and update give the losses of TP=1."""
+value head); TP=2 and PP=2 rollouts and update give the losses of one process."""
 
 import json
 
@@ -63,11 +63,15 @@ def test_rl_resumes_mid_training_exactly(small_world, policy, straight, tmp_path
 
 
 @pytest.mark.slow
-def test_tp2_rollouts_and_update_match_tp1(small_world, policy, straight, tmp_path):
-    """TP=2 against step 1 of the TP=1 run (the same seeds: step 1 does not see step 2)."""
-    two = tmp_path / "tp2"
+@pytest.mark.parametrize("layout", ["tensor_model_parallel_size", "pipeline_model_parallel_size"])
+def test_tp2_or_pp2_rollouts_and_update_match_one_process(small_world, policy, straight,
+                                                          tmp_path, layout):
+    """TP=2, and PP=2 (hidden states passed between stages at every decoded token, the last
+    stage drawing for both), against step 1 of the one-process run (the same seeds: step 1
+    does not see step 2)."""
+    two = tmp_path / "two"
     _train(small_world, tmp_path, two, "schedule.train_steps=1", "logging.log_interval=1",
-           "parallel.tensor_model_parallel_size=2", nproc=2, policy=policy)
+           f"parallel.{layout}=2", nproc=2, policy=policy)
     a, b = _steps(straight)[1], _steps(two)[1]
     assert a["grad_norm"] > 0  # the advantages were not all zero: the comparison means something
     assert b["rollout/agent_tokens"] == a["rollout/agent_tokens"]  # the same episodes

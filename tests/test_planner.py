@@ -102,8 +102,9 @@ def test_kl_reference_counts_a_second_copy_of_the_weights():
     # The same without the distributed optimizer: 12 x 8,820,367,360 bytes = 98.6 GiB of state.
     ("recipes/70b/fc_rl.yaml", ["parallel.use_distributed_optimizer=false"], 16,
      "largest part: optimizer state 98.6 GiB"),
-    ("recipes/8b/fc_rl.yaml", ["parallel.pipeline_model_parallel_size=2"], 2,
-     "FC-RL rollouts run with tensor and data parallelism only"),
+    ("recipes/8b/fc_rl.yaml", ["parallel.pipeline_model_parallel_size=2",
+                               "parallel.virtual_pipeline_model_parallel_size=2"], 2,
+     "FC-RL rollouts run one model chunk per pipeline stage"),
     ("recipes/8b/fc_rl.yaml", ["model.fp8=hybrid"], 2, "set model.fp8: null for this stage"),
     ("recipes/8b/fc_rl.yaml", ["fc_rl.algorithm=ppo"], 2,
      "set sequence_parallel: false with fc_rl.algorithm: ppo"),

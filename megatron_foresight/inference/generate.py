@@ -9,8 +9,13 @@ on the distance between positions, so the shift that left-padding gives a row ch
 Shapes: B rows, L padded prompt length, T = L + generated so far, V vocabulary.
 
 Tensor parallelism: logits are gathered over the TP group and every TP rank draws from a
-generator seeded the same way, so all ranks sample the same tokens. Pipeline parallelism is not
-supported here yet (refused with a message).
+generator seeded the same way, so all ranks sample the same tokens.
+
+Pipeline parallelism (one model chunk per stage): every stage keeps the KV cache of its own
+layers. Each forward passes the hidden states down the pipeline (shape first, then the tensor,
+point to point); the last stage computes the logits and draws, and broadcasts the drawn ids and
+their log-probabilities to the pipeline group, so every stage keeps the same rows, masks and
+stop decisions and the agent loop above runs identically on all ranks.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from megatron_foresight.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,8 @@ def _draw(logits_BV: torch.Tensor, sampling: Sampling, gen: torch.Generator):
 
 
 class Generator:
-    """Batched generation from one model chunk (TP allowed, PP=1).
+    """Batched generation from one model chunk per pipeline stage (TP and PP allowed; an
+    interleaved pipeline is not).
 
     `max_sequence_length` bounds prompt + completion per row (the KV cache is allocated for it);
     rows whose prompt leaves no room end with stop="context" and no tokens."""
@@ -77,10 +85,19 @@ class Generator:
     def __init__(self, model, tokenizer, *, max_sequence_length: int, pad_id: int = 0):
         from megatron.core import parallel_state
 
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise NotImplementedError("generation runs with pipeline_model_parallel_size=1 for "
-                                      "now; evaluate a checkpoint with a PP=1 layout (checkpoints "
-                                      "load at any TP/PP)")
+        ps = parallel_state
+        if (ps.get_virtual_pipeline_model_parallel_world_size() or 1) > 1:
+            raise UsageError("generation runs one model chunk per pipeline stage: set "
+                             "parallel.virtual_pipeline_model_parallel_size=null (checkpoints "
+                             "load at any TP/PP)")
+        self.pipelined = ps.get_pipeline_model_parallel_world_size() > 1
+        if self.pipelined:
+            self.first = ps.is_pipeline_first_stage(ignore_virtual=True)
+            self.last = ps.is_pipeline_last_stage(ignore_virtual=True)
+            self.prev_rank = ps.get_pipeline_model_parallel_prev_rank()
+            self.next_rank = ps.get_pipeline_model_parallel_next_rank()
+            self.last_rank = ps.get_pipeline_model_parallel_last_rank()
+            self.pp_group = ps.get_pipeline_model_parallel_group()
         self.model = model
         self.tokenizer = tokenizer
         self.max_sequence_length = max_sequence_length
@@ -91,11 +108,51 @@ class Generator:
         return next(self.model.parameters()).device
 
     def _forward(self, tokens_BS, positions_BS, hidden_BQT, context):
-        logits_BV = self.model(tokens_BS, positions_BS, hidden_BQT[:, None],
-                               inference_context=context, runtime_gather_output=True)[:, -1]
+        """The last position's logits [B, V]; None on a pipeline stage before the last."""
+        if self.pipelined and not self.first:
+            self.model.set_input_tensor(self._receive())
+        out = self.model(tokens_BS, positions_BS, hidden_BQT[:, None],
+                         inference_context=context, runtime_gather_output=True)
+        if self.pipelined and not self.last:
+            self._send(out)  # hidden states [S, B, H]
+            return None
+        logits_BV = out[:, -1]
         # The embedding is padded past the tokenizer's vocabulary; those ids mean nothing.
         logits_BV[:, self.tokenizer.vocab_size:] = float("-inf")
         return logits_BV
+
+    def _send(self, hidden: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        dist.send(torch.tensor(hidden.shape, dtype=torch.long, device=hidden.device),
+                  self.next_rank)
+        dist.send(hidden.contiguous(), self.next_rank)
+
+    def _receive(self) -> torch.Tensor:
+        import torch.distributed as dist
+
+        shape = torch.empty(3, dtype=torch.long, device=self.device)
+        dist.recv(shape, self.prev_rank)
+        hidden = torch.empty(shape.tolist(), dtype=self.model.config.params_dtype,
+                             device=self.device)
+        dist.recv(hidden, self.prev_rank)
+        return hidden
+
+    def _next_tokens(self, logits_BV, rows: int, sampling: Sampling, gen: torch.Generator):
+        """Each row's next token and its log-probability, the same on every rank: drawn on the
+        last pipeline stage, broadcast to the others."""
+        if not self.pipelined:
+            return _draw(logits_BV, sampling, gen)
+        import torch.distributed as dist
+
+        if self.last:
+            ids_B, logp_B = _draw(logits_BV, sampling, gen)
+        else:
+            ids_B = torch.empty(rows, dtype=torch.long, device=self.device)
+            logp_B = torch.empty(rows, dtype=torch.float32, device=self.device)
+        dist.broadcast(ids_B, self.last_rank, group=self.pp_group)
+        dist.broadcast(logp_B, self.last_rank, group=self.pp_group)
+        return ids_B, logp_B
 
     def stop_condition(self, stop_texts: tuple[str, ...]):
         """Stop tokens for the stop strings that are one token in this tokenizer (the tags of
@@ -152,7 +209,7 @@ class Generator:
         positions_B = positions_BL[:, -1]
         rows_now = list(range(B))  # the batch rows still decoding, in the cache's row order
         for t in range(new):
-            ids_B, logp_B = _draw(logits_BV, sampling, gen)
+            ids_B, logp_B = self._next_tokens(logits_BV, len(rows_now), sampling, gen)
             keep = []
             for j, (tok, lp) in enumerate(zip(ids_B.tolist(), logp_B.tolist())):
                 b = rows_now[j]

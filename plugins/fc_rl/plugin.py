@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_foresight.configtree import check
 from megatron_foresight.eval.agent_eval import WorldEnvs, score_episodes
@@ -97,10 +98,10 @@ class Config:
         `foresight plan`, so a layout that cannot run is refused before a job is queued."""
         check(bool(cfg.data.world), "data.world", "FC-RL plays the built world's tasks; set "
               "data.world (built on first use)")
-        check(cfg.parallel.pipeline_model_parallel_size == 1,
-              "parallel.pipeline_model_parallel_size",
-              f"FC-RL rollouts run with tensor and data parallelism only (PP is "
-              f"{cfg.parallel.pipeline_model_parallel_size}); use PP=1 with more TP or more nodes")
+        check(cfg.parallel.virtual_pipeline_model_parallel_size is None,
+              "parallel.virtual_pipeline_model_parallel_size",
+              "FC-RL rollouts run one model chunk per pipeline stage; set it to null (plain "
+              "1F1B pipelining)")
         check(cfg.model.fp8 is None, "model.fp8",
               "FC-RL generates outside Megatron's training schedule, where Transformer Engine's "
               "FP8 weight cache is not refreshed and decode batches are not padded for FP8; "
@@ -131,11 +132,31 @@ class Config:
         check(self.validation_tasks >= 0, "validation_tasks", "must be >= 0")
 
 
-def _logprobs(model, batch: dict) -> torch.Tensor:
-    """log p(labels) per position under `model`, [B, S] on the CPU (where samples live)."""
-    batch = to_device(batch, next(model.parameters()).device)
-    per_token_ce = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return -per_token_ce.float().cpu()
+def _scored(model, batches: list[dict], value_head=None) -> list[dict]:
+    """Per microbatch of `batches`: log p(labels) under `model` ("logprobs", [B, S]) and, with a
+    value head, its values ("values"), on the CPU (where samples live). The forward runs through
+    Megatron's schedule, forward only, so it is pipelined like training; the results exist on
+    the last pipeline stage only (the others return [])."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    device = next(model.parameters()).device
+
+    def step(data_iterator, chunk):
+        batch = to_device(next(data_iterator), device)
+        per_token_ce = chunk(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+
+        def keep(ce):
+            out = {"logprobs": -ce.detach().float().cpu()}
+            if value_head is not None:
+                out["values"] = value_head.last.detach().cpu()
+            return ce.new_zeros(()), torch.ones((), dtype=torch.int), out
+        return per_token_ce, keep
+
+    tokens = batches[0]["tokens"]
+    return get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iter(batches), model=model,
+        num_microbatches=len(batches), seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0], forward_only=True)
 
 
 class ForesightRLStage:
@@ -163,8 +184,9 @@ class ForesightRLStage:
         fresh there (a resumed run loads it)."""
         mask_padded_vocab(chunks[-1], self.tokenizer.vocab_size)
         if self.stage.algorithm == "ppo":
-            self.value_head = attach_value_head(chunks[-1])
             self.fresh_modules = (VALUE_HEAD,)
+            if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+                self.value_head = attach_value_head(chunks[-1])
 
     # ----------------------------------------------------------------------------------------
     # rollout
@@ -215,25 +237,26 @@ class ForesightRLStage:
                               s.calibration_rule, s.normalize_std)
         samples = [to_sample(x, self.cfg.data.seq_length, self.tokenizer.eod) for x in scored]
         mbs = self.cfg.schedule.micro_batch_size
-        gap_sum = gap_max = count = 0.0
+        batches = [collate(samples[i:i + mbs]) for i in range(0, len(samples), mbs)]
         with torch.no_grad():
-            for i in range(0, len(samples), mbs):
-                batch = collate(samples[i:i + mbs])
-                old = _logprobs(model, batch)
-                values = self.value_head.last.cpu() if self.value_head is not None else None
-                ref = _logprobs(self._reference(run), batch) if s.kl_coef else None
-                for j, sample in enumerate(samples[i:i + mbs]):
-                    sample["old_logprobs"] = old[j]
-                    if values is not None:
-                        sample["old_values"] = values[j]
-                    if ref is not None:
-                        sample["ref_logprobs"] = ref[j]
-                mask = batch["loss_mask"] > 0
-                gap = (old - batch["rollout_logprobs"]).abs()[mask]
-                if gap.numel():
-                    gap_sum += gap.sum().item()
-                    gap_max = max(gap_max, gap.max().item())
-                    count += gap.numel()
+            policy = _scored(model, batches, self.value_head)
+            reference = _scored(self._reference(run), batches) if s.kl_coef else None
+        # On the last pipeline stage (where the loss runs) each sample gets the policy's
+        # log-probs (and values) before any update, and the reference's.
+        gap_sum = gap_max = count = 0.0
+        for m, batch in enumerate(batches if policy else []):
+            for j, sample in enumerate(samples[m * mbs:(m + 1) * mbs]):
+                sample["old_logprobs"] = policy[m]["logprobs"][j]
+                if self.value_head is not None:
+                    sample["old_values"] = policy[m]["values"][j]
+                if reference is not None:
+                    sample["ref_logprobs"] = reference[m]["logprobs"][j]
+            mask = batch["loss_mask"] > 0
+            gap = (policy[m]["logprobs"] - batch["rollout_logprobs"]).abs()[mask]
+            if gap.numel():
+                gap_sum += gap.sum().item()
+                gap_max = max(gap_max, gap.max().item())
+                count += gap.numel()
         model.train()
         metrics = {f"reward/{k}": sum(x.rewards[k] for x in scored) / len(scored)
                    for k in (*COMPONENTS, "total")}

@@ -82,6 +82,17 @@ def test_init_from_another_run_loads_weights_only(baseline_run, data_cache, tmp_
     assert f"init_from: {baseline_run}" in (run_dir / "config.yaml").read_text()
 
 
+def test_init_from_in_bf16_trains_on_from_the_loaded_weights(baseline_run, data_cache, tmp_path):
+    """In bf16 the optimizer steps fp32 copies of the weights. Before they were refreshed after
+    init_from, step 1 started from the loaded weights and wrote the random initial ones back:
+    step 2's loss was that of a fresh model (ln 384 = 5.95 here)."""
+    run_dir = tmp_path / "bf16"
+    train(run_dir, [f"checkpoint.init_from={baseline_run}", "schedule.train_steps=3",
+                    "model.precision=bf16"], cache_dir=data_cache)
+    fresh = metrics(baseline_run)[0]["lm_loss"]
+    assert all(m["lm_loss"] < fresh - 1.0 for m in metrics(run_dir)), metrics(run_dir)
+
+
 def test_stop_signal_saves_before_exit(data_cache, tmp_path):
     """SIGTERM (preemption, scancel) mid-run: the step in flight finishes, a checkpoint is
     written, the process exits 0, and --resume continues from there."""

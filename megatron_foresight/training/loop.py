@@ -173,6 +173,9 @@ def restore(run: Run, resume: bool) -> None:
             raise UsageError(f"checkpoint.init_from={init_from}: no complete checkpoint there")
         fresh = fresh_modules(run.plugin)
         ckpt.load_checkpoint(source, chunks=run.chunks, ctx=run.ctx, fresh=fresh)
+        # With bf16/fp16 weights the optimizer steps fp32 copies of them, made when it was
+        # built: copy the loaded weights in, or the first step writes the initial ones back.
+        run.optimizer.reload_model_params()
         log.info("initialized model weights from %s%s", source,
                  f" ({', '.join(fresh)} newly initialized)" if fresh else "")
 

@@ -22,6 +22,12 @@ REPORT_METRICS = ("task_success", "format_validity", "value_brier", "value_ece",
                   "rollout_fidelity")
 
 
+# What the pipeline changes in a stage's recipe (before the user's overrides, which win):
+# FC-RL's in-training validation would play the same validation tasks greedily that the
+# pipeline's evaluations play after FE-SFT and after FC-RL, so the pipeline leaves it out.
+STAGE_DEFAULTS = {"fc_rl": ["fc_rl.validation_tasks=0"]}
+
+
 def stage_recipes(recipe_dir: Path) -> list[tuple[str, Path]]:
     found = [(s, recipe_dir / f"{s}.yaml") for s in STAGES]
     missing = [str(p) for _, p in found if not p.is_file()]
@@ -33,10 +39,12 @@ def stage_recipes(recipe_dir: Path) -> list[tuple[str, Path]]:
 
 
 def _for_stage(overrides, stage: str) -> list[str]:
-    """The overrides of one stage: those of its own section (`fc_rl.group_size=2`) and those
-    of the shared sections (`data.world=DIR`); another stage's section is left out."""
-    return [o for o in overrides if o.split(".", 1)[0] not in STAGES
-            or o.split(".", 1)[0] == stage]
+    """The overrides of one stage: the pipeline's own (`STAGE_DEFAULTS`), then those of its
+    section (`fc_rl.group_size=2`) and of the shared sections (`data.world=DIR`); another
+    stage's section is left out."""
+    return [*STAGE_DEFAULTS.get(stage, []),
+            *(o for o in overrides if o.split(".", 1)[0] not in STAGES
+              or o.split(".", 1)[0] == stage)]
 
 
 def run_pipeline(recipe_dir: str | Path, run_dir: str | Path, tasks: int = 32,

@@ -75,12 +75,17 @@ def evaluate_checkpoint(cfg: RecipeConfig, opts: EvalOptions, out: str | None = 
     try:
         run = build_run(cfg, ctx, Path(out).parent if out else Path("."))
         _load(run, opts.ckpt)
-        metrics = evaluate(run)
+        # An on-policy stage validates by playing episodes; the agent evaluation below plays
+        # them once and the stage scores its rewards on those.
+        plays = opts.tasks and hasattr(run.plugin, "reward_metrics")
+        metrics = {} if plays else evaluate(run)
         if opts.tasks:
             tokenizer = build_tokenizer(cfg.data.tokenizer_config())
             with torch.no_grad():
                 scores, records = agent_metrics(run, cfg, tokenizer, opts)
             metrics.update(scores)
+            if plays:
+                metrics.update(run.plugin.reward_metrics(records))
             if out and ctx.is_logging_rank:
                 _write_episodes(records, Path(str(out) + ".episodes.jsonl"))
         if out and ctx.is_logging_rank:

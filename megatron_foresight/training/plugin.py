@@ -17,7 +17,8 @@ An on-policy stage (FC-RL) sets `on_policy = True`; its `build_data` returns no 
 samples. Instead, each step the loop calls `collect(run) -> (samples, metrics)` (episodes played
 by the current model, as samples of the same form, with whatever extra per-token tensors its
 `loss` reads) and takes optimizer steps over them (`training.loop.on_policy_step`);
-`validate(run) -> metrics` replaces the validation-set loss.
+`validate(run) -> metrics` replaces the validation-set loss, and `reward_metrics(records) ->
+metrics` scores episodes that `foresight eval` played (so it plays them once).
 
 A stage that adds modules to the model (PPO's value head) defines `extend_model(chunks)`, called
 after the model is built and before DDP and the optimizer wrap it, so the new parameters are

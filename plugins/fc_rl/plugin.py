@@ -339,11 +339,16 @@ class ForesightRLStage:
                                    batch_size=len(tasks), progress=False)
         model.train()
         out = {f"val/{k}": v for k, v in score_episodes(records).items() if v is not None}
+        return {**out, **self.reward_metrics(records)}
+
+    def reward_metrics(self, records) -> dict[str, float]:
+        """The mean reward of played episodes (`val/reward/COMPONENT`, and total) under this
+        recipe's weights: `foresight eval` adds them to the episodes it plays instead of
+        playing the validation tasks a second time."""
         scored = score_groups(records, 1, self.tokenizer, self.weights,
                               self.stage.calibration_rule, normalize_std=False)
-        for k in (*COMPONENTS, "total"):
-            out[f"val/reward/{k}"] = sum(x.rewards[k] for x in scored) / len(scored)
-        return out
+        return {f"val/reward/{k}": sum(x.rewards[k] for x in scored) / len(scored)
+                for k in (*COMPONENTS, "total")}
 
 
 PLUGIN = ForesightRLStage()

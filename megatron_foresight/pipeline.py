@@ -24,7 +24,8 @@ REPORT_METRICS = ("task_success", "format_validity", "value_brier", "value_ece",
 
 # What the pipeline changes in a stage's recipe (before the user's overrides, which win):
 # FC-RL's in-training validation would play the same validation tasks greedily that the
-# pipeline's evaluations play after FE-SFT and after FC-RL, so the pipeline leaves it out.
+# pipeline's evaluations play after FE-SFT and after FC-RL, so the pipeline leaves it out (unless
+# the pipeline plays none: --tasks 0).
 STAGE_DEFAULTS = {"fc_rl": ["fc_rl.validation_tasks=0"]}
 
 
@@ -38,11 +39,11 @@ def stage_recipes(recipe_dir: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def _for_stage(overrides, stage: str) -> list[str]:
+def _for_stage(overrides, stage: str, tasks: int = 1) -> list[str]:
     """The overrides of one stage: the pipeline's own (`STAGE_DEFAULTS`), then those of its
     section (`fc_rl.group_size=2`) and of the shared sections (`data.world=DIR`); another
     stage's section is left out."""
-    return [*STAGE_DEFAULTS.get(stage, []),
+    return [*(STAGE_DEFAULTS.get(stage, []) if tasks else []),
             *(o for o in overrides if o.split(".", 1)[0] not in STAGES
               or o.split(".", 1)[0] == stage)]
 
@@ -60,13 +61,13 @@ def run_pipeline(recipe_dir: str | Path, run_dir: str | Path, tasks: int = 32,
     recipe_dir, run_dir = Path(recipe_dir), Path(run_dir)
     recipes = stage_recipes(recipe_dir)
     # every recipe is checked before the first stage trains
-    configs = [load_recipe(p, _for_stage(overrides, s)) for s, p in recipes]
+    configs = [load_recipe(p, _for_stage(overrides, s, tasks)) for s, p in recipes]
     rank0 = read_launch_env().rank == 0
     report, previous = {}, None
     for (stage, path), cfg in zip(recipes, configs):
         stage_dir = run_dir / stage
         if previous is not None:
-            cfg = load_recipe(path, [*_for_stage(overrides, stage),
+            cfg = load_recipe(path, [*_for_stage(overrides, stage, tasks),
                                      f"checkpoint.init_from={previous}"])
         log.info("stage %s: %s -> %s", stage, path, stage_dir)
         train(cfg, run_dir=str(stage_dir), resume=True)

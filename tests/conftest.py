@@ -11,6 +11,15 @@ def pytest_configure(config):
                                        "(several processes); CI runs them too")
 
 
+FIRST = ("test_stages_e2e",)
+"""Test files collected first: the longest (about 9 min alone). pytest-xdist hands files to its
+workers in collection order, so the longest starts at once and the other worker takes the rest."""
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.module.__name__ not in FIRST)  # stable: order kept within
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """One tokenized-data cache for the whole session, so the corpus is tokenized once."""
@@ -57,3 +66,58 @@ def small_world(tmp_path_factory) -> Path:
         cities=20, people=40, guilds=8, search_tasks=100, math_tasks=100, trajectories=20,
         validation_trajectories=4, mc_samples=2, vocab_size=1024))
     return out
+
+
+MEDIUM_WORLD = dict(cities=40, people=120, guilds=16, search_tasks=400, math_tasks=400,
+                    trajectories=400, validation_trajectories=40, mc_samples=4, vocab_size=1024)
+MEDIUM_WM_AMT = ["data.seq_length=512", "schedule.train_steps=40", "schedule.warmup_steps=4",
+                 "schedule.eval_interval=0", "schedule.eval_steps=4",
+                 "checkpoint.save_interval=0", "logging.tensorboard=false"]
+"""The WM-AMT run on the medium world: the tiny recipe, 40 steps of 8 x 512 tokens."""
+
+
+@pytest.fixture(scope="session")
+def medium_world(tmp_path_factory) -> Path:
+    """A world large enough for a tiny model to learn from in a test's budget (400 training
+    trajectories; builds in about 6 s): the stage tests that assert learning use it."""
+    from megatron_foresight.world.build import build_world
+    from megatron_foresight.world.sizes import WorldSizes
+
+    out = tmp_path_factory.mktemp("medium-world")
+    build_world(out, seed=11, progress=False, sizes=WorldSizes(**MEDIUM_WORLD))
+    return out
+
+
+@pytest.fixture(scope="session")
+def medium_cache(tmp_path_factory) -> Path:
+    """The data cache of every run on the medium world (trajectories tokenized once)."""
+    return tmp_path_factory.mktemp("medium-cache")
+
+
+@pytest.fixture(scope="session")
+def medium_wm_amt(medium_world, medium_cache, tmp_path_factory) -> Path:
+    """WM-AMT on the medium world (`MEDIUM_WM_AMT`, about 25 s)."""
+    from helpers.run import REPO, foresight
+
+    run_dir = tmp_path_factory.mktemp("medium-wm-amt") / "run"
+    foresight(["train", str(REPO / "recipes" / "tiny-cpu" / "wm_amt.yaml"),
+               f"data.world={medium_world}", f"data.cache_dir={medium_cache}", *MEDIUM_WM_AMT,
+               "--run-dir", str(run_dir)])
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def medium_fe_sft(medium_world, medium_cache, medium_wm_amt, tmp_path_factory) -> Path:
+    """FE-SFT from the medium WM-AMT run: the tiny recipe (bf16, peak LR 3e-3, 8 x 768 tokens
+    per step) for 300 steps, about 3.5 min. A policy that writes foresight (greedy strict-parse
+    rate 0.61 on 16 validation tasks when measured) with values to calibrate: what the FC-RL
+    tests start from."""
+    from helpers.run import REPO, foresight
+
+    run_dir = tmp_path_factory.mktemp("medium-fe-sft") / "run"
+    foresight(["train", str(REPO / "recipes" / "tiny-cpu" / "fe_sft.yaml"),
+               f"data.world={medium_world}", f"data.cache_dir={medium_cache}",
+               "data.seq_length=768", "schedule.eval_interval=0", "schedule.eval_steps=0",
+               "checkpoint.save_interval=0", "logging.tensorboard=false",
+               f"checkpoint.init_from={medium_wm_amt}", "--run-dir", str(run_dir)], timeout=900)
+    return run_dir

@@ -13,8 +13,7 @@ from helpers.run import REPO, foresight
 TINY = ["data.seq_length=512", "schedule.train_steps=2", "schedule.warmup_steps=0",
         "schedule.eval_interval=0", "schedule.global_batch_size=4",
         "schedule.micro_batch_size=2", "logging.tensorboard=false",
-        "fc_rl.prompts_per_step=2", "fc_rl.group_size=2", "fc_rl.max_new_tokens=24",
-        "fc_rl.validation_tasks=2"]
+        "fc_rl.prompts_per_step=2", "fc_rl.group_size=2", "fc_rl.max_new_tokens=24"]
 
 
 @pytest.mark.slow
@@ -32,6 +31,10 @@ def test_pipeline_chains_the_stages_and_writes_the_report(small_world, tmp_path)
         config = (run_dir / stage / "config.yaml").read_text()
         assert f"init_from: {run_dir / previous}" in config
     assert (run_dir / "fc_rl" / "checkpoints" / "latest").exists()
+    # FC-RL does not replay the validation tasks that the pipeline's evaluations play
+    assert "validation_tasks: 0" in (run_dir / "fc_rl" / "config.yaml").read_text()
+    evaluated = json.loads((run_dir / "eval_fc_rl.json").read_text())["metrics"]
+    assert "val/reward/total" in evaluated  # scored on the evaluation's own episodes
     # a second call finds every stage done and every evaluation written
     again = foresight(args)
     assert "already trained to step 2 of 2" in again.stdout + again.stderr

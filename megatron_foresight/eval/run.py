@@ -1,5 +1,5 @@
 """`foresight eval`: a checkpoint judged by its stage's validation metrics (per-segment losses,
-next-observation accuracy for WM-AMT) and, on a built world, by playing validation tasks with
+next-observation accuracy for WM-AMT; for FC-RL, its rewards on the episodes played below) and, on a built world, by playing validation tasks with
 greedy generation: task success, format validity, rollout fidelity and value calibration."""
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def evaluate_checkpoint(cfg: RecipeConfig, opts: EvalOptions, out: str | None = 
         run = build_run(cfg, ctx, Path(out).parent if out else Path("."))
         _load(run, opts.ckpt)
         # An on-policy stage validates by playing episodes; the agent evaluation below plays
-        # them once and the stage scores its rewards on those.
+        # them once (its metrics are task_success, format_validity, ...) and the stage scores
+        # its rewards on those (val/reward/..., or SPLIT/reward/... for another split).
         plays = opts.tasks and hasattr(run.plugin, "reward_metrics")
         metrics = {} if plays else evaluate(run)
         if opts.tasks:
@@ -85,7 +86,8 @@ def evaluate_checkpoint(cfg: RecipeConfig, opts: EvalOptions, out: str | None = 
                 scores, records = agent_metrics(run, cfg, tokenizer, opts)
             metrics.update(scores)
             if plays:
-                metrics.update(run.plugin.reward_metrics(records))
+                metrics.update(run.plugin.reward_metrics(
+                    records, "val" if opts.split == "validation" else opts.split))
             if out and ctx.is_logging_rank:
                 _write_episodes(records, Path(str(out) + ".episodes.jsonl"))
         if out and ctx.is_logging_rank:

@@ -11,6 +11,10 @@ Shapes: B rows, L padded prompt length, T = L + generated so far, V vocabulary.
 Tensor parallelism: logits are gathered over the TP group and every TP rank draws from a
 generator seeded the same way, so all ranks sample the same tokens.
 
+Sequence parallelism is switched off for the duration of `generate` (a decode step is one
+token, which cannot be split over the TP ranks; Megatron's own inference refuses it): the layers
+then all-reduce instead of reduce-scattering, with the same weights.
+
 Pipeline parallelism (one model chunk per stage): every stage keeps the KV cache of its own
 layers. Each forward passes the hidden states down the pipeline (shape first, then the tensor,
 point to point); the last stage computes the logits and draws, and broadcasts the drawn ids and
@@ -133,7 +137,8 @@ class Generator:
 
         shape = torch.empty(3, dtype=torch.long, device=self.device)
         dist.recv(shape, self.prev_rank)
-        hidden = torch.empty(shape.tolist(), dtype=self.model.config.params_dtype,
+        config = self.model.config
+        hidden = torch.empty(shape.tolist(), dtype=config.pipeline_dtype or config.params_dtype,
                              device=self.device)
         dist.recv(hidden, self.prev_rank)
         return hidden
@@ -177,6 +182,18 @@ class Generator:
                  stop_texts: tuple[str, ...] = ()) -> list[Completion]:
         """Continue each prompt (token ids) until a stop string is generated (it ends the
         completion, included), max_new_tokens, or the sequence limit."""
+        inner = getattr(self.model, "module", self.model)
+        if not inner.config.sequence_parallel:
+            return self._generate(prompts, sampling, stop_texts)
+        from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+        set_model_to_sequence_parallel(inner, False)
+        try:
+            return self._generate(prompts, sampling, stop_texts)
+        finally:
+            set_model_to_sequence_parallel(inner, True)
+
+    def _generate(self, prompts, sampling, stop_texts) -> list[Completion]:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         stop_ids, stop_tail = self.stop_condition(stop_texts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,21 @@ def use_transformer_engine(cfg: RecipeConfig) -> bool:
     return True
 
 
+def _cpu_has_bf16() -> bool | None:
+    """Whether this CPU has bf16 matrix instructions (AVX-512 BF16 or AMX); None if unknown."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _check_local_path(cfg: RecipeConfig, impl: str) -> None:
+    if not torch.cuda.is_available() and cfg.model.precision != "fp32" \
+            and _cpu_has_bf16() is False:
+        log.warning("model.precision=%s on a CPU without AVX-512 BF16 or AMX: half-precision "
+                    "matmuls are emulated there and slower than fp32; set model.precision=fp32",
+                    cfg.model.precision)
     if cfg.parallel.sequence_parallel:
         try:
             import apex  # noqa: F401  (Apex's fused norms support sequence parallelism)

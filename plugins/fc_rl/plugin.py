@@ -29,6 +29,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_foresight.configtree import check
+from megatron_foresight.errors import UsageError
 from megatron_foresight.eval.agent_eval import WorldEnvs, score_episodes
 from megatron_foresight.inference.agent import run_episodes
 from megatron_foresight.inference.generate import Generator, Sampling
@@ -98,7 +99,7 @@ class Config:
         `foresight plan`, so a layout that cannot run is refused before a job is queued."""
         check(bool(cfg.data.world), "data.world", "FC-RL plays the built world's tasks; set "
               "data.world (built on first use)")
-        check(cfg.parallel.virtual_pipeline_model_parallel_size is None,
+        check((cfg.parallel.virtual_pipeline_model_parallel_size or 1) == 1,
               "parallel.virtual_pipeline_model_parallel_size",
               "FC-RL rollouts run one model chunk per pipeline stage; set it to null (plain "
               "1F1B pipelining)")
@@ -237,6 +238,10 @@ class ForesightRLStage:
                               s.calibration_rule, s.normalize_std)
         samples = [to_sample(x, self.cfg.data.seq_length, self.tokenizer.eod) for x in scored]
         mbs = self.cfg.schedule.micro_batch_size
+        if not samples or len(samples) % mbs:  # the pipelined passes need equal microbatches
+            raise UsageError(f"each rank made {len(samples)} samples this step, not a multiple "
+                             f"of schedule.micro_batch_size ({mbs}); change fc_rl.prompts_per_step"
+                             " x fc_rl.group_size or the micro batch size")
         batches = [collate(samples[i:i + mbs]) for i in range(0, len(samples), mbs)]
         with torch.no_grad():
             policy = _scored(model, batches, self.value_head)
@@ -341,13 +346,13 @@ class ForesightRLStage:
         out = {f"val/{k}": v for k, v in score_episodes(records).items() if v is not None}
         return {**out, **self.reward_metrics(records)}
 
-    def reward_metrics(self, records) -> dict[str, float]:
-        """The mean reward of played episodes (`val/reward/COMPONENT`, and total) under this
-        recipe's weights: `foresight eval` adds them to the episodes it plays instead of
-        playing the validation tasks a second time."""
+    def reward_metrics(self, records, prefix: str = "val") -> dict[str, float]:
+        """The mean reward of played episodes (`PREFIX/reward/COMPONENT`, and total) under this
+        recipe's weights: `foresight eval` adds them to the episodes it plays (prefix: the task
+        split) instead of playing the validation tasks a second time."""
         scored = score_groups(records, 1, self.tokenizer, self.weights,
                               self.stage.calibration_rule, normalize_std=False)
-        return {f"val/reward/{k}": sum(x.rewards[k] for x in scored) / len(scored)
+        return {f"{prefix}/reward/{k}": sum(x.rewards[k] for x in scored) / len(scored)
                 for k in (*COMPONENTS, "total")}
 
 

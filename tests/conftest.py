@@ -11,15 +11,6 @@ def pytest_configure(config):
                                        "(several processes); CI runs them too")
 
 
-FIRST = ("test_stages_e2e",)
-"""Test files collected first: the longest (about 9 min alone). pytest-xdist hands files to its
-workers in collection order, so the longest starts at once and the other worker takes the rest."""
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.module.__name__ not in FIRST)  # stable: order kept within
-
-
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """One tokenized-data cache for the whole session, so the corpus is tokenized once."""

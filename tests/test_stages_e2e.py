@@ -4,8 +4,7 @@ that raises validation reward and lowers the value's Brier score, resumes exactl
 (GRPO, and PPO with its value head), and gives the losses of one process at TP=2 and at PP=2.
 
 Everything here starts from the session's medium-world runs (`conftest.medium_wm_amt`,
-`conftest.medium_fe_sft`); this file runs on one pytest-xdist worker (`--dist loadfile`), so
-they are trained once."""
+`conftest.medium_fe_sft`), trained once per session."""
 
 import json
 
@@ -15,8 +14,8 @@ from conftest import MEDIUM_WM_AMT
 from megatron_foresight.eval.agent_eval import METRICS
 from helpers.run import REPO, foresight
 
-# The first test to need the trained FE-SFT policy pays for it (world, WM-AMT, FE-SFT: ~4 min
-# alone, more beside the other worker): pytest-timeout counts fixture set-up against that test.
+# The first test to need the trained FE-SFT policy pays for it (world, WM-AMT, FE-SFT: ~4 min):
+# pytest-timeout counts fixture set-up against that test.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 RECIPES = REPO / "recipes" / "tiny-cpu"

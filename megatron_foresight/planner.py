@@ -236,7 +236,8 @@ def _activations(cfg: RecipeConfig, microbatches: int, stage: int) -> int:
     chunks, layers_per_chunk = _in_flight(cfg, microbatches, stage)
     if m.recompute_granularity == "full":
         n = m.recompute_num_layers
-        stored = 2 * m.hidden_size * _activation_scale(m) / sp_div / n  # each recompute chunk keeps its input
+        # each recompute chunk keeps its input
+        stored = 2 * m.hidden_size * _activation_scale(m) / sp_div / n
         working = min(n, layers_per_chunk) * full_layer  # one chunk recomputed during backward
         per_token = chunks * layers_per_chunk * stored + working
     else:

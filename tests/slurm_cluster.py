@@ -143,11 +143,9 @@ class SlurmCluster:
 
     def wait(self, job_id: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
                                         "NODE_FAIL", "OUT_OF_MEMORY"), timeout: float = 600,
-             settle: float = 0, start_pending: bool = False):
+             settle: float = 0):
         """The job's record once its state is one of `states` and has stayed so for `settle`
-        seconds (a job being requeued can show FAILED for a moment before it is pending again).
-        With `start_pending`, a pending job is made eligible at once (`StartTime=now`), as an
-        administrator could: Slurm otherwise holds a requeued job for about two minutes."""
+        seconds (a job being requeued can show FAILED for a moment before it is pending again)."""
         deadline = time.time() + timeout
         since, last = None, None
         while time.time() < deadline:
@@ -158,8 +156,6 @@ class SlurmCluster:
                     since = time.time()
                 if time.time() - since >= settle:
                     return info
-            elif start_pending and state == "PENDING":
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             last = state
             time.sleep(1)
         raise TimeoutError(f"job {job_id} still {self.job(job_id).get('JobState')} after "

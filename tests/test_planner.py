@@ -106,6 +106,9 @@ def test_kl_reference_counts_a_second_copy_of_the_weights():
                                "parallel.virtual_pipeline_model_parallel_size=2"], 2,
      "FC-RL rollouts run one model chunk per pipeline stage"),
     ("recipes/8b/fc_rl.yaml", ["model.fp8=hybrid"], 2, "set model.fp8: null for this stage"),
+    ("recipes/8b/fc_rl.yaml", ["fc_rl.prompts_per_step=3", "fc_rl.group_size=7"], 2,
+     "each rank's 21 episodes per step (fc_rl.prompts_per_step x group_size) must be a "
+     "multiple of 2"),
     ("recipes/8b/fc_rl.yaml", ["fc_rl.algorithm=ppo"], 2,
      "set sequence_parallel: false with fc_rl.algorithm: ppo"),
 ])

@@ -92,8 +92,7 @@ def test_sbatch_tiny_cpu_trains_saves_on_the_time_limit_signal_and_resumes(slurm
         assert time.time() < deadline, "no checkpoint after 300 s"
         time.sleep(0.5)
     slurm.run("scancel", "--batch", "--signal=USR1", job)
-    # The launcher has the tasks save and stop, then requeues the job. Slurm holds a requeued
-    # job for a while before it is eligible; start it now, as an administrator could.
+    # The launcher has the tasks save and stop, then requeues the job.
     # While the requeue tears the first run down, scontrol may briefly report a terminal state
     # (FAILED: the batch shell is killed "DUE TO JOB REQUEUE"); wait until the job is pending
     # or running again before waiting for its end.

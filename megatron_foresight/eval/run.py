@@ -1,6 +1,7 @@
 """`foresight eval`: a checkpoint judged by its stage's validation metrics (per-segment losses,
-next-observation accuracy for WM-AMT; for FC-RL, its rewards on the episodes played below) and, on a built world, by playing validation tasks with
-greedy generation: task success, format validity, rollout fidelity and value calibration."""
+next-observation accuracy for WM-AMT; for FC-RL, its rewards on the episodes played below) and,
+on a built world, by playing validation tasks with greedy generation: task success, format
+validity, rollout fidelity and value calibration."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ stages before it drew. So TP=2 or PP=2 starts from exactly the model TP=1/PP=1 s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def use_transformer_engine(cfg: RecipeConfig) -> bool:
     return True
 
 
+@functools.cache
 def _cpu_has_bf16() -> bool | None:
     """Whether this CPU has bf16 matrix instructions (AVX-512 BF16 or AMX); None if unknown."""
     try:

@@ -29,7 +29,6 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_foresight.configtree import check
-from megatron_foresight.errors import UsageError
 from megatron_foresight.eval.agent_eval import WorldEnvs, score_episodes
 from megatron_foresight.inference.agent import run_episodes
 from megatron_foresight.inference.generate import Generator, Sampling
@@ -110,6 +109,11 @@ class Config:
         check(self.algorithm != "ppo" or not cfg.parallel.sequence_parallel,
               "parallel.sequence_parallel", "PPO's value head reads whole final hidden states; "
               "set sequence_parallel: false with fc_rl.algorithm: ppo")
+        episodes, mbs = self.prompts_per_step * self.group_size, cfg.schedule.micro_batch_size
+        check(episodes % mbs == 0, "schedule.micro_batch_size",
+              f"the pipelined log-prob passes need equal microbatches: each rank's {episodes} "
+              f"episodes per step (fc_rl.prompts_per_step x group_size) must be a multiple of "
+              f"{mbs}")
         check(self.kl_coef == 0 or bool(cfg.checkpoint.init_from), "fc_rl.kl_coef",
               "KL needs a reference model: set checkpoint.init_from (the FE-SFT run)")
 
@@ -238,10 +242,6 @@ class ForesightRLStage:
                               s.calibration_rule, s.normalize_std)
         samples = [to_sample(x, self.cfg.data.seq_length, self.tokenizer.eod) for x in scored]
         mbs = self.cfg.schedule.micro_batch_size
-        if not samples or len(samples) % mbs:  # the pipelined passes need equal microbatches
-            raise UsageError(f"each rank made {len(samples)} samples this step, not a multiple "
-                             f"of schedule.micro_batch_size ({mbs}); change fc_rl.prompts_per_step"
-                             " x fc_rl.group_size or the micro batch size")
         batches = [collate(samples[i:i + mbs]) for i in range(0, len(samples), mbs)]
         with torch.no_grad():
             policy = _scored(model, batches, self.value_head)

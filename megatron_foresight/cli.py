@@ -71,12 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="evaluate a checkpoint: stage metrics and agent episodes",
         description="Evaluate a checkpoint with a stage recipe: the stage's validation metrics "
                     "(loss per segment type; next-observation accuracy for wm_amt), then greedy "
-                    "episodes on the built world's validation tasks (data.world): task success, "
-                    "format validity, rollout fidelity against the real environment, and value "
-                    "calibration (Brier, log score, ECE, AUROC).",
+                    "episodes on the recipe's task sets (tasks:), or on a one-off task file: "
+                    "task success, format validity, rollout fidelity against the real "
+                    "environment and value calibration (Brier, log score, ECE, AUROC), over all "
+                    "tasks and per set with the environment's own scores (EM and F1 for search, "
+                    "accuracy for math).",
         epilog="Examples:\n"
                "  foresight eval recipes/tiny-cpu/fe_sft.yaml --ckpt runs/fe_sft\n"
-               "  foresight eval recipes/tiny-cpu/wm_amt.yaml --ckpt runs/wm_amt --tasks 0",
+               "  foresight eval recipes/tiny-cpu/wm_amt.yaml --ckpt runs/wm_amt --tasks 0\n"
+               "  foresight eval recipes/8b/fc_rl.yaml --ckpt runs/fc_rl_8b --set nq --split test\n"
+               "  foresight eval R --ckpt C --tasks-file nq_dev.jsonl --env search "
+               "--corpus psgs.jsonl\n"
+               "  foresight eval R --ckpt C --tasks-file gsm8k_test.jsonl --env math --tasks 500",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(ev)
 
@@ -152,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--peak-tflops", type=float, default=989.0,
                       help="peak dense TFLOP/s of one GPU (default 989, H100 SXM BF16)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--skip-data-check", action="store_true",
+                      help="do not check that the task files and corpora the stage plays exist "
+                           "(planning on a machine without the data)")
 
     convert = sub.add_parser(
         "convert", help="convert checkpoints to and from Hugging Face",
@@ -194,10 +203,20 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", help="run directory or checkpoint to evaluate (default: the "
                                   "recipe's checkpoint.init_from, else its initial weights)")
     p.add_argument("--tasks", type=int, default=64,
-                   help="validation tasks to play, alternating search and math; 0 reports the "
-                        "stage's validation metrics only (default 64)")
-    p.add_argument("--split", default="validation", choices=["validation", "test", "train"],
-                   help="which of the world's task splits to play (default validation)")
+                   help="tasks to play, taken from the task sets in turn; 0 reports the stage's "
+                        "validation metrics only (default 64)")
+    p.add_argument("--split", default="validation",
+                   help="which split of the task sets to play (default validation)")
+    p.add_argument("--set", action="append", default=[], dest="task_sets", metavar="NAME",
+                   help="play only this task set of the recipe (repeatable; default: all)")
+    p.add_argument("--tasks-file", metavar="F",
+                   help="play this task file (JSONL or .jsonl.gz, NQ / HotpotQA / Search-R1 / "
+                        "GSM8K / MATH layouts) instead of the recipe's task sets; needs --env")
+    p.add_argument("--env", help="with --tasks-file: the environment that plays it (search, "
+                                 "math, or one the recipe's env_modules register)")
+    p.add_argument("--corpus", metavar="C",
+                   help="with --tasks-file --env search: the passage corpus (JSONL, .jsonl.gz or "
+                        "a directory of shards; indexed into the data cache on first use)")
     p.add_argument("--max-new-tokens", type=int, default=320,
                    help="token budget of one agent turn (default 320)")
     p.add_argument("--batch-size", type=int, default=16, help="episodes generated together")
@@ -229,11 +248,27 @@ def add_convert_to_hf_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
+def check_inputs(cfg) -> None:
+    """What can be checked of a recipe before any process starts, beyond its fields: the stage's
+    own checks, and for a stage that plays tasks, that its task files and corpora exist and
+    their first records read."""
+    from megatron_foresight.training.plugin import load_plugin
+
+    plugin = load_plugin(cfg.stage)
+    if hasattr(cfg.stage_config, "check_recipe"):
+        cfg.stage_config.check_recipe(cfg)
+    if getattr(plugin, "on_policy", False):
+        from megatron_foresight.envs.tasksets import TaskSets
+
+        TaskSets.of(cfg).check_files()
+
+
 def _cmd_train(args) -> int:
     from megatron_foresight.config import load_recipe
     from megatron_foresight.training.loop import train
 
     cfg = load_recipe(args.recipe, args.overrides)
+    check_inputs(cfg)
     train(cfg, run_dir=args.run_dir, resume=args.resume, verbose=args.verbose,
           stop_at_step=args.stop_at_step)
     return 0
@@ -242,19 +277,35 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     from megatron_foresight.config import load_recipe
     from megatron_foresight.eval.agent_eval import format_table
-    from megatron_foresight.eval.run import EvalOptions, evaluate_checkpoint
+    from megatron_foresight.eval.run import EvalOptions, evaluate_checkpoint, task_sets_for
 
     cfg = load_recipe(args.recipe, args.overrides)
     ckpt = args.ckpt or cfg.checkpoint.init_from
     opts = EvalOptions(ckpt=ckpt, tasks=args.tasks, split=args.split,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                       temperature=args.temperature)
-    metrics = evaluate_checkpoint(cfg, opts, args.out)
+                       temperature=args.temperature, task_sets=args.task_sets,
+                       tasks_file=args.tasks_file, env=args.env, corpus=args.corpus)
+    task_sets = task_sets_for(cfg, opts) if opts.tasks else None
+    metrics = evaluate_checkpoint(cfg, opts, args.out, task_sets)
     if _launch_rank() == 0:
-        print(format_table({ckpt or "initial weights": metrics}, sorted(metrics)))
+        print(f"{ckpt or 'initial weights'}, split {opts.split}")
+        print(format_table(*by_column(metrics, [s.name for s in task_sets.sets]
+                                      if task_sets else [])))
         if args.out:
             print(args.out)
     return 0
+
+
+def by_column(metrics: dict, set_names: list[str]) -> tuple[dict, list]:
+    """Metrics as a table: a column for all tasks (and the stage's metrics), one per task set
+    (its `<set>/<metric>` keys)."""
+    columns: dict[str, dict] = {"all": {}}
+    for key, value in metrics.items():
+        name, _, metric = key.partition("/")
+        column = name if name in set_names else "all"
+        columns.setdefault(column, {})[metric if column != "all" else key] = value
+    rows = list(dict.fromkeys(m for c in columns.values() for m in c))
+    return columns, rows
 
 
 def _cmd_pipeline(args) -> int:
@@ -269,12 +320,16 @@ def _cmd_config(args) -> int:
     from megatron_foresight.training.plugin import available_stages, load_plugin
 
     if args.keys:
+        from megatron_foresight.envs.registry import describe_options
+
         stages = [args.stage] if args.stage else available_stages()
         print(describe_recipe({s: load_plugin(s).Config for s in stages}))
+        print(describe_options())
         return 0
     if not args.recipe:
         raise SystemExit("error: give a RECIPE to validate, or --keys")
     cfg = load_recipe(args.recipe, args.overrides)
+    check_inputs(cfg)
     world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
     cfg.check_world_size(world)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
@@ -291,6 +346,8 @@ def _cmd_plan(args) -> int:
     with warnings.catch_warnings():  # loading a stage plugin imports Megatron, which warns
         warnings.simplefilter("ignore")  # about TE / Apex: noise on a login node
         cfg = load_recipe(args.recipe, args.overrides)
+    if not args.skip_data_check:
+        check_inputs(cfg)
     launch, env = cfg.launch, os.environ
     nodes = args.nodes or int(env.get("SLURM_JOB_NUM_NODES", 0)) or launch.nodes
     per_node = (args.gpus_per_node or int(env.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0])

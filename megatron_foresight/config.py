@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from megatron_foresight.configtree import (
     ConfigError, apply_overrides, build, check, describe, load_yaml, to_dict,
@@ -291,6 +291,76 @@ class DataConfig:
 
 
 @dataclass
+class TaskSetConfig:
+    """One set of tasks an environment plays: FC-RL trains on the `train` split of every set
+    (drawn by weight), `foresight eval` plays any split and reports metrics per set."""
+
+    env: str = "search"
+    """The environment that plays these tasks, by its registered name (search, math, or one a
+    module in env_modules registers)."""
+    name: Optional[str] = None
+    """The set's name in metrics (`<name>/em`, ...); null: the environment's name."""
+    splits: dict[str, str] = field(default_factory=dict)
+    """Task file per split, e.g. {train: nq/train.jsonl.gz, validation: nq/dev.jsonl}: JSONL or
+    .jsonl.gz in the NQ / HotpotQA / Search-R1 / TriviaQA / GSM8K / MATH layouts; the set's
+    environment gives each task its type."""
+    world: bool = False
+    """The built-in world's tasks of this environment (data.world/tasks/<env>-<split>.jsonl)
+    with the options the world was played with (its corpus, top-k, turn budgets); splits then
+    stays empty, and options given here override the world's."""
+    weight: float = 1.0
+    """Share of FC-RL's training tasks drawn from this set (weights are normalized)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The environment's options (`foresight config --keys` lists each environment's), e.g. for
+    search {corpus: wiki/psgs.jsonl, top_k: 3, max_passage_chars: 600}."""
+    skip_bad: bool = False
+    """Leave out task records that do not read (counted and logged, with the first few
+    locations) instead of stopping at the first with its file, line and field."""
+    files: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Task file per split: `splits`, or the world's files."""
+    env_options: object = field(default=None, init=False, repr=False, compare=False)
+    """The options as the environment's typed config (with the world's defaults filled in)."""
+
+    def __post_init__(self):
+        from megatron_foresight.envs import registry
+        from megatron_foresight.errors import UsageError
+
+        try:
+            registry.get(self.env)
+        except UsageError as e:
+            raise ConfigError("env", str(e)) from None
+        self.name = self.name or self.env
+        check(bool(self.name.strip()) and "/" not in self.name, "name",
+              "must be a non-empty name without '/' (it prefixes metric names)")
+        check(self.weight > 0 and math.isfinite(self.weight), "weight", "must be positive")
+        check(not (self.world and self.splits), "splits",
+              "a world set takes its files from data.world; give either world: true or splits")
+        check(self.world or bool(self.splits), "splits",
+              "give the task file of each split (e.g. {train: ..., validation: ...}), or "
+              "world: true for the built-in world's tasks")
+
+    def resolve(self, world: Optional[str]) -> None:
+        """Fill in the world's files and options (world sets), then type the options."""
+        from megatron_foresight.configtree import build
+        from megatron_foresight.envs import registry
+
+        options, self.files = dict(self.options), dict(self.splits)
+        if self.world:
+            check(bool(world), "world", "a world set needs data.world (the built-in world's "
+                                        "directory; it is built there on first use)")
+            from megatron_foresight.world.tasksets import world_task_set
+
+            from megatron_foresight.errors import UsageError
+
+            try:
+                self.files, defaults = world_task_set(world, self.env)
+            except UsageError as e:
+                raise ConfigError("world", str(e)) from None
+            options = {**defaults, **options}
+        self.env_options = build(registry.get(self.env).options, options, prefix="options")
+
+
+@dataclass
 class CheckpointConfig:
     """Megatron distributed checkpoints in <run_dir>/checkpoints."""
 
@@ -383,6 +453,12 @@ class RecipeConfig:
     """Logging."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """Intended cluster shape."""
+    tasks: list[TaskSetConfig] = field(default_factory=list)
+    """Task sets the agent stages play: FC-RL trains on them, `foresight eval` and the
+    pipeline's evaluations play them (the tiny recipes: the built-in world's search and math)."""
+    env_modules: list[str] = field(default_factory=list)
+    """Python modules imported before the recipe is read, each registering environments
+    (`megatron_foresight.envs.registry.register`) that task sets may then name."""
     stage_config: object = field(default=None, init=False, repr=False, compare=False)
     name: str = field(default="recipe", init=False, compare=False)
 
@@ -418,6 +494,14 @@ class RecipeConfig:
               f"divisible by 2 x context_parallel_size = {2 * cp}")
         check(p.use_distributed_optimizer is False or self.optimizer.type == "adam",
               "parallel.use_distributed_optimizer", "is supported with optimizer.type: adam")
+        names = [t.name for t in self.tasks]
+        for i, task_set in enumerate(self.tasks):
+            check(names.index(task_set.name) == i, f"tasks[{i}].name",
+                  f"two task sets are named {task_set.name!r}; give each a name")
+            try:
+                task_set.resolve(self.data.world)
+            except ConfigError as e:
+                raise ConfigError(f"tasks[{i}].{e.key}", e.message, e.where) from None
 
     def check_world_size(self, world_size: int) -> None:
         """Checks that need the number of processes; run before any process group starts."""
@@ -484,6 +568,7 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), origins: dict | None
     origins = dict(origins or {})
     tree = apply_overrides(tree, origins, list(overrides))
     tree = _apply_preset(tree, origins)
+    _import_env_modules(tree, origins)
     stage = tree.get("stage", RecipeConfig.stage)
     if stage_sections is None:
         from megatron_foresight.training.plugin import load_plugin
@@ -500,12 +585,27 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), origins: dict | None
     return cfg
 
 
+def _import_env_modules(tree: dict, origins: dict) -> None:
+    """The modules of `env_modules` register their environments before task sets name them."""
+    modules = tree.get("env_modules") or []
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ConfigError("env_modules", f"expected a list of module names, got {modules!r}",
+                          origins.get("env_modules"))
+    from megatron_foresight.envs.registry import import_modules
+    from megatron_foresight.errors import UsageError
+
+    try:
+        import_modules(modules)
+    except UsageError as e:
+        raise ConfigError("", str(e), origins.get("env_modules")) from None
+
+
 def describe_recipe(stage_sections: dict | None = None) -> str:
     return "\n".join(describe(RecipeConfig, extra_sections=stage_sections))
 
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "LaunchConfig", "LoggingConfig", "ModelConfig",
+    "CheckpointConfig", "ConfigError", "DataConfig", "TaskSetConfig", "LaunchConfig", "LoggingConfig", "ModelConfig",
     "OptimizerConfig", "ParallelConfig", "RecipeConfig", "ScheduleConfig", "TokenizerConfig",
     "describe_recipe", "load_recipe", "recipe_from_tree",
 ]

@@ -4,6 +4,8 @@ This module is the machinery; `config.py` holds the schema. A recipe is loaded i
 
 1. `load_yaml` reads a file (following its `base:` chain) into plain dicts and remembers, for every
    dotted key, the file and line it came from;
+   String values may name environment variables, `${DATA_DIR}` or `${DATA_DIR:-data}` (with a
+   default), so one recipe serves every user's data paths;
 2. `apply_overrides` folds `key=value` strings from the command line into that tree;
 3. `build` turns the tree into dataclasses: it checks each key exists (suggesting the nearest valid
    one), checks and coerces each value against the field's annotation, then runs the dataclass's
@@ -19,6 +21,8 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import os
+import re
 import textwrap
 import types
 import typing
@@ -74,7 +78,24 @@ def _node_to_python(node: yaml.Node, path: str, origins: Origins, source: str) -
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_node_to_python(v, f"{path}[{i}]", origins, source) for i, v in enumerate(node.value)]
-    return yaml.safe_load(yaml.serialize(node))
+    value = yaml.safe_load(yaml.serialize(node))
+    return _expand_variables(value, path, where) if isinstance(value, str) else value
+
+
+_VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+
+
+def _expand_variables(text: str, key: str, where: str) -> str:
+    """`${NAME}` and `${NAME:-default}` in a recipe's string value, from the environment."""
+    def value(match: re.Match) -> str:
+        name, default = match["name"], match["default"]
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise ConfigError(key, f"environment variable {name} is not set; set it (export "
+                                   f"{name}=...) or give a default: ${{{name}:-...}}", where)
+        return default
+    return _VARIABLE.sub(value, text)
 
 
 def _merge(base: dict, child: dict) -> dict:
@@ -163,8 +184,10 @@ def _type_name(tp: Any) -> str:
         tp, getattr(tp, "__name__", str(tp)))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against annotation `tp`, converting int->float; raise ConfigError if wrong."""
+def _coerce(value: Any, tp: Any, key: str, origins: Origins | None = None) -> Any:
+    """Check `value` against annotation `tp`, converting int->float; raise ConfigError if wrong.
+    Dataclasses inside lists and mappings are built here; a field that is itself a dataclass is
+    built by `build`."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -174,7 +197,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, origins)
             except ConfigError:
                 pass
         raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
@@ -190,12 +213,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
         (inner,) = typing.get_args(tp)
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_element(v, inner, f"{key}[{i}]", origins) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
         key_type, value_type = typing.get_args(tp)
-        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}")
+        return {_coerce(k, key_type, key): _element(v, value_type, f"{key}.{k}", origins)
                 for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -223,6 +246,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is Any:
         return value
     raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _element(value: Any, tp: Any, key: str, origins: Origins | None) -> Any:
+    """One item of a list or mapping: a dataclass is built (its errors located at `key`)."""
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, origins, key)
+    try:
+        return _coerce(value, tp, key, origins)
+    except ConfigError as e:
+        raise e.located((origins or {}).get(key)) from None
 
 
 def build(cls: type, data: dict, origins: Origins | None = None, prefix: str = "",
@@ -255,7 +288,7 @@ def build(cls: type, data: dict, origins: Origins | None = None, prefix: str = "
                               origins.get(key))
         tp = hints[name]
         try:
-            value = _coerce(value, tp, key)
+            value = _coerce(value, tp, key, origins)
         except ConfigError as e:
             raise e.located(origins.get(key)) from None
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
@@ -267,8 +300,18 @@ def build(cls: type, data: dict, origins: Origins | None = None, prefix: str = "
         return cls(**kwargs)
     except ConfigError as e:
         full = dotted(e.key) if e.key else prefix
-        leaf_where = origins.get(full) or origins.get(prefix)
-        raise ConfigError(full, e.message, e.where or leaf_where) from None
+        raise ConfigError(full, e.message, e.where or nearest_origin(origins, full)) from None
+
+
+def nearest_origin(origins: Origins, key: str) -> str | None:
+    """Where `key` was set, or else the nearest enclosing key that was (a check of a value the
+    recipe left at its default points at the section that holds it)."""
+    while key:
+        if key in origins:
+            return origins[key]
+        parent = re.sub(r"(\.[^.\[\]]*|\[\d+\])$", "", key)
+        key = "" if parent == key else parent
+    return None
 
 
 def to_dict(obj: Any) -> Any:
@@ -322,6 +365,11 @@ def describe(cls: type, prefix: str = "", extra_sections: dict[str, type] | None
         if dataclasses.is_dataclass(tp):
             lines.append(f"[{key}] {docs.get(f.name, '')}".rstrip())
             lines += describe(tp, key)
+            continue
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if item is not None and dataclasses.is_dataclass(item):
+            lines.append(f"[{key}[]] {docs.get(f.name, '')}".rstrip())
+            lines += describe(item, f"{key}[]")
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)

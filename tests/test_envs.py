@@ -48,7 +48,7 @@ def test_parse_action_errors_say_what_and_where(text, message, offset):
 def test_search_env_returns_passages_and_scores_answers():
     docs = [Document("a", "Kalo", "Kalo is a city in the region of Mirten."),
             Document("b", "Vasru", "Vasru trades in salt.")]
-    env = SearchEnv(BM25Retriever(docs), top_k=2, max_turns=3)
+    env = SearchEnv(BM25Retriever.from_documents(docs), top_k=2, max_turns=3)
     task = Task("t", "search", "In which region is Kalo?", ("Mirten",), None)
     assert "Question: In which region is Kalo?" in env.reset(task)
     step = env.step("<search>Kalo region</search>")

@@ -14,19 +14,18 @@ from megatron_foresight.inference.agent import AgentTurnRecord, EpisodeRecord
 from megatron_foresight.rl.rewards import credit_spans
 from megatron_foresight.rl.rollout import RewardWeights, score_groups, to_sample
 
-def test_trained_ids_are_the_sampled_ids_across_turns(small_world, megatron_cpu):
+def test_trained_ids_are_the_sampled_ids_across_turns(small_world, megatron_cpu, tmp_path):
     from megatron_foresight.config import load_recipe
-    from megatron_foresight.eval.agent_eval import WorldEnvs
     from megatron_foresight.inference.agent import run_episodes
     from megatron_foresight.inference.generate import Generator, Sampling
     from megatron_foresight.models.provider import build_model
-    from helpers.run import REPO
+    from helpers.run import REPO, world_task_sets
 
     torch.manual_seed(3)
     world = small_world
     tok = SentencePieceTokenizer(str(world / "tokenizer" / "spm.model"))
     (model,) = build_model(load_recipe(REPO / "recipes" / "tiny-cpu" / "lm.yaml"), 1024)
-    envs = WorldEnvs(world)
+    envs = world_task_sets(world, tmp_path)
     tasks = envs.tasks("validation", 2)
     group = 2
     records = run_episodes(Generator(model.eval(), tok, max_sequence_length=512),

@@ -145,18 +145,18 @@ def test_wm_amt_renderer_is_found_by_its_stage_name():
     assert get_renderer("wm_amt").__module__ == "plugins.wm_amt.plugin"
 
 
-def test_agent_loop_keeps_sampled_ids_and_appends_each_observation_once(world, megatron_cpu):
+def test_agent_loop_keeps_sampled_ids_and_appends_each_observation_once(world, megatron_cpu,
+                                                                        tmp_path):
     """Token in, token out, on the real Megatron model (random weights) and environments."""
     from megatron_foresight.config import load_recipe
-    from megatron_foresight.eval.agent_eval import WorldEnvs
     from megatron_foresight.inference.agent import run_episodes
     from megatron_foresight.inference.generate import Generator, Sampling
     from megatron_foresight.models.provider import build_model
-    from helpers.run import REPO
+    from helpers.run import REPO, world_task_sets
 
     tok = SentencePieceTokenizer(str(world / "tokenizer" / "spm.model"))
     (model,) = build_model(load_recipe(REPO / "recipes" / "tiny-cpu" / "lm.yaml"), 1024)
-    envs = WorldEnvs(world)
+    envs = world_task_sets(world, tmp_path)
     tasks = envs.tasks("validation", 2)
     records = run_episodes(Generator(model.eval(), tok, max_sequence_length=512), tasks,
                            envs.make_env, Sampling(temperature=1.0, max_new_tokens=6, seed=1),

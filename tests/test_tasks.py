@@ -17,19 +17,28 @@ def _write(path, records):
     return path
 
 
-def test_task_fields_of_nq_search_r1_gsm8k_and_math(tmp_path):
+def test_task_fields_of_nq_hotpotqa_search_r1_triviaqa_gsm8k_and_math(tmp_path):
     path = _write(tmp_path / "tasks.jsonl", [
         {"question": "who wrote it?", "answer": ["Ann", "Ann B."]},           # NQ
+        {"_id": "hp", "question": "which?", "answer": "Kalo", "type": "bridge",
+         "level": "hard"},                                                    # HotpotQA
         {"id": "sr1", "question": "where?", "golden_answers": ["Kalo"]},      # Search-R1
-        {"question": "how many?", "answer": "3 + 4 = 7 apples.\n#### 7", "type": "math"},
-        {"problem": "half of 1?", "solution": "It is \\boxed{\\frac{1}{2}}.", "type": "math"},
-        {"question": "count", "answer": 12, "type": "math"},
+        {"question": "who?", "answer": {"value": "Ann", "aliases": ["Ann", "A. B."]}},  # TriviaQA
     ])
+    # the task set's environment gives the type (HotpotQA's own `type` is not ours)
     tasks = list(read_tasks(path, task_type="search"))
     assert [(t.id, t.type, t.answers) for t in tasks] == [
-        ("tasks-1", "search", ("Ann", "Ann B.")), ("sr1", "search", ("Kalo",)),
-        ("tasks-3", "math", ("7",)), ("tasks-4", "math", ("\\frac{1}{2}",)),
-        ("tasks-5", "math", ("12",))]
+        ("tasks-1", "search", ("Ann", "Ann B.")), ("hp", "search", ("Kalo",)),
+        ("sr1", "search", ("Kalo",)), ("tasks-4", "search", ("Ann", "A. B."))]
+    math = _write(tmp_path / "gsm8k.jsonl.gz", [])
+    import gzip
+    math.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in [
+        {"question": "how many?", "answer": "3 + 4 = 7 apples.\n#### 7"},      # GSM8K
+        {"problem": "half of 1?", "solution": "It is \\boxed{\\frac{1}{2}}."},  # MATH
+        {"question": "count", "answer": 12}]).encode()))
+    assert [(t.id, t.type, t.answers) for t in read_tasks(math, task_type="math")] == [
+        ("gsm8k-1", "math", ("7",)), ("gsm8k-2", "math", ("\\frac{1}{2}",)),
+        ("gsm8k-3", "math", ("12",))]
 
 
 def test_task_id_question_and_answer_aliases(tmp_path):
@@ -45,12 +54,11 @@ def test_task_id_question_and_answer_aliases(tmp_path):
 
 
 @pytest.mark.parametrize("record, field, words", [
-    ({"answer": "x"}, "question", "question / problem / query"),
+    ({"answer": "x"}, None, "not a task layout this reads (keys: answer)"),
     ({"question": "q"}, "answers", "missing"),
     ({"question": "q", "answers": []}, "answers", "at least one"),
-    ({"question": "q", "answer": {"a": 1}}, "answer", "strings or numbers"),
+    ({"question": "q", "answer": {"a": 1}}, "answer", "needs a 'value'"),
     ({"question": "q", "solution": "no box"}, "solution", "boxed"),
-    ({"question": "q", "answer": "a", "type": "chess"}, "type", "must be one of"),
     ({"question": "q", "answer": "a", "id": "dup"}, "id", "duplicate task id 'dup' (first at "
                                                          "line 1)"),
     ({"question": "  ", "answer": "a"}, "question", "must be a non-empty string"),
@@ -71,15 +79,37 @@ def test_task_errors_name_line_and_field(tmp_path, record, field, words):
     assert (error.value.line, error.value.field) == (2, field) and words in error.value.message
 
 
-def test_task_type_must_be_known(tmp_path):
+def test_task_type_comes_from_the_record_or_the_task_set(tmp_path):
     path = _write(tmp_path / "t.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataFileError, match=r"t.jsonl:1: field 'type': missing: .* pass the "
-                                            r"file's task type"):
+    with pytest.raises(DataFileError, match=r"t.jsonl:1: field 'type': missing: .* read the "
+                                            r"file as a task set of the recipe"):
         list(read_tasks(path))
-    with pytest.raises(UsageError, match="task type 'chess': expected one of search, math"):
-        list(read_tasks(path, task_type="chess"))
+    bad = _write(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a", "type": "two words"}])
+    with pytest.raises(DataFileError, match="bad.jsonl:1: field 'type': must be an environment "
+                                            "name"):
+        list(read_tasks(bad))
     with pytest.raises(UsageError, match="file not found"):
         list(read_tasks(tmp_path / "nope.jsonl", task_type="math"))
+
+
+def test_an_unknown_layout_names_the_keys_it_saw_and_the_layouts(tmp_path):
+    path = _write(tmp_path / "squad.jsonl", [{"title": "x", "context": "c", "qas": []}])
+    with pytest.raises(DataFileError) as error:
+        list(read_tasks(path, task_type="search"))
+    message = str(error.value)
+    assert message.startswith(f"{path}:1: not a task layout this reads (keys: title, context, "
+                              "qas); expected NQ / HotpotQA")
+    assert "GSM8K" in message and "MATH" in message
+
+
+def test_skipped_records_are_counted_not_dropped_silently(tmp_path):
+    path = _write(tmp_path / "t.jsonl", [{"question": "q", "answer": "a"}, {"question": ""},
+                                         "{broken", {"question": "r", "answer": "b"}])
+    skipped = []
+    assert [t.question for t in read_tasks(path, "search", skipped)] == ["q", "r"]
+    assert [(e.line, e.field) for e in skipped] == [(2, "question"), (3, None)]
+    with pytest.raises(DataFileError, match=r"t.jsonl:2: field 'question'"):
+        list(read_tasks(path, "search"))
 
 
 def test_tasks_and_corpus_round_trip_byte_identically(tmp_path):

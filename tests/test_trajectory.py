@@ -85,7 +85,7 @@ CASES = [  # (what is changed, the field reported, words of the message)
     (_set(["id"], " "), "id", "must not be empty"),
     (_set(["id"], "first"), "id", "duplicate trajectory id 'first' (first at line 1)"),
     (_set(["task_type"], DELETE), "task_type", "missing"),
-    (_set(["task_type"], "chess"), "task_type", "must be one of search, math"),
+    (_set(["task_type"], "chess game"), "task_type", "must be an environment's name"),
     (_set(["turns"], []), "turns", "must not be empty"),
     (_set(["turns", 0, "role"], "env"), "turns[0].role", "must be agent"),
     (_set(["turns", 1, "role"], "agent"), "turns[1].role", "must be env"),
@@ -130,7 +130,7 @@ def test_each_malformed_record_is_reported_with_line_and_field(tmp_path, change,
 
 def test_validator_reports_every_problem_with_counts(tmp_path, capsys):
     records = [dict(GOOD, id=f"t-{i}") for i in range(10)]
-    records[2] = dict(records[2], task_type="chess")
+    records[2] = dict(records[2], task_type="chess game")
     records[5] = dict(records[5], turns=[{"role": "env", "text": "x"}])
     records[7] = dict(records[7], id="t-1")
     lines = [json.dumps(r) for r in records]
@@ -191,7 +191,7 @@ def test_shard_problems_are_located_by_member(tmp_path):
     with pytest.raises(DataFileError, match="not a readable tar archive"):
         list(read_trajectories(broken))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UsageError, match="holds no .tar shards"):
+    with pytest.raises(UsageError, match=r"holds no shards \(\*.tar, \*.jsonl"):
         list(read_trajectories(tmp_path / "empty"))
 
 

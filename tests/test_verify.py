@@ -7,7 +7,7 @@ import time
 import pytest
 
 from megatron_foresight.envs.qa_metrics import exact_match, normalize_answer, token_f1
-from megatron_foresight.envs.verify import answers_match, extract_boxed
+from megatron_foresight.envs.verify import answers_match, extract_boxed, numbers_match
 
 HALF = ["1/2", "0.5", "\\frac{1}{2}", "$\\frac{1}{2}$", "\\dfrac{1}{2}", "$\\dfrac12$",
         "\\boxed{\\frac{1}{2}}", ".5"]
@@ -116,3 +116,17 @@ def test_token_f1():
     assert token_f1("the", ["a"]) == 1.0  # both empty after normalization
     assert token_f1("the", ["red"]) == 0.0
     assert token_f1("red", []) == 0.0
+
+
+@pytest.mark.parametrize("predicted, reference, same", [
+    ("15 balls", "15", True), ("9 apples", "9", True), ("15 balls.", "15", True),
+    ("15 dollars", "15", True), ("12 cm^2", "12", True), ("5 km/h", "5", True),
+    ("1,000 people", "1000", True), ("0.5 liters", "1/2", True), ("15", "15 balls", True),
+    ("15 balls", "16", False), ("2 pi", "2", False), ("3x", "3", False),
+    ("3 sqrt 2", "3", False),
+])
+def test_units_after_a_number_are_read_one_way(predicted, reference, same):
+    """A unit after the number is dropped whatever the word ("15 balls" used to be read by
+    math-verify as a product of symbols while "9 apples" was not); mathematics is not."""
+    assert answers_match(predicted, reference) is same
+    assert numbers_match(predicted, reference) is (same and "pi" not in predicted)

@@ -1,4 +1,4 @@
-"""The `foresight data` subcommands: validate, build-world, import, preprocess."""
+"""The `foresight data` subcommands: validate, build-world, import, preprocess, index."""
 
 from __future__ import annotations
 
@@ -28,6 +28,19 @@ sentencepiece tokenizer of the world's text. The same seed and sizes give byte-i
 
 example:
   foresight data build-world --out data/world --seed 1 --trajectories 2000"""
+
+INDEX_DESCRIPTION = """\
+Index a passage corpus for the search environment once: BM25 (bm25s's scoring: English stems and
+stop words), written as a bm25s index directory with the passages beside it, memory-mapped by
+every process that searches it. The corpus is JSONL ({id, title, text}, BEIR's {_id, title,
+text} or Search-R1's {id, contents}), .jsonl.gz, or a directory of such shards; it is streamed,
+so memory stays flat in its size. OUT records the corpus's files and the sha256 of its records:
+a search task set with options {index: OUT, corpus: CORPUS} checks that it still matches.
+Without this command the index is built on first use into the data cache.
+
+examples:
+  foresight data index data/wiki/psgs_w100.jsonl.gz --out data/wiki/index
+  foresight data index data/wiki/shards/ --out data/wiki/index --skip-bad"""
 
 
 SIZE_HELP = {
@@ -90,6 +103,19 @@ def add_data_parser(sub) -> None:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     add_preprocess_args(pre)
 
+    index = cmd.add_parser("index", help="index a passage corpus for search (BM25)",
+                           description=INDEX_DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    index.add_argument("corpus", nargs="+", metavar="CORPUS",
+                       help="corpus file(s) or shard directories, read in order")
+    index.add_argument("--out", required=True, help="index directory (replaced if it holds an "
+                                                    "index; refused if it holds anything else)")
+    index.add_argument("--skip-bad", action="store_true",
+                       help="leave out passages that do not read, counted and logged (default: "
+                            "stop at the first, naming its file, line and field)")
+    index.add_argument("--force", action="store_true",
+                       help="build again even when OUT already indexes exactly this corpus")
+
 
 def add_preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
@@ -150,7 +176,25 @@ def run_data(args) -> int:
         n = import_reasoning_gym(args.name, args.n, args.seed, args.out)
         print(f"{n} tasks -> {args.out}")
         return 0
+    if args.data_command == "index":
+        return run_index(args)
     return run_preprocess(args)
+
+
+def run_index(args) -> int:
+    from megatron_foresight.envs.bm25_index import build_index, corpus_files, matches
+    from megatron_foresight.runtime.log import setup_logging
+
+    setup_logging(0)
+    files = corpus_files(args.corpus)
+    if not args.force and matches(Path(args.out), files):
+        print(f"{args.out} already indexes this corpus (pass --force to build it again)")
+        return 0
+    manifest = build_index(files, args.out, skip_bad=args.skip_bad)
+    skipped = f", {manifest['skipped']} skipped" if manifest["skipped"] else ""
+    print(f"{manifest['passages']} passages{skipped} in {manifest['build_seconds']} s "
+          f"-> {args.out}")
+    return 0
 
 
 def run_preprocess(args) -> int:

@@ -1,13 +1,15 @@
-"""Users' record files: JSONL files, webdataset `.tar` shards and directories of shards, read
-as a stream of records, with errors that name the file, the line (or tar member) and the field;
+"""Users' record files: JSONL files (gzip-compressed too: `.jsonl.gz`), webdataset `.tar` shards
+and directories of shards (`.tar`, or `.jsonl` / `.jsonl.gz` parts), read as a stream of records, with errors that name the file, the line (or tar member) and the field;
 and the atomic line writer every record file is written with."""
 
 from __future__ import annotations
 
 import codecs
+import gzip
 import json
 import os
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -47,25 +49,43 @@ def _check_file(path: Path) -> None:
         raise UsageError(f"file not found: {path}")
 
 
-def _files(path: Path) -> list[Path]:
+SHARD_PATTERNS = (("*.tar",), ("*.jsonl", "*.jsonl.gz"))
+
+
+def record_files(path: str | Path) -> list[Path]:
+    """The files of a record input: the file itself, or a directory's shards in name order
+    (`.tar` shards, else `.jsonl` and `.jsonl.gz` parts). A missing input raises
+    `UsageError`."""
+    path = Path(path)
     if path.is_dir():
-        shards = sorted(path.glob("*.tar"))
-        if not shards:
-            raise UsageError(f"{path}: directory holds no .tar shards")
-        return shards
+        for patterns in SHARD_PATTERNS:
+            shards = sorted(p for pattern in patterns for p in path.glob(pattern) if p.is_file())
+            if shards:
+                return shards
+        raise UsageError(f"{path}: the directory holds no shards (*.tar, *.jsonl, *.jsonl.gz)")
     _check_file(path)
     return [path]
+
+
+def open_binary(path: Path):
+    """A file for reading bytes, decompressed when its name ends in `.gz`."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(line number, line without its line ending) of the non-blank lines. Read as bytes so
     that one badly encoded line is that line's error, not the whole file's."""
-    with path.open("rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if lineno == 1 and line.startswith(codecs.BOM_UTF8):  # files saved by Notepad
-                line = line[len(codecs.BOM_UTF8):]
-            if line.strip():
-                yield lineno, line.rstrip(b"\r\n")
+    lineno = 0
+    try:
+        with open_binary(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if lineno == 1 and line.startswith(codecs.BOM_UTF8):  # files saved by Notepad
+                    line = line[len(codecs.BOM_UTF8):]
+                if line.strip():
+                    yield lineno, line.rstrip(b"\r\n")
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # only .gz files raise these
+        raise DataFileError(path, lineno + 1, None, f"not a readable gzip file ({e}); "
+                                                    "compress it again") from None
 
 
 def _tar_members(path: Path) -> Iterator[tuple[str, bytes]]:
@@ -86,7 +106,7 @@ def iter_record_bytes(path: str | Path) -> Iterator[tuple[Path, Location, bytes]
     """(file, line number or tar member, raw bytes) of every record of a JSONL file, a
     webdataset `.tar` shard (its `.json` members) or a directory of shards, streamed; blank
     lines are skipped. A missing file raises `UsageError`."""
-    for file in _files(Path(path)):
+    for file in record_files(path):
         if file.suffix == ".tar":
             for name, data in _tar_members(file):
                 yield file, name, data
@@ -140,19 +160,27 @@ def first_seen(file: Path, where: Location) -> str:
     return f"line {where}" if isinstance(where, int) else f"{file.name}:{where}"
 
 
-def read_unique(path: str | Path, parse: Callable, kind: str) -> Iterator:
+def read_unique(path: str | Path, parse: Callable, kind: str,
+                skipped: list | None = None) -> Iterator:
     """Items `parse(record, location)` of every record of `path` (each has an `id`, unique in
-    the input), streamed; the first problem raises `DataFileError`. Holds the ids seen, and
-    nothing else, in memory."""
+    the input), streamed; the first problem raises `DataFileError`, or, with `skipped` (a
+    list), is appended to it and the record left out. Holds the ids seen, and nothing else, in
+    memory."""
     seen: dict[str, str] = {}
-    for file, where, record in iter_records(path):
+    for file, where, raw in iter_record_bytes(path):
         try:
-            item = parse(record, where)
-        except RecordError as e:
-            raise DataFileError(file, where, e.field, e.message) from None
-        if item.id in seen:
-            raise DataFileError(file, where, "id", f"duplicate {kind} id {item.id!r} (first at "
-                                                   f"{seen[item.id]}); ids must be unique")
+            try:
+                item = parse(parse_json(raw, file, where), where)
+            except RecordError as e:
+                raise DataFileError(file, where, e.field, e.message) from None
+            if item.id in seen:
+                raise DataFileError(file, where, "id", f"duplicate {kind} id {item.id!r} (first "
+                                                       f"at {seen[item.id]}); ids must be unique")
+        except DataFileError as e:
+            if skipped is None:
+                raise
+            skipped.append(e)
+            continue
         seen[item.id] = first_seen(file, where)
         yield item
 

@@ -54,10 +54,15 @@ def check_tokenizer(prefix: str, tok) -> None:
                          "preprocess again with --tokenizer")
 
 
-def world_file(world: str | None, split: str) -> Path:
+def world_file(world: str | None, split: str, seed: int) -> Path:
+    """The world's trajectories of `split`; the world is built there first if it is not (every
+    rank calls this)."""
     if not world:
         raise UsageError(f"source {WORLD_PREFIX}{split} needs data.world (the directory of a "
                          "built-in world)")
+    from megatron_foresight.world.build import ensure_world
+
+    ensure_world(world, seed)
     path = Path(world) / "trajectories" / f"{split}.jsonl"
     if not path.is_file():
         raise UsageError(f"{path} not found: the world in {world} has no {split!r} trajectories "
@@ -106,7 +111,8 @@ def source_prefix(source: str, renderer: str, sc: SourceContext) -> str:
         return cached_indexed_dataset(key, lambda: synthetic_documents(sc.seed, sc.builtin_docs),
                                       tok, sc.cache_dir, "builtin")
     if source.startswith(WORLD_PREFIX):
-        return cached_trajectories(world_file(sc.world, source[len(WORLD_PREFIX):]), renderer, sc)
+        return cached_trajectories(world_file(sc.world, source[len(WORLD_PREFIX):], sc.seed),
+                                   renderer, sc)
     if Path(source + ".idx").is_file():
         check_tokenizer(source, tok)
         return source

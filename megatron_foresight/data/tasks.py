@@ -1,24 +1,32 @@
 """Tasks (a question and its reference answers) and corpora (documents for the retriever) from
-users' JSONL files. Reads the usual public layouts: NQ / HotpotQA (`question`, `answer(s)`),
-Search-R1 (`golden_answers`; corpus `contents` = '"Title"\\ntext'), GSM8K (`answer` ending in
-`#### 72`) and MATH (`problem`, `solution` with `\\boxed{...}`)."""
+users' JSONL files (`.jsonl.gz` too). Reads the usual public layouts: NQ / HotpotQA (`question`,
+`answer(s)`), Search-R1 (`golden_answers`; corpus `contents` = '"Title"\\ntext'), TriviaQA
+(`answer` = {value, aliases}), GSM8K (`answer` ending in `#### 72`) and MATH (`problem`,
+`solution` with `\\boxed{...}`).
+
+A task's `type` names the environment that plays it (`envs.registry`). Files in the public
+layouts have none: a task set of the recipe reads them for its environment, which gives the
+type (a record's own `type` field, such as HotpotQA's "bridge", is then not ours and ignored)."""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from megatron_foresight.data.records import RecordError, json_line, read_unique, write_lines
 from megatron_foresight.envs.verify import extract_boxed
-from megatron_foresight.errors import UsageError
 
-TASK_TYPES = ("search", "math")
 QUESTION_KEYS = ("question", "problem", "query")
 ANSWER_KEYS = ("answers", "golden_answers", "answer")
 TASK_ID_KEYS = ("id", "_id", "task_id")
 DOCUMENT_ID_KEYS = ("id", "_id")
+LAYOUTS = ("NQ / HotpotQA {question, answer(s)}, Search-R1 {question, golden_answers}, TriviaQA "
+           "{question, answer: {value, aliases}}, GSM8K {question, answer: '... #### 72'}, MATH "
+           "{problem, solution with \\boxed{}}")
+_TYPE_NAME = re.compile(r"[A-Za-z_][\w-]*")
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,8 @@ class Task:
     question: str
     answers: tuple[str, ...]
     meta: dict | None = None
+    task_set: str | None = None
+    """The recipe's task set it was read for (`envs.tasksets`); not part of the file."""
 
     def to_dict(self) -> dict:
         out = {"id": self.id, "type": self.type, "question": self.question,
@@ -78,6 +88,12 @@ def _answers(record: dict) -> tuple[str, ...]:
     for key in ANSWER_KEYS:
         if key in record:
             value = record[key]
+            if isinstance(value, dict):  # TriviaQA: {value, aliases, ...}
+                aliases = value.get("aliases", [])
+                if "value" not in value or not isinstance(aliases, list):
+                    raise RecordError(key, "an answer object needs a 'value' and may list "
+                                           "'aliases', as TriviaQA writes it")
+                value = list(dict.fromkeys([value["value"], *aliases]))
             if not isinstance(value, list):
                 return (_answer_text(value, key),)
             if not value:
@@ -96,23 +112,26 @@ def _answers(record: dict) -> tuple[str, ...]:
 
 
 def parse_task(record, default_id: str, task_type: str | None = None) -> Task:
-    """One task record; `task_type` applies when it has no `type`. Raises `RecordError`."""
+    """One task record. `task_type` (the environment of the task set the file is read for) is
+    its type; without it the record's own `type` field is. Raises `RecordError`."""
     if not isinstance(record, dict):
         raise RecordError(None, "each line must be a JSON object")
     key = next((k for k in QUESTION_KEYS if k in record), None)
     if key is None:
-        raise RecordError("question", f"missing: expected one of the fields "
-                                      f"{' / '.join(QUESTION_KEYS)}")
+        seen = ", ".join(list(record)[:12]) or "none"
+        raise RecordError(None, f"not a task layout this reads (keys: {seen}); expected "
+                                f"{LAYOUTS}")
     question = record[key]
     if not isinstance(question, str) or not question.strip():
         raise RecordError(key, "must be a non-empty string")
     answers = _answers(record)
-    kind = record.get("type", task_type)
+    kind = task_type if task_type is not None else record.get("type")
     if kind is None:
-        raise RecordError("type", f"missing: give each record a type ({' or '.join(TASK_TYPES)}"
-                                  f"), or pass the file's task type when reading it")
-    if kind not in TASK_TYPES:
-        raise RecordError("type", f"must be one of {', '.join(TASK_TYPES)}, got "
+        raise RecordError("type", "missing: give each record a type (the environment that "
+                                  "plays it), or read the file as a task set of the recipe, "
+                                  "whose environment gives it")
+    if not isinstance(kind, str) or not _TYPE_NAME.fullmatch(kind):
+        raise RecordError("type", f"must be an environment name such as search or math, got "
                                   f"{json.dumps(kind)[:60]}")
     meta = record.get("meta")
     if meta is not None and not isinstance(meta, dict):
@@ -139,22 +158,26 @@ def parse_document(record) -> Document:
                                   "{id, contents}")
     if not isinstance(title, str):
         raise RecordError("title", "must be a string")
+    if not text.strip():
+        raise RecordError("text", "is empty: a passage needs text")
     return Document(doc_id, title, text)
 
 
-def read_tasks(path: str | Path, task_type: str | None = None) -> Iterator[Task]:
-    """Tasks of a JSONL file, streamed; `task_type` is the type of records without a `type`
-    field. Ids default to `<file stem>-<line>` and must be unique in the file."""
-    if task_type is not None and task_type not in TASK_TYPES:
-        raise UsageError(f"task type {task_type!r}: expected one of {', '.join(TASK_TYPES)}")
+def read_tasks(path: str | Path, task_type: str | None = None,
+               skipped: list | None = None) -> Iterator[Task]:
+    """Tasks of a JSONL file (or `.jsonl.gz`), streamed; `task_type`: see `parse_task`. Ids
+    default to `<file stem>-<line>` and must be unique in the file. With `skipped` (a list),
+    records that do not parse are appended to it as `DataFileError`s instead of raised."""
     path = Path(path)
-    yield from read_unique(path, lambda r, line: parse_task(r, f"{path.stem}-{line}",
-                                                                task_type), "task")
+    stem = Path(path.name.removesuffix(".gz")).stem
+    yield from read_unique(path, lambda r, line: parse_task(r, f"{stem}-{line}", task_type),
+                           "task", skipped)
 
 
-def read_corpus(path: str | Path) -> Iterator[Document]:
-    """Documents of a JSONL corpus, streamed; ids must be unique in the file."""
-    yield from read_unique(path, lambda r, line: parse_document(r), "document")
+def read_corpus(path: str | Path, skipped: list | None = None) -> Iterator[Document]:
+    """Documents of a JSONL corpus, streamed; ids must be unique in the file. `skipped`: as
+    for `read_tasks`."""
+    yield from read_unique(path, lambda r, line: parse_document(r), "document", skipped)
 
 
 def write_tasks(tasks: Iterable[Task], path: str | Path) -> None:

@@ -219,6 +219,17 @@ def train_sentencepiece(texts: Iterable[str], out: str | Path, vocab_size: int) 
     return out
 
 
+def recipe_tokenizer(cfg):
+    """The tokenizer of a recipe (`RecipeConfig`). The built-in world's tokenizer is built with
+    the world, on first use, where data.world says (every rank calls this)."""
+    tok = cfg.data.tokenizer_config()
+    if tok.type == "sentencepiece" and not cfg.data.tokenizer.path:
+        from megatron_foresight.world.build import ensure_world
+
+        ensure_world(cfg.data.world, cfg.seed)
+    return build_tokenizer(tok)
+
+
 def build_tokenizer(cfg: TokenizerConfig):
     if cfg.type == "byte":
         return ByteTokenizer()

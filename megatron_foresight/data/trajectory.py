@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from megatron_foresight.errors import UsageError
 
 SCHEMA = "foresight.trajectory/1"
 KNOWN_SCHEMAS = (SCHEMA,)
-TASK_TYPES = ("search", "math")
+TASK_TYPE = re.compile(r"[A-Za-z_][\w-]*")  # an environment's name (envs.registry)
 ROLES = ("agent", "env")
 
 
@@ -115,9 +116,9 @@ class Trajectory:
                                         f"{', '.join(KNOWN_SCHEMAS)}")
         _no_extra(obj, _TOP, "")
         task_type = _text(obj, "task_type", "task_type")
-        if task_type not in TASK_TYPES:
-            raise RecordError("task_type", f"must be one of {', '.join(TASK_TYPES)}, got "
-                                           f"{task_type!r}")
+        if not TASK_TYPE.fullmatch(task_type):
+            raise RecordError("task_type", f"must be an environment's name such as search or "
+                                           f"math, got {task_type!r}")
         turns = cls._turns(_expect(obj, "turns", list, "turns", "a list of turns"))
         raw_outcome = _expect(obj, "outcome", dict, "outcome", "an object")
         _no_extra(raw_outcome, ("success", "reward", "answer"), "outcome")

@@ -1,13 +1,17 @@
 """The math environment: the agent may compute with <calc> (a safe arithmetic evaluator; the
 value or the error comes back in <result>) and ends with <answer>, verified symbolically
-against the reference answers."""
+against the reference answers. Registered as `math`; its task-set options are `MathOptions`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from megatron_foresight.configtree import check
 from megatron_foresight.data.tasks import Task
 from megatron_foresight.envs.base import Episode
 from megatron_foresight.envs.calculator import CalcError, evaluate
-from megatron_foresight.envs.verify import answers_match
+from megatron_foresight.envs.registry import EnvContext, EnvSpec, register
+from megatron_foresight.envs.verify import answers_match, numbers_match
 from megatron_foresight.foresight.tags import CALC, RESULT
 
 PROMPT = ("Solve the problem. You can use a calculator: write <calc> expression </calc> "
@@ -21,8 +25,9 @@ class MathEnv(Episode):
     tools = (CALC,)
     observation_tag = RESULT
 
-    def __init__(self, max_turns: int = 8):
+    def __init__(self, max_turns: int = 8, symbolic: bool = True):
         super().__init__(max_turns)
+        self.symbolic = symbolic
 
     def prompt(self, task: Task) -> str:
         return PROMPT.format(question=task.question)
@@ -34,5 +39,29 @@ class MathEnv(Episode):
             return f"error: {e}"
 
     def score(self, answer: str) -> tuple[float, bool, dict]:
-        ok = any(answers_match(answer, ref) for ref in self.task.answers)
+        same = answers_match if self.symbolic else numbers_match
+        ok = any(same(answer, ref) for ref in self.task.answers)
         return float(ok), ok, {}
+
+
+@dataclass
+class MathOptions:
+    """A calculator and a verifier of final answers."""
+
+    max_turns: int = 8
+    """Agent turns before the episode ends without an answer."""
+    symbolic: bool = True
+    """Verify answers that are not plain numbers with math-verify (LaTeX, expressions, sets:
+    MATH); false compares plain numbers only (GSM8K), where a non-number answer is wrong."""
+
+    def __post_init__(self):
+        check(self.max_turns >= 1, "max_turns", "must be at least 1")
+
+
+def make_math(options: MathOptions, ctx: EnvContext):
+    return lambda: MathEnv(options.max_turns, options.symbolic)
+
+
+SPEC = register(EnvSpec(
+    name="math", episode=MathEnv, options=MathOptions, make=make_math,
+    description="problems with a calculator tool and a symbolic verifier (accuracy)"))

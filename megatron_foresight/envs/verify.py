@@ -17,6 +17,13 @@ MAX_SYMBOLIC_EXPONENT = 64  # (x+1)^{1000} takes sympy seconds to expand
 MAX_COMBINATORIAL = 1000  # argument of n!, binomial, ...
 
 _BOXED = re.compile(r"\\boxed\s*{")
+# A number followed by the words of a unit ("15 balls", "3 hours", "12 cm^2", "5 km/h"): the
+# number is the answer. Words that are mathematics ("2 pi", "3 sqrt") are not a unit.
+_UNIT_WORD = r"(?:[A-Za-z]{2,}(?:\^\d+)?|°[CF]?)"
+_WITH_UNIT = re.compile(rf"(?P<number>\S*\d\.?)\s+(?P<unit>{_UNIT_WORD}"
+                        r"(?:[\s/-]+(?:[A-Za-z]+(?:\^\d+)?))*)\.?")
+_MATH_WORDS = frozenset({"pi", "inf", "infty", "infinity", "sqrt", "log", "ln", "sin", "cos",
+                         "tan", "exp", "mod", "and", "or"})
 _NUMBER = re.compile(r"(?P<sign>[+-]?)(?P<int>\d{1,3}(?:,\d{3})+|\d*)(?:\.(?P<frac>\d*))?"
                      r"(?:[eE](?P<exp>[+-]?\d{1,3}))?(?:/(?P<den>\d+))?")
 
@@ -59,10 +66,18 @@ def _plain_text(text: str) -> str:
     return text[:-1] if re.search(r"\d\.$", text) else text
 
 
+def _without_unit(text: str) -> str:
+    """`text` without the unit words after its number ("15 balls" -> "15"), or as it is."""
+    m = _WITH_UNIT.fullmatch(text)
+    if m is None or any(w.lower() in _MATH_WORDS for w in re.findall(r"[A-Za-z]+", m["unit"])):
+        return text
+    return m["number"]
+
+
 def _plain_number(text: str) -> _Number | None:
-    """The number `text` writes ("72", "-1,000", "$0.5", "72.", "1e-3", "3/4", "\\boxed{7}"),
-    or None when it is not a plain number."""
-    m = _NUMBER.fullmatch(_plain_text(text))
+    """The number `text` writes ("72", "-1,000", "$0.5", "72.", "1e-3", "3/4", "\\boxed{7}",
+    "15 balls"), or None when it is not a plain number."""
+    m = _NUMBER.fullmatch(_without_unit(_plain_text(text)))
     if m is None or not (m["int"] + (m["frac"] or "")):
         return None
     if m["den"] is not None and (m["frac"] is not None or m["exp"] is not None or
@@ -176,3 +191,12 @@ def answers_match(predicted: str, reference: str) -> bool:
         return _symbolic(predicted, reference)
     except Exception:  # noqa: BLE001 - malformed model output is a wrong answer, not a crash
         return False
+
+
+def numbers_match(predicted: str, reference: str) -> bool:
+    """`answers_match` for plain numbers only ("72", "$1,000", "15 balls", "3/4"): anything
+    else is a wrong answer, and nothing is handed to sympy."""
+    if max(len(predicted), len(reference)) > MAX_ANSWER_CHARS:
+        return False
+    a, b = _plain_number(predicted), _plain_number(reference)
+    return a is not None and b is not None and _numbers_match(a, b)

@@ -9,20 +9,16 @@
     value_brier / value_log_score / value_ece / value_ece_mass / value_auroc
                           each turn's <value> (lenient) against the episode's final success
     turns_with_foresight  share of agent turns with a readable rollout and value
-"""
+
+and per task set (`<set>/<metric>`), the same plus the environment's own scores (search: `em`
+and `f1` of the answers; math and others: `accuracy`)."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
+from collections import defaultdict
 from typing import Sequence
 
-from megatron_foresight.data.tasks import Task, read_corpus, read_tasks
-from megatron_foresight.envs.math import MathEnv
-from megatron_foresight.envs.retriever import BM25Retriever
-from megatron_foresight.envs.search import SearchEnv
-from megatron_foresight.errors import UsageError
+from megatron_foresight.data.tasks import Task
 from megatron_foresight.foresight.format import AgentTurn, parse_turn, parse_turn_lenient
 from megatron_foresight.foresight.scores import (
     auroc, brier, expected_calibration_error, log_score, names_gold_document, rollout_fidelity,
@@ -34,36 +30,9 @@ METRICS = ("task_success", "format_validity", "rollout_fidelity", "rollout_names
            "turns_with_foresight", "turns_per_episode")
 
 
-@dataclass
-class WorldEnvs:
-    """The environments of a built world, configured as its trajectories were played."""
-
-    world: Path
-
-    def __post_init__(self):
-        manifest = self.world / "manifest.json"
-        if not manifest.is_file():
-            raise UsageError(f"{self.world} is not a built world (no manifest.json); build one "
-                             "with `foresight data build-world --out DIR`")
-        self.sizes = json.loads(manifest.read_text())["sizes"]
-        self._retriever = None
-
-    def tasks(self, split: str, n: int) -> list[Task]:
-        """Up to n tasks of the split, alternating search and math."""
-        by_type = [list(read_tasks(self.world / "tasks" / f"{kind}-{split}.jsonl"))
-                   for kind in ("search", "math")]
-        mixed = [t for pair in zip(*by_type) for t in pair]
-        return mixed[:n]
-
-    def make_env(self, task: Task):
-        if task.type == "math":
-            return MathEnv(self.sizes["math_max_turns"])
-        if self._retriever is None:
-            self._retriever = BM25Retriever(list(read_corpus(self.world / "corpus.jsonl")))
-        return SearchEnv(self._retriever, self.sizes["top_k"], self.sizes["search_max_turns"])
-
-
 def _gold_titles(task: Task) -> list[str]:
+    """Titles of the documents a task's answer is found in, where its file says (the built-in
+    world's `meta.hops`)."""
     return [h["entity"] for h in (task.meta or {}).get("hops", []) if "entity" in h]
 
 
@@ -83,9 +52,10 @@ def score_episodes(records: Sequence[EpisodeRecord]) -> dict[str, float | None]:
             fidelity += rollout_fidelity(lenient.rollout, record.observed(k))
             values.append(lenient.value)
             outcomes.append(record.success)
-            if record.task.type == "search" and turn.observation is not None:
+            gold = _gold_titles(record.task)
+            if gold and turn.observation is not None:
                 gold_turns += 1
-                gold_hits += names_gold_document(lenient.rollout, _gold_titles(record.task))
+                gold_hits += names_gold_document(lenient.rollout, gold)
     out = {"task_success": sum(r.success for r in records) / len(records),
            "format_validity": valid / turns if turns else 0.0,
            "rollout_fidelity": fidelity / with_foresight if with_foresight else None,
@@ -99,6 +69,19 @@ def score_episodes(records: Sequence[EpisodeRecord]) -> dict[str, float | None]:
     out["value_ece_mass"] = (expected_calibration_error(values, outcomes, strategy="mass")
                              if calibrated else None)
     out["value_auroc"] = auroc(values, outcomes) if calibrated else None
+    return out
+
+
+def scores_by_set(records: Sequence[EpisodeRecord], task_sets) -> dict[str, float | None]:
+    """`<set>/<metric>` for each task set that played: `score_episodes` of its episodes and its
+    environment's own metrics (`EnvSpec.metrics`)."""
+    by_set: dict[str, list] = defaultdict(list)
+    for r in records:
+        by_set[r.task.task_set].append(r)
+    out = {}
+    for name, played in by_set.items():
+        own = task_sets.by_name[name].spec.metrics(played)
+        out.update({f"{name}/{k}": v for k, v in {**score_episodes(played), **own}.items()})
     return out
 
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from megatron_foresight.foresight.tags import ACTION_TAGS, REASONING_TAGS, closing, opening
+from megatron_foresight.foresight.tags import (
+    REASONING_TAGS, action_tags, closing, opening,
+)
 
 
 @dataclass(frozen=True)
 class Action:
     kind: str
-    """One of `tags.ACTION_TAGS`."""
+    """One of `tags.action_tags()`."""
     argument: str
     """The text between the tags, stripped."""
     offset: int
@@ -38,11 +40,14 @@ def _blank_reasoning(text: str) -> str:
     return text
 
 
-def parse_action(text: str, allowed: tuple[str, ...] = ACTION_TAGS) -> Action | FormatError:
-    """The single action in `text`, which must be one of `allowed`."""
+def parse_action(text: str, allowed: tuple[str, ...] | None = None) -> Action | FormatError:
+    """The single action in `text`, which must be one of `allowed` (default: any action of
+    the format, `tags.action_tags()`)."""
     visible = _blank_reasoning(text)
+    known = action_tags()
+    allowed = known if allowed is None else allowed
     found = [(m.start(), m.group(1)) for m in re.finditer(r"<(\w+)>", visible)
-             if m.group(1) in ACTION_TAGS]
+             if m.group(1) in known]
     names = " or ".join(opening(t) for t in allowed)
     if not found:
         return FormatError(f"no action: end the turn with {names}", len(text))

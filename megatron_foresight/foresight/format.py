@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from megatron_foresight.foresight.action import Action, FormatError, parse_action
 from megatron_foresight.foresight.tags import (
-    ACTION_TAGS, FORESIGHT, OBSERVATION_TAGS, PLAN, ROLLOUT, TAGS, THINK, VALUE, closing,
-    opening,
+    FORESIGHT, PLAN, ROLLOUT, THINK, VALUE, action_tags, all_tags, closing,
+    observation_tags, opening,
 )
 
 VALUE_DECIMALS = 2
-_ANY_TAG = re.compile("|".join(re.escape(t) for tag in TAGS for t in (opening(tag), closing(tag))))
 _VALUE = re.compile(r"^(0(\.\d+)?|1(\.0+)?|\.\d+)$")
 
 
@@ -82,14 +82,21 @@ def foresight_prompt(prompt: str) -> str:
     return f"{FORESIGHT_INSTRUCTION}\n{prompt}"
 
 
-_OBSERVATION = re.compile("|".join(
-    f"{re.escape(opening(t))}(.*?){re.escape(closing(t))}" for t in OBSERVATION_TAGS), re.DOTALL)
+@lru_cache(maxsize=8)
+def _any_tag(tags: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(re.escape(t) for tag in tags for t in (opening(tag), closing(tag))))
+
+
+@lru_cache(maxsize=8)
+def _observation(tags: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(f"{re.escape(opening(t))}(.*?){re.escape(closing(t))}"
+                               for t in tags), re.DOTALL)
 
 
 def observation_content(observation: str) -> str:
     """What a rollout predicts of an environment turn: its content without the <information> /
     <result> wrapper (the whole text, stripped, when there is none)."""
-    m = _OBSERVATION.search(observation)
+    m = _observation(observation_tags()).search(observation)
     content = next(g for g in m.groups() if g is not None) if m else observation
     return content.strip()
 
@@ -143,7 +150,7 @@ def _block(text: str, pos: int, tag: str) -> tuple[str, int]:
     end = text.find(closing(tag), start)
     if end < 0:
         raise _Fail(f"{opening(tag)} is never closed with {closing(tag)}", pos)
-    inner = _ANY_TAG.search(text, start, end)
+    inner = _any_tag(all_tags()).search(text, start, end)
     if inner:
         raise _Fail(f"{inner.group(0)} inside {opening(tag)}", inner.start())
     return text[start:end].strip(), end + len(closing(tag))
@@ -155,9 +162,11 @@ def _value(text: str, at: int) -> float:
     return float(text)
 
 
-def parse_turn(text: str, allowed: tuple[str, ...] = ACTION_TAGS,
+def parse_turn(text: str, allowed: tuple[str, ...] | None = None,
                require_foresight: bool = True) -> AgentTurn | FormatError:
-    """The strict reading: the whole turn must follow the grammar above."""
+    """The strict reading: the whole turn must follow the grammar above, its action one of
+    `allowed` (default: any action of the format)."""
+    allowed = action_tags() if allowed is None else allowed
     try:
         pos = _skip_space(text, 0)
         think = None
@@ -179,7 +188,7 @@ def parse_turn(text: str, allowed: tuple[str, ...] = ACTION_TAGS,
                 raise _Fail(f"expected {closing(FORESIGHT)} after {closing(VALUE)}", pos)
             foresight = Foresight(plan, rollout, value)
             pos = _skip_space(text, pos + len(closing(FORESIGHT)))
-        kind = next((t for t in ACTION_TAGS if text.startswith(opening(t), pos)), None)
+        kind = next((t for t in action_tags() if text.startswith(opening(t), pos)), None)
         if kind is None:
             names = " or ".join(opening(t) for t in allowed)
             raise _Fail(f"expected the action ({names})", pos)
@@ -215,7 +224,7 @@ def _find_block(text: str, tag: str) -> str | None:
     return match.group(1).strip() if match else None
 
 
-def parse_turn_lenient(text: str, allowed: tuple[str, ...] = ACTION_TAGS) -> LenientTurn:
+def parse_turn_lenient(text: str, allowed: tuple[str, ...] | None = None) -> LenientTurn:
     strict = parse_turn(text, allowed)
     if isinstance(strict, AgentTurn):
         f = strict.foresight

@@ -1,7 +1,14 @@
 """The tag set of the foresight format, versioned. A recipe names the version it was trained
-with; a tokenizer for the tiny default makes each tag below a single token."""
+with; a tokenizer for the tiny default makes each tag below a single token.
+
+The reasoning tags and `<answer>` are the format's own. Tool actions and observations belong to
+environments: the built-in ones (`<search>` / `<information>`, `<calc>` / `<result>`) are listed
+here, and an environment registered later (`envs.registry`) adds its tags with
+`register_tool_tags`, so the parsers read its actions too."""
 
 from __future__ import annotations
+
+import re
 
 FORMAT_VERSION = 1
 
@@ -10,13 +17,45 @@ FORESIGHT, PLAN, ROLLOUT, VALUE = "foresight", "plan", "rollout", "value"
 SEARCH, CALC, ANSWER = "search", "calc", "answer"
 INFORMATION, RESULT = "information", "result"
 
-# What the agent may do, and what the environment writes back.
+# What the agent may do, and what the environment writes back (the built-in environments').
 ACTION_TAGS = (SEARCH, CALC, ANSWER)
 OBSERVATION_TAGS = (INFORMATION, RESULT)
 # Blocks whose content is the agent's own writing, never an action to carry out.
 REASONING_TAGS = (THINK, FORESIGHT)
 
 TAGS = (THINK, FORESIGHT, PLAN, ROLLOUT, VALUE, *ACTION_TAGS, *OBSERVATION_TAGS)
+
+_TAG_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_extra_actions: list[str] = []
+_extra_observations: list[str] = []
+
+
+def register_tool_tags(actions: tuple[str, ...], observation: str) -> None:
+    """Make an environment's tool tags part of the format (idempotent). Refuses names that
+    are not lower-case words or that are the format's own reasoning or value tags."""
+    reserved = {THINK, FORESIGHT, PLAN, ROLLOUT, VALUE, ANSWER}
+    for tag in (*actions, observation):
+        if not _TAG_NAME.fullmatch(tag) or tag in reserved:
+            raise ValueError(f"tag {tag!r}: tool tags are lower-case words and not one of the "
+                             f"format's own ({', '.join(sorted(reserved))})")
+    for tag in actions:
+        if tag not in ACTION_TAGS and tag not in _extra_actions:
+            _extra_actions.append(tag)
+    if observation not in OBSERVATION_TAGS and observation not in _extra_observations:
+        _extra_observations.append(observation)
+
+
+def action_tags() -> tuple[str, ...]:
+    """Every action the parsers recognize: the built-in ones and registered environments'."""
+    return (*ACTION_TAGS, *_extra_actions)
+
+
+def observation_tags() -> tuple[str, ...]:
+    return (*OBSERVATION_TAGS, *_extra_observations)
+
+
+def all_tags() -> tuple[str, ...]:
+    return (*TAGS, *_extra_actions, *_extra_observations)
 
 
 def opening(tag: str) -> str:
@@ -32,5 +71,7 @@ def wrap(tag: str, content: str) -> str:
 
 
 def symbols() -> list[str]:
-    """Every opening and closing tag, in a fixed order (tokenizer user-defined symbols)."""
+    """Every opening and closing tag of the built-in format, in a fixed order (the tiny
+    default's tokenizer makes each one token; registered environments' tags are not added, so
+    the tokenizer does not depend on what was imported)."""
     return [s for tag in TAGS for s in (opening(tag), closing(tag))]

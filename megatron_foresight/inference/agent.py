@@ -22,10 +22,13 @@ from megatron_foresight.envs.base import Episode
 from megatron_foresight.foresight.format import (
     final_observation, foresight_prompt, observation_content,
 )
-from megatron_foresight.foresight.tags import ACTION_TAGS, closing
+from megatron_foresight.foresight.tags import action_tags, closing
 from megatron_foresight.inference.generate import Generator, Sampling
 
-STOP_TEXTS = tuple(closing(t) for t in ACTION_TAGS)
+
+def stop_texts() -> tuple[str, ...]:
+    """Where a turn ends: the closing tag of any action (registered environments' too)."""
+    return tuple(closing(t) for t in action_tags())
 
 
 @dataclass
@@ -53,6 +56,8 @@ class EpisodeRecord:
     """How it ended: answer, max_turns, context (the sequence limit), or no_action."""
     ids: list[int] = field(default_factory=list)
     """The whole episode as the model read and wrote it."""
+    info: dict = field(default_factory=dict)
+    """What the environment said of the end (search: the answer's token F1 as `f1`)."""
 
     def observed(self, k: int) -> str:
         """What turn k's rollout is scored against: the content of the observation that
@@ -90,7 +95,7 @@ def run_episodes(generator: Generator, tasks: Sequence[Task], make_env: Callable
             # a new seed per call: turns must not replay the same random draws
             seeded = replace(sampling, seed=sampling.seed + 7_919 * calls)
             calls += 1
-            outs = generator.generate([records[i].ids for i in chunk], seeded, STOP_TEXTS)
+            outs = generator.generate([records[i].ids for i in chunk], seeded, stop_texts())
             for i, out in zip(chunk, outs):
                 if _advance(records[i], envs[i], out, tok, newline):
                     bar.update(1)
@@ -113,7 +118,7 @@ def _advance(record: EpisodeRecord, env: Episode, out, tok, newline: list[int]) 
                                         start))
     if step.done:
         record.success = bool(step.info.get("success", False))
-        record.reward = step.reward
+        record.reward, record.info = step.reward, step.info
         record.ended = "answer" if "answer" in step.info else step.info.get("reason", "done")
         return True
     record.ids += _encode(tok, step.observation) + newline

@@ -24,7 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from megatron_foresight.config import RecipeConfig
-from megatron_foresight.data.tokenizer import build_tokenizer
+from megatron_foresight.data.tokenizer import recipe_tokenizer
 from megatron_foresight.errors import UsageError
 from megatron_foresight.models.provider import build_model, use_transformer_engine
 from megatron_foresight.runtime.dist import (
@@ -37,7 +37,6 @@ from megatron_foresight.training import checkpoint as ckpt
 from megatron_foresight.training.data import StepSampler, collate, loader, to_device
 from megatron_foresight.training.optimizer import build_optimizer, build_scheduler
 from megatron_foresight.training.plugin import BuildContext, fresh_modules, load_plugin
-from megatron_foresight.world.build import ensure_world
 
 log = logging.getLogger(__name__)
 
@@ -118,21 +117,24 @@ def _pick_run_dir(cfg: RecipeConfig, run_dir: str | None, resume: bool) -> Path:
     return path
 
 
+def cache_dir(cfg: RecipeConfig) -> Path:
+    """Where derived data (tokenized datasets, corpus indices) is cached: data.cache_dir."""
+    return Path(cfg.data.cache_dir or Path(cfg.logging.runs_root) / "cache")
+
+
 def build_run(cfg: RecipeConfig, ctx: ParallelContext, run_dir: Path) -> Run:
     from megatron.core.distributed import (
         DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
     )
 
     plugin = load_plugin(cfg.stage)
-    if cfg.data.world:
-        ensure_world(cfg.data.world, cfg.seed)
-    tokenizer = build_tokenizer(cfg.data.tokenizer_config())
+    tokenizer = recipe_tokenizer(cfg)
     s = cfg.schedule
     data = plugin.build_data(BuildContext(
         cfg=cfg, stage_cfg=cfg.stage_config, tokenizer=tokenizer,
         num_train_samples=s.train_steps * s.global_batch_size,
         num_valid_samples=s.eval_steps * s.global_batch_size if s.eval_steps else 0,
-        cache_dir=Path(cfg.data.cache_dir or Path(cfg.logging.runs_root) / "cache"),
+        cache_dir=cache_dir(cfg), progress=ctx.is_logging_rank,
     ))
     chunks = build_model(cfg, cfg.padded_vocab_size(tokenizer.vocab_size), ctx.pg_collection)
     if hasattr(plugin, "extend_model"):  # modules a stage adds to the model (PPO's value head)

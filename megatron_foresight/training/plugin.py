@@ -66,6 +66,8 @@ class BuildContext:
     num_train_samples: int
     num_valid_samples: int
     cache_dir: Path
+    progress: bool = True
+    """Whether this process may show progress bars (the logging rank)."""
 
 
 class StagePlugin(Protocol):

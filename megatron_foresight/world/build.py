@@ -30,19 +30,17 @@ from megatron_foresight.data.tasks import write_corpus, write_tasks
 from megatron_foresight.data.trajectory import (
     SCHEMA, MCEstimate, Outcome, Trajectory, Turn, read_trajectories,
 )
-from megatron_foresight.envs.math import MathEnv
-from megatron_foresight.errors import UsageError
+from megatron_foresight.envs import registry
 from megatron_foresight.envs.retriever import BM25Retriever
-from megatron_foresight.envs.search import SearchEnv
+from megatron_foresight.errors import UsageError
+from megatron_foresight.runtime.dist import barrier, is_rank0
 from megatron_foresight.world import kb as kb_mod
 from megatron_foresight.world.agents import MathExpert, SearchExpert, mc_success, play
 from megatron_foresight.world.sizes import WorldSizes
-from megatron_foresight.runtime.dist import barrier, is_rank0
 from megatron_foresight.world.tasks import math_problems, search_questions, split
+from megatron_foresight.world.tasksets import WORLD_ENVS
 
 log = logging.getLogger(__name__)
-
-TASK_TYPES = ("search", "math")
 
 
 class World:
@@ -64,13 +62,17 @@ class World:
     @property
     def retriever(self) -> BM25Retriever:
         if self._retriever is None:
-            self._retriever = BM25Retriever(self.documents)
+            self._retriever = BM25Retriever.from_documents(self.documents)
         return self._retriever
 
     def env(self, task_type: str):
+        """The registered environment of a world task, as the world's sizes configure it
+        (`world.tasksets` gives task sets the same options); search reads the world's corpus
+        from memory."""
+        episode = registry.get(task_type).episode
         if task_type == "search":
-            return SearchEnv(self.retriever, self.sizes.top_k, self.sizes.search_max_turns)
-        return MathEnv(self.sizes.math_max_turns)
+            return episode(self.retriever, self.sizes.top_k, self.sizes.search_max_turns)
+        return episode(self.sizes.math_max_turns)
 
     def expert(self, task_type: str, noise: float):
         if task_type == "math":
@@ -86,7 +88,7 @@ class World:
     def trajectory(self, split_name: str, index: int) -> Trajectory:
         """Trajectory `index` of a split: its task, noise level and randomness follow from the
         seed and the index alone, so trajectories can be made in any order, in any process."""
-        task_type = TASK_TYPES[index % 2]
+        task_type = WORLD_ENVS[index % 2]
         tasks = self.splits[task_type][split_name]
         step = index // 2
         task = tasks[step % len(tasks)]

@@ -1,6 +1,8 @@
 """FC-RL, foresight-conditioned RL (GRPO or PPO), as an on-policy stage plugin.
 
-Each step (`collect`): G episodes of each of `prompts_per_step` training tasks are played by
+Its tasks are the recipe's task sets (`tasks:`): each step draws `prompts_per_step` tasks per
+data-parallel rank from the `train` split of the sets, each set by its weight. Each step
+(`collect`): G episodes of each of those tasks are played by
 the current policy (the multi-turn agent loop with the KV cache, temperature / top-p); rewards
 and token advantages come from `rl.rollout.score_groups` (task reward over the episode,
 calibration on each <value>, fidelity on each <rollout>, format on each turn); the
@@ -22,14 +24,14 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 from megatron.core import parallel_state
 
 from megatron_foresight.configtree import check
-from megatron_foresight.eval.agent_eval import WorldEnvs, score_episodes
+from megatron_foresight.envs.tasksets import TaskSets
+from megatron_foresight.eval.agent_eval import score_episodes, scores_by_set
 from megatron_foresight.inference.agent import run_episodes
 from megatron_foresight.inference.generate import Generator, Sampling
 from megatron_foresight.models.provider import mask_padded_vocab
@@ -47,13 +49,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Config:
-    """Foresight-conditioned RL (GRPO or PPO) on the built world's tasks (data.world)."""
+    """Foresight-conditioned RL (GRPO or PPO) on the recipe's task sets (`tasks:`)."""
 
     algorithm: Literal["grpo", "ppo"] = "grpo"
     """grpo: advantages from each prompt's group of samples, no critic. ppo: generalized
     advantage estimation with a value head on the policy (trained beside it)."""
     split: str = "train"
-    """Tasks the policy trains on (the world's tasks/{search,math}-SPLIT.jsonl)."""
+    """The split of the task sets the policy trains on."""
     prompts_per_step: int = 4
     """Tasks per step and data-parallel rank; each is played group_size times."""
     group_size: int = 4
@@ -91,13 +93,20 @@ class Config:
     """Truncated importance sampling: weight each token by min(pi_old / pi_rollout, cap), for
     rollouts drawn by another engine than the trainer's; null: off."""
     validation_tasks: int = 16
-    """Validation tasks played greedily at each evaluation (val/ metrics)."""
+    """Validation tasks played greedily at each evaluation (val/ metrics), taken from the task
+    sets' `validation` splits in turn."""
 
     def check_recipe(self, cfg) -> None:
         """What FC-RL needs of the rest of the recipe; run when training starts and by
         `foresight plan`, so a layout that cannot run is refused before a job is queued."""
-        check(bool(cfg.data.world), "data.world", "FC-RL plays the built world's tasks; set "
-              "data.world (built on first use)")
+        check(bool(cfg.tasks), "tasks", "FC-RL plays the recipe's task sets: list them under "
+              "tasks: (e.g. [{env: search, world: true}] for the built-in world)")
+        missing = [t.name for t in cfg.tasks if self.split not in t.files]
+        check(not missing, "tasks", f"FC-RL trains on the {self.split!r} split of every task "
+              f"set; {', '.join(missing)} has none (or set fc_rl.split)")
+        check(not self.validation_tasks or any("validation" in t.files for t in cfg.tasks),
+              "fc_rl.validation_tasks", "validation plays the task sets' validation splits, "
+              "and none has one; add one, or set fc_rl.validation_tasks: 0")
         check((cfg.parallel.virtual_pipeline_model_parallel_size or 1) == 1,
               "parallel.virtual_pipeline_model_parallel_size",
               "FC-RL rollouts run one model chunk per pipeline stage; set it to null (plain "
@@ -173,9 +182,8 @@ class ForesightRLStage:
         cfg, stage = ctx.cfg, ctx.stage_cfg
         stage.check_recipe(cfg)
         self.cfg, self.stage, self.tokenizer = cfg, stage, ctx.tokenizer
-        self.envs = WorldEnvs(Path(cfg.data.world))
-        self.train_tasks = self.envs.tasks(stage.split, 10 ** 9)
-        check(len(self.train_tasks) > 0, "fc_rl.split", f"no {stage.split} tasks in the world")
+        self.task_sets = TaskSets.of(cfg)
+        self.task_sets.prepare(ctx.cache_dir, ctx.progress)
         self.weights = RewardWeights(**stage.reward_weights)
         self.reference = None
         self.value_head = None
@@ -197,11 +205,12 @@ class ForesightRLStage:
     # rollout
 
     def _tasks_for(self, step: int, dp_rank: int, dp_size: int):
-        """This rank's tasks at `step`: a seeded draw, so a resumed run plays the same ones."""
+        """This rank's tasks at `step`: a seeded draw over the task sets by weight, the same on
+        every rank (each takes its share), so a resumed run plays the same ones."""
         rng = random.Random(self.cfg.seed * 1_000_003 + step)
         n = self.stage.prompts_per_step
-        picked = rng.sample(range(len(self.train_tasks)), min(n * dp_size, len(self.train_tasks)))
-        return [self.train_tasks[i] for i in picked[dp_rank * n:(dp_rank + 1) * n]]
+        drawn = self.task_sets.draw(self.stage.split, n * dp_size, rng)
+        return drawn[dp_rank * n:(dp_rank + 1) * n]
 
     def _reference(self, run):
         if self.reference is None:
@@ -235,7 +244,7 @@ class ForesightRLStage:
         with torch.no_grad():
             records = run_episodes(self._generator(model),
                                    [t for t in tasks for _ in range(s.group_size)],
-                                   self.envs.make_env, sampling,
+                                   self.task_sets.make_env, sampling,
                                    batch_size=len(tasks) * s.group_size, progress=False)
         generated = time.perf_counter()
         scored = score_groups(records, s.group_size, self.tokenizer, self.weights,
@@ -276,6 +285,9 @@ class ForesightRLStage:
                         "time/logprobs_s": time.perf_counter() - generated})
         if episodes["value_brier"] is not None:
             metrics["rollout/value_brier"] = episodes["value_brier"]
+        for task in tasks:  # how the draw by weight fell this step
+            key = f"rollout/tasks/{task.task_set}"
+            metrics[key] = metrics.get(key, 0) + 1
         if count and s.temperature == 1.0 and s.top_p == 1.0:
             # comparable only when the rollout drew from the plain softmax
             metrics["logprob_gap_mean"] = gap_sum / count
@@ -337,13 +349,14 @@ class ForesightRLStage:
             return {}
         model = run.chunks[0]
         model.eval()
-        tasks = self.envs.tasks("validation", n)
+        tasks = self.task_sets.tasks("validation", n)
         with torch.no_grad():
-            records = run_episodes(self._generator(model), tasks, self.envs.make_env,
+            records = run_episodes(self._generator(model), tasks, self.task_sets.make_env,
                                    Sampling(max_new_tokens=self.stage.max_new_tokens),
                                    batch_size=len(tasks), progress=False)
         model.train()
-        out = {f"val/{k}": v for k, v in score_episodes(records).items() if v is not None}
+        scores = {**score_episodes(records), **scores_by_set(records, self.task_sets)}
+        out = {f"val/{k}": v for k, v in scores.items() if v is not None}
         return {**out, **self.reward_metrics(records)}
 
     def reward_metrics(self, records, prefix: str = "val") -> dict[str, float]:

@@ -63,7 +63,7 @@ class FormatElicitingStage(BlendStage):
         if not source.startswith(FORESIGHT_PREFIX):
             return source
         inner = source[len(FORESIGHT_PREFIX):]
-        path = (world_file(ctx.cfg.data.world, inner[len(WORLD_PREFIX):])
+        path = (world_file(ctx.cfg.data.world, inner[len(WORLD_PREFIX):], ctx.cfg.seed)
                 if inner.startswith(WORLD_PREFIX) else Path(inner))
         return str(cached_foresight_traces(path, Path(ctx.cache_dir)))
 

@@ -60,3 +60,15 @@ def megatron_forward(ckpt: str | Path, tokens, out: Path, nproc: int = 1, overri
     python([str(REPO / "tests/helpers/megatron_forward.py"), str(ckpt), str(tokens_file), str(out),
             *(["--greedy", str(greedy)] if greedy else []), *overrides], nproc)
     return np.load(out)
+
+
+def world_task_sets(world: Path, cache_dir: Path):
+    """The built world's search and math task sets as the tiny recipes name them, prepared
+    (the world's corpus indexed into `cache_dir`)."""
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.envs.tasksets import TaskSets
+
+    sets = TaskSets.of(load_recipe(REPO / "recipes" / "tiny-cpu" / "lm.yaml",
+                                   [f"data.world={world}"]))
+    sets.prepare(cache_dir, progress=False)
+    return sets

@@ -17,7 +17,8 @@
 #   RUNS_DIR         where run directories go (default: $PROJECT_DIR/runs)
 #   RUN_DIR          this run's directory (default: $RUNS_DIR/$SLURM_JOB_NAME, the same across
 #                    requeues and resubmissions, so a resubmitted job also resumes)
-#   DATA_DIR         the data root; sets data.world=$DATA_DIR/world when given
+#   DATA_DIR         the data root: the recipes' task sets read ${DATA_DIR} (task files, the
+#                    corpus index; recipes/cluster.yaml), and data.world=$DATA_DIR/world
 #   TOKENIZER_DIR    sets data.tokenizer.path (the base model's Hugging Face directory)
 #   INIT_FROM        sets checkpoint.init_from (the previous stage's run, or a converted model)
 #   LOG_DIR          where the training tasks log, one file per job (<job name>-<job id>.log,

@@ -8,7 +8,8 @@ The corpus is generated once into --work: passages of 60-120 words drawn from a 
 vocabulary of 200,000 made-up words (Wikipedia's 100-word passages are about 600 characters; so
 are these), as {id, title, text} JSONL. Queries are 3-6 words of random passages. Each step runs
 as its own process, timed with its process tree's peak memory (PSS). Printed: index build time
-and peak memory, index size on disk, resident memory after loading and after the queries, and
+and peak memory (PSS, which counts the page cache of memory-mapped files, and anonymous memory
+alone), index size on disk, resident memory after loading and after the queries, and
 top-3 queries/s with 1 process and with 2 processes searching the same index at once (summed);
 then ours over bm25s for each.
 """
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from proc_memory import MB, REPO, peak_memory
+from proc_memory import MB, REPO, measure
 
 VOCAB = 200_000
 
@@ -153,9 +154,11 @@ def main() -> None:
         "bm25s": [*me, "--step", "bm25s-build", "--args", str(corpus), str(dirs["bm25s"])]}
     rows = {}
     for impl in ("ours", "bm25s"):
-        seconds, pss, _ = peak_memory(builds[impl])
-        rows[impl] = {"build_s": seconds, "build_peak_mb": pss, "disk_mb": _size_mb(dirs[impl])}
-        print(f"{impl}: built in {seconds:.1f} s, peak {pss:.0f} MB", flush=True)
+        m = measure(builds[impl])
+        rows[impl] = {"build_s": m.seconds, "build_peak_mb": m.pss_mb,
+                      "build_anon_mb": m.anon_mb, "disk_mb": _size_mb(dirs[impl])}
+        print(f"{impl}: built in {m.seconds:.1f} s, peak {m.pss_mb:.0f} MB "
+              f"({m.anon_mb:.0f} MB anonymous)", flush=True)
     half = args.queries // 2
     for impl in ("ours", "bm25s"):
         cmd = lambda s, c: [*me, "--step", "query", "--args", impl,  # noqa: E731
@@ -165,6 +168,7 @@ def main() -> None:
         rows[impl].update(one, qps_2proc=sum(r["qps"] for r in two))
     print()
     fields = [("build_s", "index build (s)", ".1f"), ("build_peak_mb", "build peak PSS (MB)", ".0f"),
+              ("build_anon_mb", "build peak anonymous (MB)", ".0f"),
               ("disk_mb", "index on disk (MB)", ".0f"), ("load_s", "load (s)", ".2f"),
               ("rss_loaded_mb", "RSS after load (MB)", ".0f"),
               ("rss_after_mb", f"RSS after {args.queries} queries (MB)", ".0f"),

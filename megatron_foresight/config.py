@@ -18,6 +18,9 @@ from typing import Any, Literal, Optional
 from megatron_foresight.configtree import (
     ConfigError, apply_overrides, build, check, describe, load_yaml, to_dict,
 )
+from megatron_foresight.envs import registry
+from megatron_foresight.errors import UsageError
+from megatron_foresight.world.tasksets import world_task_set
 from megatron_foresight.models.presets import PRESETS
 
 
@@ -322,9 +325,6 @@ class TaskSetConfig:
     """The options as the environment's typed config (with the world's defaults filled in)."""
 
     def __post_init__(self):
-        from megatron_foresight.envs import registry
-        from megatron_foresight.errors import UsageError
-
         try:
             registry.get(self.env)
         except UsageError as e:
@@ -341,17 +341,10 @@ class TaskSetConfig:
 
     def resolve(self, world: Optional[str]) -> None:
         """Fill in the world's files and options (world sets), then type the options."""
-        from megatron_foresight.configtree import build
-        from megatron_foresight.envs import registry
-
         options, self.files = dict(self.options), dict(self.splits)
         if self.world:
             check(bool(world), "world", "a world set needs data.world (the built-in world's "
                                         "directory; it is built there on first use)")
-            from megatron_foresight.world.tasksets import world_task_set
-
-            from megatron_foresight.errors import UsageError
-
             try:
                 self.files, defaults = world_task_set(world, self.env)
             except UsageError as e:
@@ -591,11 +584,8 @@ def _import_env_modules(tree: dict, origins: dict) -> None:
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise ConfigError("env_modules", f"expected a list of module names, got {modules!r}",
                           origins.get("env_modules"))
-    from megatron_foresight.envs.registry import import_modules
-    from megatron_foresight.errors import UsageError
-
     try:
-        import_modules(modules)
+        registry.import_modules(modules)
     except UsageError as e:
         raise ConfigError("", str(e), origins.get("env_modules")) from None
 

@@ -55,9 +55,9 @@ def bigbench_nq(task_json: Path, work: Path) -> tuple[Path, Path]:
 
 
 def recall(task_file: Path, corpus: Path, index_dir: Path, task_type: str) -> dict:
-    from megatron_foresight.data.tasks import read_tasks
+    from megatron_foresight.data.task_files import read_tasks
     from megatron_foresight.envs.bm25_index import build_index
-    from megatron_foresight.envs.qa_metrics import normalize_answer
+    from megatron_foresight.answers import normalize_answer
     from megatron_foresight.envs.retriever import BM25Retriever
 
     manifest = build_index(corpus, index_dir, progress=False)

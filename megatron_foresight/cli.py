@@ -258,7 +258,7 @@ def check_inputs(cfg) -> None:
     if hasattr(cfg.stage_config, "check_recipe"):
         cfg.stage_config.check_recipe(cfg)
     if getattr(plugin, "on_policy", False):
-        from megatron_foresight.envs.tasksets import TaskSets
+        from megatron_foresight.tasksets import TaskSets
 
         TaskSets.of(cfg).check_files()
 

@@ -18,10 +18,11 @@ from typing import Any, Literal, Optional
 from megatron_foresight.configtree import (
     ConfigError, apply_overrides, build, check, describe, load_yaml, to_dict,
 )
+from megatron_foresight.data.tokenizer import TokenizerConfig
 from megatron_foresight.envs import registry
 from megatron_foresight.errors import UsageError
 from megatron_foresight.world.tasksets import world_task_set
-from megatron_foresight.models.presets import PRESETS
+from megatron_foresight.presets import PRESETS
 
 
 @dataclass
@@ -29,7 +30,7 @@ class ModelConfig:
     """The transformer (a Megatron-Core GPTModel)."""
 
     preset: Optional[str] = None
-    """Start from a named shape (models/presets.py); keys set beside it override the preset."""
+    """Start from a named shape (presets.py); keys set beside it override the preset."""
     family: Literal["llama", "qwen2"] = "llama"
     """Architecture family, which fixes the Hugging Face mapping used by conversion."""
     num_layers: int = 4
@@ -242,23 +243,6 @@ class ScheduleConfig:
     @property
     def lr_decay_steps(self) -> int:
         return self.decay_steps if self.decay_steps is not None else self.train_steps
-
-
-@dataclass
-class TokenizerConfig:
-    """The tokenizer."""
-
-    type: Literal["byte", "hf", "sentencepiece"] = "byte"
-    """byte: UTF-8 bytes plus special tokens, needs no files; hf: a Hugging Face tokenizer
-    directory (tokenizer.json / tokenizer_config.json), read from disk, never downloaded;
-    sentencepiece: a .model file (`foresight data build-world` trains one on its world)."""
-    path: Optional[str] = None
-    """Tokenizer file or directory, for types that load one. For sentencepiece, null means the
-    tokenizer of the built-in world in data.world (<world>/tokenizer/spm.model)."""
-
-    def __post_init__(self):
-        check(self.type != "hf" or bool(self.path), "path",
-              "type hf needs the path of a local Hugging Face tokenizer directory")
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 from megatron_foresight.data.indexed import (
     DataFileError, cached_indexed_dataset, read_text_documents,
 )
-from megatron_foresight.data.synthetic import synthetic_documents
+from megatron_foresight.world.synthetic import synthetic_documents
 from megatron_foresight.data.tokenizer import ByteTokenizer
 from megatron_foresight.training.data import StepSampler, collate
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from megatron_foresight.data.tasks import Document, Task
+from megatron_foresight.tasks import Document, Task
 from megatron_foresight.envs.math import MathEnv
 from megatron_foresight.envs.retriever import BM25Retriever
 from megatron_foresight.envs.search import SearchEnv

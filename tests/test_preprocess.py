@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_foresight.config import TokenizerConfig
+from megatron_foresight.data.tokenizer import TokenizerConfig
 from megatron_foresight.data.preprocess import SEGMENTS_SUFFIX, preprocess
 from megatron_foresight.data.records import DataFileError
 from megatron_foresight.data.render import Seg, transcript

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from megatron_foresight.data.reasoning_gym_import import MATH_DATASETS, import_reasoning_gym
-from megatron_foresight.data.tasks import read_tasks
+from megatron_foresight.data.task_files import read_tasks
 from megatron_foresight.envs.verify import answers_match
 from megatron_foresight.errors import UsageError
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from megatron_foresight.data.tasks import Task
+from megatron_foresight.tasks import Task
 from megatron_foresight.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
 from megatron_foresight.foresight.action import Action
 from megatron_foresight.foresight.format import AgentTurn, Foresight, render_turn

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_foresight.config import TokenizerConfig
+from megatron_foresight.data.tokenizer import TokenizerConfig
 from megatron_foresight.data.preprocess import SEGMENTS_SUFFIX, preprocess
 from megatron_foresight.data.render import get_renderer
 from megatron_foresight.data.segmented import segment_weight_table
@@ -176,7 +176,7 @@ def test_agent_loop_keeps_sampled_ids_and_appends_each_observation_once(world, m
 
 
 def test_episode_scores_against_hand_computed_values():
-    from megatron_foresight.data.tasks import Task
+    from megatron_foresight.tasks import Task
     from megatron_foresight.eval.agent_eval import score_episodes
     from megatron_foresight.inference.agent import AgentTurnRecord, EpisodeRecord
 

@@ -5,9 +5,8 @@ import json
 import pytest
 
 from megatron_foresight.data.records import DataFileError
-from megatron_foresight.data.tasks import (
-    Document, Task, read_corpus, read_tasks, write_corpus, write_tasks,
-)
+from megatron_foresight.tasks import Document, Task
+from megatron_foresight.data.task_files import read_corpus, read_tasks, write_corpus, write_tasks
 from megatron_foresight.data.validate import validate_file
 from megatron_foresight.errors import UsageError
 

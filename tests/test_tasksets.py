@@ -11,10 +11,10 @@ import pytest
 from megatron_foresight.cli import main
 from megatron_foresight.config import ConfigError, load_recipe
 from megatron_foresight.data.records import DataFileError
-from megatron_foresight.data.tasks import Document
+from megatron_foresight.tasks import Document
 from megatron_foresight.envs import bm25_index, registry
 from megatron_foresight.envs.retriever import BM25Retriever
-from megatron_foresight.envs.tasksets import TaskSets
+from megatron_foresight.tasksets import TaskSets
 from megatron_foresight.errors import UsageError
 from helpers.run import REPO
 
@@ -257,7 +257,7 @@ def test_a_registered_environment_joins_the_format_and_plays():
                       "<value>0.9</value>\n</foresight>\n<convert>3 km to m</convert>")
     assert isinstance(turn, AgentTurn) and turn.action.kind == "convert"
     env = toy_env.ConvertEnv()
-    from megatron_foresight.data.tasks import Task
+    from megatron_foresight.tasks import Task
 
     env.reset(Task("t", "convert", "3 km in m?", ("3000",)))
     step = env.step("<convert>3 km to m</convert>")

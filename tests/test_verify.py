@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from megatron_foresight.envs.qa_metrics import exact_match, normalize_answer, token_f1
-from megatron_foresight.envs.verify import answers_match, extract_boxed, numbers_match
+from megatron_foresight.answers import exact_match, normalize_answer, token_f1
+from megatron_foresight.answers import extract_boxed
+from megatron_foresight.envs.verify import answers_match, numbers_match
 
 HALF = ["1/2", "0.5", "\\frac{1}{2}", "$\\frac{1}{2}$", "\\dfrac{1}{2}", "$\\dfrac12$",
         "\\boxed{\\frac{1}{2}}", ".5"]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from megatron_foresight.data.tasks import read_tasks
+from megatron_foresight.data.task_files import read_tasks
 from megatron_foresight.data.tokenizer import SentencePieceTokenizer
 from megatron_foresight.data.trajectory import read_trajectories
 from megatron_foresight.data.validate import validate_file

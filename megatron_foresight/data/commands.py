@@ -133,7 +133,7 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
 
 
 def tokenizer_config(spec: str):
-    from megatron_foresight.config import TokenizerConfig
+    from megatron_foresight.data.tokenizer import TokenizerConfig
 
     if spec == "byte":
         return TokenizerConfig("byte")

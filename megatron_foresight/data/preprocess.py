@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from megatron_foresight.config import TokenizerConfig
+from megatron_foresight.data.tokenizer import TokenizerConfig
 from megatron_foresight.data.records import DataFileError, RecordError, iter_raw, text_of
 from megatron_foresight.data.render import TEXT_RENDERER, Seg, get_renderer
 from megatron_foresight.data.tokenizer import build_tokenizer

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from megatron_foresight.data.tasks import Task, write_tasks
+from megatron_foresight.tasks import Task
+from megatron_foresight.data.task_files import write_tasks
 from megatron_foresight.errors import UsageError
 
 MATH_DATASETS = ("gsm_symbolic", "basic_arithmetic", "chain_sum", "decimal_chain_sum",

@@ -7,11 +7,30 @@ from __future__ import annotations
 import io
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal, Optional
 
-from megatron_foresight.config import TokenizerConfig
+from megatron_foresight.configtree import check
 from megatron_foresight.errors import UsageError
+
+
+@dataclass
+class TokenizerConfig:
+    """The tokenizer."""
+
+    type: Literal["byte", "hf", "sentencepiece"] = "byte"
+    """byte: UTF-8 bytes plus special tokens, needs no files; hf: a Hugging Face tokenizer
+    directory (tokenizer.json / tokenizer_config.json), read from disk, never downloaded;
+    sentencepiece: a .model file (`foresight data build-world` trains one on its world)."""
+    path: Optional[str] = None
+    """Tokenizer file or directory, for types that load one. For sentencepiece, null means the
+    tokenizer of the built-in world in data.world (<world>/tokenizer/spm.model)."""
+
+    def __post_init__(self):
+        check(self.type != "hf" or bool(self.path), "path",
+              "type hf needs the path of a local Hugging Face tokenizer directory")
+
 
 
 class ByteTokenizer:
@@ -217,17 +236,6 @@ def train_sentencepiece(texts: Iterable[str], out: str | Path, vocab_size: int) 
     tmp.write_bytes(model.getvalue())
     os.replace(tmp, out)
     return out
-
-
-def recipe_tokenizer(cfg):
-    """The tokenizer of a recipe (`RecipeConfig`). The built-in world's tokenizer is built with
-    the world, on first use, where data.world says (every rank calls this)."""
-    tok = cfg.data.tokenizer_config()
-    if tok.type == "sentencepiece" and not cfg.data.tokenizer.path:
-        from megatron_foresight.world.build import ensure_world
-
-        ensure_world(cfg.data.world, cfg.seed)
-    return build_tokenizer(tok)
 
 
 def build_tokenizer(cfg: TokenizerConfig):

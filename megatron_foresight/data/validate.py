@@ -12,7 +12,7 @@ from pathlib import Path
 from megatron_foresight.data.records import (
     DataFileError, RecordError, first_seen, iter_record_bytes, parse_json,
 )
-from megatron_foresight.data.tasks import QUESTION_KEYS, parse_document, parse_task
+from megatron_foresight.data.task_files import QUESTION_KEYS, parse_document, parse_task
 from megatron_foresight.data.trajectory import Trajectory
 from megatron_foresight.errors import UsageError
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from megatron_foresight.data.tasks import Task
+from megatron_foresight.tasks import Task
 from megatron_foresight.foresight.action import Action, FormatError, parse_action
 from megatron_foresight.foresight.tags import ANSWER
 

@@ -37,7 +37,8 @@ from tqdm import tqdm
 from megatron_foresight.data.records import (
     DataFileError, RecordError, iter_record_bytes, json_line, parse_json, record_files,
 )
-from megatron_foresight.data.tasks import Document, parse_document
+from megatron_foresight.tasks import Document
+from megatron_foresight.data.task_files import parse_document
 from megatron_foresight.errors import UsageError
 
 log = logging.getLogger(__name__)

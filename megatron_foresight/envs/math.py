@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_foresight.configtree import check
-from megatron_foresight.data.tasks import Task
+from megatron_foresight.tasks import Task
 from megatron_foresight.envs.base import Episode
 from megatron_foresight.envs.calculator import CalcError, evaluate
 from megatron_foresight.envs.registry import EnvContext, EnvSpec, register

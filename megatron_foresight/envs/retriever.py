@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from megatron_foresight.data.tasks import Document
+from megatron_foresight.tasks import Document
 from megatron_foresight.envs.bm25_index import (
     MANIFEST, OFFSETS, PASSAGES, Bm25Tokenizer, write_index,
 )

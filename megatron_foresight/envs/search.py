@@ -11,10 +11,11 @@ from typing import Literal, Optional, Sequence, Union
 
 from megatron_foresight.configtree import check
 from megatron_foresight.data.records import DataFileError, RecordError, iter_records
-from megatron_foresight.data.tasks import Task, parse_document
+from megatron_foresight.tasks import Task
+from megatron_foresight.data.task_files import parse_document
 from megatron_foresight.envs.base import Episode
 from megatron_foresight.envs.bm25_index import MANIFEST, corpus_files, ensure_index, matches
-from megatron_foresight.envs.qa_metrics import exact_match, token_f1
+from megatron_foresight.answers import exact_match, token_f1
 from megatron_foresight.envs.registry import EnvContext, EnvSpec, register
 from megatron_foresight.envs.retriever import BM25Retriever
 from megatron_foresight.errors import UsageError

@@ -10,13 +10,14 @@ import re
 from fractions import Fraction
 from typing import NamedTuple
 
+from megatron_foresight.answers import last_box
+
 MAX_ANSWER_CHARS = 1000
 ROUNDED_DIGITS = 6  # fewest significant digits for a decimal to stand for a fraction (0.333333)
 MAX_DIGITS = 100_000  # of a number sympy would compute exactly (9^{9^9} has 370 million)
 MAX_SYMBOLIC_EXPONENT = 64  # (x+1)^{1000} takes sympy seconds to expand
 MAX_COMBINATORIAL = 1000  # argument of n!, binomial, ...
 
-_BOXED = re.compile(r"\\boxed\s*{")
 # A number followed by the words of a unit ("15 balls", "3 hours", "12 cm^2", "5 km/h"): the
 # number is the answer. Words that are mathematics ("2 pi", "3 sqrt") are not a unit.
 _UNIT_WORD = r"(?:[A-Za-z]{2,}(?:\^\d+)?|°[CF]?)"
@@ -28,28 +29,6 @@ _NUMBER = re.compile(r"(?P<sign>[+-]?)(?P<int>\d{1,3}(?:,\d{3})+|\d*)(?:\.(?P<fr
                      r"(?:[eE](?P<exp>[+-]?\d{1,3}))?(?:/(?P<den>\d+))?")
 
 
-def _last_box(text: str) -> tuple[int, int, int] | None:
-    """Where the box that closes last starts, where its content starts and where its closing
-    brace is; an outer box closes after the boxes inside it."""
-    last = None
-    for match in _BOXED.finditer(text):
-        depth = 1
-        for i in range(match.end(), len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                if last is None or i > last[2]:
-                    last = (match.start(), match.end(), i)
-                break
-    return last
-
-
-def extract_boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` in `text` (braces balanced), or None: how MATH
-    solutions state their final answer."""
-    box = _last_box(text)
-    return None if box is None else text[box[1]:box[2]].strip()
-
-
 class _Number(NamedTuple):
     value: Fraction
     places: int | None  # decimal places shown (1e-3: 3); None when not written as a decimal
@@ -58,7 +37,7 @@ class _Number(NamedTuple):
 
 def _plain_text(text: str) -> str:
     text = text.strip()
-    box = _last_box(text)
+    box = last_box(text)
     if box is not None and box[0] == 0 and box[2] == len(text) - 1:
         text = text[box[1]:box[2]]
     text = text.strip().strip("$").strip().removeprefix("\\$")

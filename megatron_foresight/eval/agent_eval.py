@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Sequence
 
-from megatron_foresight.data.tasks import Task
+from megatron_foresight.tasks import Task
 from megatron_foresight.foresight.format import AgentTurn, parse_turn, parse_turn_lenient
 from megatron_foresight.foresight.scores import (
     auroc, brier, expected_calibration_error, log_score, names_gold_document, rollout_fidelity,

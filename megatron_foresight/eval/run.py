@@ -15,14 +15,16 @@ import torch
 
 from megatron_foresight.config import RecipeConfig, TaskSetConfig
 from megatron_foresight.configtree import ConfigError
-from megatron_foresight.envs.tasksets import TaskSets
+from megatron_foresight.tasksets import TaskSets
 from megatron_foresight.errors import UsageError
 from megatron_foresight.eval.agent_eval import score_episodes, scores_by_set
 from megatron_foresight.inference.agent import run_episodes
 from megatron_foresight.inference.generate import Generator, Sampling
 from megatron_foresight.runtime.dist import shutdown
 from megatron_foresight.training import checkpoint as ckpt
-from megatron_foresight.training.loop import build_run, cache_dir, evaluate, start_processes
+from megatron_foresight.training.loop import (
+    build_run, cache_dir, evaluate, recipe_tokenizer, start_processes,
+)
 from megatron_foresight.training.plugin import fresh_modules
 
 log = logging.getLogger(__name__)
@@ -110,8 +112,6 @@ def evaluate_checkpoint(cfg: RecipeConfig, opts: EvalOptions, out: str | None = 
                         task_sets: TaskSets | None = None) -> dict:
     """Every metric of the checkpoint; written as JSON to `out` (with the episodes beside it,
     as `<out>.episodes.jsonl`) when given."""
-    from megatron_foresight.data.tokenizer import recipe_tokenizer
-
     if opts.tasks and task_sets is None:
         task_sets = task_sets_for(cfg, opts)
     ctx = start_processes(cfg)

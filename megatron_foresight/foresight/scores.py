@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from megatron_foresight.envs.qa_metrics import normalize_answer, token_f1
+from megatron_foresight.answers import normalize_answer, token_f1
 from megatron_foresight.foresight.format import AgentTurn, parse_turn
 
 

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from megatron_foresight.data.tasks import Task
+from megatron_foresight.tasks import Task
 from megatron_foresight.envs.base import Episode
 from megatron_foresight.foresight.format import (
     final_observation, foresight_prompt, observation_content,

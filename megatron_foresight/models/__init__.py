@@ -1,2 +1,2 @@
 """Model providers: Megatron-Core GPTModel from the recipe's model section (provider.py), and
-named model shapes (presets.py)."""
+named model shapes (megatron_foresight/presets.py)."""

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from megatron_foresight.envs.qa_metrics import exact_match, token_f1
+from megatron_foresight.answers import exact_match, token_f1
 from megatron_foresight.foresight.format import AgentTurn, parse_turn, parse_turn_lenient, segment_turn
 from megatron_foresight.foresight.scores import rollout_fidelity
 from megatron_foresight.foresight.tags import ROLLOUT, VALUE

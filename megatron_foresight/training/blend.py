@@ -18,7 +18,7 @@ from megatron_foresight.configtree import check
 from megatron_foresight.data.indexed import build_gpt_datasets
 from megatron_foresight.data.render import RENDERERS, TEXT_RENDERER, Seg
 from megatron_foresight.data.segmented import SegmentedGPTDataset, segment_weight_table
-from megatron_foresight.data.sources import SourceContext, source_prefix
+from megatron_foresight.training.sources import SourceContext, source_prefix
 from megatron_foresight.training.plugin import BuildContext, StageData, masked_token_loss
 
 SEGMENT_NAMES = [s.name.lower() for s in Seg if s is not Seg.PAD]

@@ -24,7 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from megatron_foresight.config import RecipeConfig
-from megatron_foresight.data.tokenizer import recipe_tokenizer
+from megatron_foresight.data.tokenizer import build_tokenizer
 from megatron_foresight.errors import UsageError
 from megatron_foresight.models.provider import build_model, use_transformer_engine
 from megatron_foresight.runtime.dist import (
@@ -37,6 +37,7 @@ from megatron_foresight.training import checkpoint as ckpt
 from megatron_foresight.training.data import StepSampler, collate, loader, to_device
 from megatron_foresight.training.optimizer import build_optimizer, build_scheduler
 from megatron_foresight.training.plugin import BuildContext, fresh_modules, load_plugin
+from megatron_foresight.world.build import ensure_world
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,15 @@ def _pick_run_dir(cfg: RecipeConfig, run_dir: str | None, resume: bool) -> Path:
         raise UsageError(f"run directory {path} already has checkpoints; pass --resume to "
                          "continue it, or choose another --run-dir")
     return path
+
+
+def recipe_tokenizer(cfg: RecipeConfig):
+    """The tokenizer of a recipe (`RecipeConfig`). The built-in world's tokenizer is built with
+    the world, on first use, where data.world says (every rank calls this)."""
+    tok = cfg.data.tokenizer_config()
+    if tok.type == "sentencepiece" and not cfg.data.tokenizer.path:
+        ensure_world(cfg.data.world, cfg.seed)
+    return build_tokenizer(tok)
 
 
 def cache_dir(cfg: RecipeConfig) -> Path:

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from megatron_foresight.data.tasks import Task
+from megatron_foresight.tasks import Task
 from megatron_foresight.envs.base import Episode
 from megatron_foresight.foresight.action import Action, parse_action
 from megatron_foresight.foresight.tags import ANSWER, CALC, SEARCH, THINK, wrap

@@ -26,7 +26,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from megatron_foresight.data.records import write_lines
-from megatron_foresight.data.tasks import write_corpus, write_tasks
+from megatron_foresight.data.task_files import write_corpus, write_tasks
 from megatron_foresight.data.trajectory import (
     SCHEMA, MCEstimate, Outcome, Trajectory, Turn, read_trajectories,
 )

@@ -7,7 +7,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from megatron_foresight.data.tasks import Document
+from megatron_foresight.tasks import Document
+from megatron_foresight.world.templates import FACTS
 
 _SYLLABLES = ("ka", "lo", "mir", "ten", "vas", "ru", "del", "on", "sha", "bri", "tor", "el",
               "nu", "gar", "phi", "zen", "ol", "ma", "kei", "dru", "sel", "van", "qui", "bo")
@@ -83,52 +84,12 @@ def build_kb(rng: random.Random, cities: int, people: int, guilds: int) -> Knowl
     return KnowledgeBase(regions, entities)
 
 
-# Several phrasings per fact, so retrieval and a language model see varied text.
-_FACTS = {
-    "region": ("{name} is a city in the region of {region}.", "{name} lies in {region}.",
-               "The city of {name} belongs to the region of {region}."),
-    "founded": ("{name} was founded in {founded}.", "The founding of {name} dates to {founded}."),
-    "population": ("About {population} people live in {name}.",
-                   "{name} has a population of about {population}."),
-    "trade": ("The people of {name} trade in {trade}.", "{name} is known for its {trade}."),
-    "road_to": ("From {name} the main road leads to {road_to}.",),
-    "born_in": ("{name} was born in {born_in}.", "{name} comes from the city of {born_in}."),
-    "profession": ("{name} works as a {profession}.", "By profession {name} is a {profession}."),
-    "born": ("{name} was born in the year {born}.",),
-    "seat": ("The {name} has its seat in {seat}.", "The {name} is based in {seat}."),
-    "founder": ("The {name} was founded by {founder}.", "{founder} founded the {name}."),
-    "craft": ("The {name} makes {craft}.", "Members of the {name} craft {craft}."),
-}
-
-
 def corpus(kb: KnowledgeBase, rng: random.Random) -> list[Document]:
     """One document per entity, its facts in a seeded order and phrasing."""
     docs = []
     for e in kb.entities:
         keys = list(e.attrs)
         rng.shuffle(keys)
-        text = " ".join(rng.choice(_FACTS[k]).format(name=e.name, **e.attrs) for k in keys)
+        text = " ".join(rng.choice(FACTS[k]).format(name=e.name, **e.attrs) for k in keys)
         docs.append(Document(e.id, e.name, text))
     return docs
-
-
-def fact_documents(kb: KnowledgeBase, rng: random.Random, n: int):
-    """`n` short documents of a few facts each about random entities, then a question with its
-    answer and a line of arithmetic: plain text in which a small model can learn the world's
-    facts (the `builtin` corpus of the lm stage, WM-AMT's replay text)."""
-    from megatron_foresight.world.tasks import ONE_HOP
-
-    questions = sorted(ONE_HOP.items())
-    for _ in range(n):
-        sentences = []
-        for _ in range(rng.randint(3, 6)):
-            e = rng.choice(kb.entities)
-            key = rng.choice(list(e.attrs))
-            sentences.append(rng.choice(_FACTS[key]).format(name=e.name, **e.attrs))
-        (kind, attribute), templates = rng.choice(questions)
-        e = rng.choice(kb.of_kind(kind))
-        sentences.append(f"Q: {rng.choice(templates).format(name=e.name)} "
-                         f"A: {e.attrs[attribute]}.")
-        a, b = rng.randint(2, 99), rng.randint(2, 99)
-        sentences.append(f"{a} + {b} = {a + b}.")
-        yield " ".join(sentences)

@@ -7,31 +7,10 @@ from __future__ import annotations
 
 import random
 
-from megatron_foresight.data.tasks import Task
+from megatron_foresight.tasks import Task
 from megatron_foresight.errors import UsageError
 from megatron_foresight.world.kb import KnowledgeBase
-
-# (kind, attribute): phrasings of the question for that attribute of an entity of that kind.
-ONE_HOP = {
-    ("city", "region"): ("In which region is {name}?", "Which region is the city of {name} in?"),
-    ("city", "founded"): ("In what year was {name} founded?", "When was {name} founded?"),
-    ("city", "trade"): ("What does {name} trade in?", "What is {name} known for trading?"),
-    ("person", "born_in"): ("In which city was {name} born?", "Where does {name} come from?"),
-    ("person", "profession"): ("What is the profession of {name}?", "What does {name} work as?"),
-    ("guild", "seat"): ("Where does the {name} have its seat?", "In which city is the {name}?"),
-    ("guild", "founder"): ("Who founded the {name}?",),
-    ("guild", "craft"): ("What does the {name} make?",),
-}
-# (kind, bridge attribute, attribute of the bridge entity): the question.
-TWO_HOP = {
-    ("person", "born_in", "region"): "In which region was {name} born?",
-    ("person", "born_in", "trade"): "What does the city where {name} was born trade in?",
-    ("guild", "seat", "founded"): "In what year was the city that hosts the {name} founded?",
-    ("guild", "seat", "region"): "In which region does the {name} have its seat?",
-    ("guild", "founder", "profession"): "What is the profession of the founder of the {name}?",
-    ("guild", "founder", "born_in"): "In which city was the founder of the {name} born?",
-}
-
+from megatron_foresight.world.templates import ONE_HOP, TWO_HOP
 
 def _hop(entity, attribute: str) -> dict:
     return {"entity": entity.name, "doc": entity.id, "attribute": attribute,

@@ -1,7 +1,9 @@
 """FC-RL (foresight-conditioned RL, GRPO) as an on-policy stage plugin. Recipe section:
 
     stage: fc_rl
-    data: {world: runs/world, tokenizer: {type: sentencepiece}}
+    tasks:                      # what it trains on: the train split of each set, by weight
+      - {env: search, world: true}
+      - {name: gsm8k, env: math, splits: {train: gsm8k/train.jsonl}}
     checkpoint: {init_from: runs/<the FE-SFT run>}
     fc_rl:
       prompts_per_step: 4

@@ -30,7 +30,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_foresight.configtree import check
-from megatron_foresight.envs.tasksets import TaskSets
+from megatron_foresight.tasksets import TaskSets
 from megatron_foresight.eval.agent_eval import score_episodes, scores_by_set
 from megatron_foresight.inference.agent import run_episodes
 from megatron_foresight.inference.generate import Generator, Sampling

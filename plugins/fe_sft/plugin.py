@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from megatron_foresight.data.sources import WORLD_PREFIX, world_file
+from megatron_foresight.training.sources import WORLD_PREFIX, world_file
 from megatron_foresight.data.trajectory import read_trajectories, write_jsonl
 from megatron_foresight.runtime.dist import barrier, is_rank0
 from megatron_foresight.training.blend import BlendConfig, BlendStage

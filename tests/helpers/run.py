@@ -66,7 +66,7 @@ def world_task_sets(world: Path, cache_dir: Path):
     """The built world's search and math task sets as the tiny recipes name them, prepared
     (the world's corpus indexed into `cache_dir`)."""
     from megatron_foresight.config import load_recipe
-    from megatron_foresight.envs.tasksets import TaskSets
+    from megatron_foresight.tasksets import TaskSets
 
     sets = TaskSets.of(load_recipe(REPO / "recipes" / "tiny-cpu" / "lm.yaml",
                                    [f"data.world={world}"]))

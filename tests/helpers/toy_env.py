@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 
 from megatron_foresight.configtree import check
-from megatron_foresight.data.tasks import Task
+from megatron_foresight.tasks import Task
 from megatron_foresight.envs.base import Episode
 from megatron_foresight.envs.registry import EnvSpec, register
 from megatron_foresight.envs.verify import numbers_match

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from megatron_foresight.data.records import RecordError, json_line, read_unique, write_lines
-from megatron_foresight.envs.verify import extract_boxed
+from megatron_foresight.tasks import Document, Task
+from megatron_foresight.answers import extract_boxed
 
 QUESTION_KEYS = ("question", "problem", "query")
 ANSWER_KEYS = ("answers", "golden_answers", "answer")
@@ -27,34 +27,6 @@ LAYOUTS = ("NQ / HotpotQA {question, answer(s)}, Search-R1 {question, golden_ans
            "{question, answer: {value, aliases}}, GSM8K {question, answer: '... #### 72'}, MATH "
            "{problem, solution with \\boxed{}}")
 _TYPE_NAME = re.compile(r"[A-Za-z_][\w-]*")
-
-
-@dataclass(frozen=True)
-class Task:
-    id: str
-    type: str
-    question: str
-    answers: tuple[str, ...]
-    meta: dict | None = None
-    task_set: str | None = None
-    """The recipe's task set it was read for (`envs.tasksets`); not part of the file."""
-
-    def to_dict(self) -> dict:
-        out = {"id": self.id, "type": self.type, "question": self.question,
-               "answers": list(self.answers)}
-        if self.meta is not None:
-            out["meta"] = self.meta
-        return out
-
-
-@dataclass(frozen=True)
-class Document:
-    id: str
-    title: str
-    text: str
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "title": self.title, "text": self.text}
 
 
 def _record_id(record: dict, keys: tuple[str, ...], default: str | None) -> str:

@@ -16,15 +16,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_foresight.config import TokenizerConfig
+from megatron_foresight.data.tokenizer import TokenizerConfig
 from megatron_foresight.data.indexed import (
     cached_indexed_dataset, file_fingerprint, read_text_documents,
 )
 from megatron_foresight.data.preprocess import preprocess
 from megatron_foresight.data.records import iter_raw
-from megatron_foresight.data.synthetic import synthetic_documents
+from megatron_foresight.world.synthetic import synthetic_documents
 from megatron_foresight.errors import UsageError
 from megatron_foresight.runtime.dist import barrier, is_rank0
+from megatron_foresight.world.build import ensure_world
 
 WORLD_PREFIX = "world:"
 
@@ -60,8 +61,6 @@ def world_file(world: str | None, split: str, seed: int) -> Path:
     if not world:
         raise UsageError(f"source {WORLD_PREFIX}{split} needs data.world (the directory of a "
                          "built-in world)")
-    from megatron_foresight.world.build import ensure_world
-
     ensure_world(world, seed)
     path = Path(world) / "trajectories" / f"{split}.jsonl"
     if not path.is_file():

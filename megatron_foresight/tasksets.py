@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron_foresight.data.records import DataFileError, RecordError, iter_records
-from megatron_foresight.data.tasks import Task, parse_task, read_tasks
+from megatron_foresight.tasks import Task
+from megatron_foresight.data.task_files import parse_task, read_tasks
 from megatron_foresight.envs import registry
 from megatron_foresight.envs.base import Episode
 from megatron_foresight.envs.registry import EnvContext
 from megatron_foresight.errors import UsageError
+from megatron_foresight.world.build import ensure_world
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +119,6 @@ class TaskSets:
         """Build what the environments share (the world if a set plays it, corpus indices);
         every rank calls this at the same point."""
         if any(s.cfg.world for s in self.sets):
-            from megatron_foresight.world.build import ensure_world
-
             ensure_world(self.world, self.seed)
         ctx = EnvContext(Path(cache_dir), progress)
         for s in self.sets:

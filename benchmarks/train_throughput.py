@@ -90,7 +90,7 @@ def run_hf(args) -> dict:
     m, s, o = cfg.model, cfg.schedule, cfg.optimizer
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     tokenizer = build_tokenizer(cfg.data.tokenizer_config())
-    data = load_plugin(cfg.stage).build_data(BuildContext(
+    data = load_plugin(cfg.stage)(cfg).build_data(BuildContext(
         cfg=cfg, stage_cfg=cfg.stage_config, tokenizer=tokenizer,
         num_train_samples=s.train_steps * s.global_batch_size, num_valid_samples=0,
         cache_dir=Path(cfg.data.cache_dir or Path(cfg.logging.runs_root) / "cache")))

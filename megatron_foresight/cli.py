@@ -249,15 +249,12 @@ def add_convert_to_hf_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_inputs(cfg) -> None:
-    """What can be checked of a recipe before any process starts, beyond its fields: the stage's
-    own checks, and for a stage that plays tasks, that its task files and corpora exist and
-    their first records read."""
+    """What can be checked of a recipe before any process starts beyond what loading it checks:
+    for a stage that plays tasks, that its task files and corpora exist and their first records
+    read."""
     from megatron_foresight.training.plugin import load_plugin
 
-    plugin = load_plugin(cfg.stage)
-    if hasattr(cfg.stage_config, "check_recipe"):
-        cfg.stage_config.check_recipe(cfg)
-    if getattr(plugin, "on_policy", False):
+    if load_plugin(cfg.stage).on_policy:
         from megatron_foresight.tasksets import TaskSets
 
         TaskSets.of(cfg).check_files()

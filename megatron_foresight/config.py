@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from megatron_foresight.configtree import (
-    ConfigError, apply_overrides, build, check, describe, load_yaml, to_dict,
+    ConfigError, apply_overrides, build, check, describe, load_yaml, nearest_origin, to_dict,
 )
 from megatron_foresight.data.tokenizer import TokenizerConfig
 from megatron_foresight.envs import registry
@@ -275,6 +275,15 @@ class DataConfig:
             return TokenizerConfig("sentencepiece", str(Path(self.world) / "tokenizer" /
                                                         "spm.model"))
         return self.tokenizer
+
+
+@dataclass
+class StageConfig:
+    """Base of every stage's recipe section (a stage plugin's `Config`)."""
+
+    def check_recipe(self, cfg: "RecipeConfig") -> None:
+        """Checks of this stage that involve the rest of the recipe: run whenever a recipe
+        loads, before any process starts; raise `ConfigError` naming the key."""
 
 
 @dataclass
@@ -558,6 +567,12 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), origins: dict | None
     cfg = build(RecipeConfig, tree, origins)
     if stage_cls is not None:
         cfg.stage_config = build(stage_cls, stage_tree, origins, stage)
+        if isinstance(cfg.stage_config, StageConfig):
+            try:
+                cfg.stage_config.check_recipe(cfg)
+            except ConfigError as e:
+                raise ConfigError(e.key, e.message,
+                                  e.where or nearest_origin(origins, e.key)) from None
     cfg.name = name
     return cfg
 
@@ -579,7 +594,7 @@ def describe_recipe(stage_sections: dict | None = None) -> str:
 
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "TaskSetConfig", "LaunchConfig", "LoggingConfig", "ModelConfig",
+    "CheckpointConfig", "ConfigError", "DataConfig", "StageConfig", "TaskSetConfig", "LaunchConfig", "LoggingConfig", "ModelConfig",
     "OptimizerConfig", "ParallelConfig", "RecipeConfig", "ScheduleConfig", "TokenizerConfig",
     "describe_recipe", "load_recipe", "recipe_from_tree",
 ]

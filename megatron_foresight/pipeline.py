@@ -14,19 +14,13 @@ from pathlib import Path
 
 from megatron_foresight.config import load_recipe
 from megatron_foresight.errors import UsageError
+from megatron_foresight.training.plugin import load_plugin
 
 log = logging.getLogger(__name__)
 
 STAGES = ("wm_amt", "fe_sft", "fc_rl")
 REPORT_METRICS = ("task_success", "format_validity", "value_brier", "value_ece", "value_auroc",
                   "rollout_fidelity")
-
-
-# What the pipeline changes in a stage's recipe (before the user's overrides, which win):
-# FC-RL's in-training validation would play the same validation tasks greedily that the
-# pipeline's evaluations play after FE-SFT and after FC-RL, so the pipeline leaves it out (unless
-# the pipeline plays none: --tasks 0).
-STAGE_DEFAULTS = {"fc_rl": ["fc_rl.validation_tasks=0"]}
 
 
 def stage_recipes(recipe_dir: Path) -> list[tuple[str, Path]]:
@@ -40,10 +34,11 @@ def stage_recipes(recipe_dir: Path) -> list[tuple[str, Path]]:
 
 
 def _for_stage(overrides, stage: str, tasks: int = 1) -> list[str]:
-    """The overrides of one stage: the pipeline's own (`STAGE_DEFAULTS`), then those of its
-    section (`fc_rl.group_size=2`) and of the shared sections (`data.world=DIR`); another
-    stage's section is left out."""
-    return [*(STAGE_DEFAULTS.get(stage, []) if tasks else []),
+    """The overrides of one stage: what the stage asks of a pipeline (`pipeline_overrides`;
+    FC-RL leaves out its own validation, which the pipeline's evaluations play, unless they
+    play none: --tasks 0), then those of its section (`fc_rl.group_size=2`) and of the shared
+    sections (`data.world=DIR`); another stage's section is left out."""
+    return [*(load_plugin(stage).pipeline_overrides() if tasks else []),
             *(o for o in overrides if o.split(".", 1)[0] not in STAGES
               or o.split(".", 1)[0] == stage)]
 

@@ -53,6 +53,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from megatron_foresight.config import ConfigError, RecipeConfig
+from megatron_foresight.training.plugin import load_plugin
 
 GIB = 1 << 30
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -270,9 +271,7 @@ def plan(cfg: RecipeConfig, nodes: int, gpus_per_node: int, gpu_memory_gib: floa
     counts = count_parameters(cfg, padded)
     microbatches = s.global_batch_size // (s.micro_batch_size * dp)
     half = m.precision != "fp32"
-    rl = cfg.stage == "fc_rl" and cfg.stage_config is not None
-    if hasattr(cfg.stage_config, "check_recipe"):  # what the stage itself requires
-        cfg.stage_config.check_recipe(cfg)
+    stage_cls = load_plugin(cfg.stage)
     stages = []
     for stage in range(pp):
         n = _stage_parameters(cfg, counts, padded, stage)
@@ -289,13 +288,8 @@ def plan(cfg: RecipeConfig, nodes: int, gpus_per_node: int, gpu_memory_gib: floa
                           logits=logits, overhead=int(overhead_gib * GIB), optimizer_other=other)
         if m.fp8:
             mem.fp8_weights = 2 * (m.num_layers // pp) * (counts.per_layer_matrices // tp)
-        if rl:
-            rc = cfg.stage_config
-            if rc.kl_coef > 0:
-                mem.reference_model = weight_bytes
-            rows = rc.prompts_per_step * rc.group_size
-            mem.kv_cache = (2 * (m.num_layers // pp) * rows * cfg.data.seq_length
-                            * (m.query_groups // tp) * m.head_dim * (2 if half else 4))
+        extra = stage_cls.plan_memory(cfg, weight_bytes, m.num_layers // pp, half)
+        mem.reference_model, mem.kv_cache = extra.reference_model, extra.kv_cache
         stages.append(mem)
     worst = max(stages, key=lambda x: x.total)
     model_flops, hardware_flops, tokens = step_flops(cfg, counts, dp)
@@ -321,19 +315,12 @@ def plan(cfg: RecipeConfig, nodes: int, gpus_per_node: int, gpu_memory_gib: floa
 def step_flops(cfg: RecipeConfig, counts: ParamCounts, dp: int) -> tuple[float, float, int]:
     """(model FLOPs, hardware FLOPs, tokens) of one optimizer step; for FC-RL, of one rollout
     step (generation, log-prob recomputation and `epochs` passes of training)."""
-    m, s = cfg.model, cfg.schedule
+    m = cfg.model
     d = m.head_dim
     seq = cfg.data.seq_length
     forward_per_token = (2 * counts.matmul_per_token
                          + 4 * seq * m.num_attention_heads * d * m.num_layers)
-    train_passes, extra_passes = 1, 0
-    if cfg.stage == "fc_rl" and cfg.stage_config is not None:
-        rc = cfg.stage_config
-        tokens = rc.prompts_per_step * rc.group_size * dp * seq
-        train_passes = rc.epochs
-        extra_passes = 2 + (1 if rc.kl_coef > 0 else 0)  # generate; log-probs (+ reference)
-    else:
-        tokens = s.global_batch_size * seq
+    tokens, train_passes, extra_passes = load_plugin(cfg.stage).plan_step(cfg, dp)
     model = forward_per_token * tokens * (3 * train_passes + extra_passes)
     recompute = forward_per_token * tokens * train_passes if m.recompute_granularity == "full" \
         else 0

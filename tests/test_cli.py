@@ -53,6 +53,12 @@ def test_config_keys_documents_every_key():
     (["config", "recipes/tiny-cpu/lm.yaml", "--world-size", "3"],
      "global_batch_size (16) must be a multiple of micro_batch_size (4) x data-parallel size (3)"),
     (["config", "recipes/tiny-cpu/nope.yaml"], "recipe file not found"),
+    # what FC-RL refuses, the dry run refuses too (its checks run when the recipe loads)
+    (["config", "recipes/tiny-cpu/fc_rl.yaml", "fc_rl.prompts_per_step=3", "fc_rl.group_size=3"],
+     "fc_rl.yaml:19: schedule.micro_batch_size: the pipelined log-prob passes need equal "
+     "microbatches"),
+    (["config", "recipes/tiny-cpu/fc_rl.yaml", "fc_rl.kl_coef=0.1"],
+     "fc_rl.kl_coef: KL needs a reference model: set checkpoint.init_from"),
     (["train", "recipes/tiny-cpu/lm.yaml", "model.fp8=hybrid", "model.precision=bf16"],
      "model.fp8: FP8 ('hybrid') needs a CUDA GPU with Transformer Engine"),
     (["train", "recipes/tiny-cpu/lm.yaml", "model.transformer_impl=transformer_engine"],

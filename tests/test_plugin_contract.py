@@ -1,34 +1,51 @@
-"""Every stage plugin honours the contract in megatron_foresight/training/plugin.py."""
+"""Every stage plugin honours the contract in megatron_foresight/training/plugin.py: it is a
+`SupervisedStage` or an `OnPolicyStage`, its config a `StageConfig`, one instance per run."""
 
 import dataclasses
 
 import pytest
 import torch
 
-from megatron_foresight.config import load_recipe
+from megatron_foresight.config import StageConfig, load_recipe
 from megatron_foresight.data.tokenizer import ByteTokenizer
 from megatron_foresight.training.data import collate
-from megatron_foresight.training.plugin import BuildContext, available_stages, load_plugin
+from megatron_foresight.training.plugin import (
+    BuildContext, OnPolicyStage, SupervisedStage, available_stages, load_plugin,
+)
 from helpers.run import REPO
+
+SUPERVISED = [s for s in available_stages() if not load_plugin(s).on_policy]
+ON_POLICY = [s for s in available_stages() if load_plugin(s).on_policy]
 
 
 def _build(stage, world, tmp_path):
-    plugin = load_plugin(stage)
-    assert dataclasses.is_dataclass(plugin.Config)
-    plugin.Config()  # defaults are valid
+    stage_cls = load_plugin(stage)
+    assert dataclasses.is_dataclass(stage_cls.Config)
+    assert issubclass(stage_cls.Config, StageConfig)
+    stage_cls.Config()  # defaults are valid
     recipe = next(p for p in sorted((REPO / "recipes" / "tiny-cpu").glob("*.yaml"))
                   if load_recipe(p).stage == stage)
     overrides = ["data.seq_length=64", f"data.world={world}"]
     cfg = load_recipe(recipe, overrides + [f"{stage}.builtin_docs=300"] if stage == "lm"
                       else overrides)
-    data = plugin.build_data(BuildContext(cfg=cfg, stage_cfg=cfg.stage_config,
-                                          tokenizer=ByteTokenizer(), num_train_samples=32,
-                                          num_valid_samples=8, cache_dir=tmp_path))
-    return plugin, data
+    plugin = stage_cls(cfg)
+    assert plugin.stage is cfg.stage_config and stage_cls(cfg) is not plugin
+    ctx = BuildContext(cfg=cfg, stage_cfg=cfg.stage_config, tokenizer=ByteTokenizer(),
+                       num_train_samples=32, num_valid_samples=8, cache_dir=tmp_path)
+    if plugin.on_policy:
+        plugin.setup(ctx)
+        return plugin, None
+    return plugin, plugin.build_data(ctx)
 
 
-@pytest.mark.parametrize("stage", [s for s in available_stages()
-                                   if not getattr(load_plugin(s), "on_policy", False)])
+def test_every_stage_is_one_of_the_two_kinds():
+    assert SUPERVISED and ON_POLICY
+    for stage in available_stages():
+        stage_cls = load_plugin(stage)
+        assert issubclass(stage_cls, OnPolicyStage if stage_cls.on_policy else SupervisedStage)
+
+
+@pytest.mark.parametrize("stage", SUPERVISED)
 def test_plugin_contract(stage, megatron_cpu, small_world, tmp_path):
     plugin, data = _build(stage, small_world, tmp_path)
     assert len(data.train) >= 32
@@ -49,21 +66,20 @@ def test_plugin_contract(stage, megatron_cpu, small_world, tmp_path):
     both, _, _ = plugin.loss(batch, per_token + other)
     assert torch.isclose(both, loss_sum + plugin.loss(batch, other)[0])
     assert plugin.loss(batch, per_token * (mask == 0))[0] == 0
-    if getattr(plugin, "weight_table", None) is None:  # no per-segment weights: the masked sum
+    if plugin.weight_table is None:  # no per-segment weights: the masked sum
         assert torch.isclose(loss_sum, (per_token * mask).sum())
     else:  # per-segment weights: each token weighs its segment's weight
         weights = plugin.weight_table[batch["segments"].long()] * mask
         assert torch.isclose(loss_sum, (per_token * weights).sum())
 
 
-@pytest.mark.parametrize("stage", [s for s in available_stages()
-                                   if getattr(load_plugin(s), "on_policy", False)])
+@pytest.mark.parametrize("stage", ON_POLICY)
 def test_on_policy_plugin_contract(stage, megatron_cpu, small_world, tmp_path):
     """An on-policy stage makes its samples while training (`collect`) and validates by
     playing (`validate`); its loss is zero with zero advantages at the sampling policy and
     ignores tokens off the mask."""
-    plugin, data = _build(stage, small_world, tmp_path)
-    assert len(data.train) == 0 and callable(plugin.collect) and callable(plugin.validate)
+    plugin, _ = _build(stage, small_world, tmp_path)
+    assert plugin.epochs >= 1 and plugin.pipeline_overrides()
     per_token = torch.rand(2, 8)
     mask = torch.tensor([[0., 1., 1., 1., 0., 0., 1., 1.]] * 2)
     batch = {"loss_mask": mask, "advantages": torch.zeros(2, 8), "old_logprobs": -per_token,

@@ -145,10 +145,10 @@ def test_lm_stage_blends_trajectories_with_text_and_weights_segments(trajectorie
     from helpers.run import REPO
 
     preprocess([trajectories], tmp_path / "traj", "transcript", BYTE, progress=False)
-    plugin = load_plugin("lm")
     cfg = load_recipe(REPO / "recipes" / "tiny-cpu" / "lm.yaml", [
         "data.seq_length=64", "lm.builtin_docs=300", f"lm.sources=[{tmp_path / 'traj'},builtin]",
         "lm.weights=[0.7,0.3]", "lm.segment_weights={action: 1.0, observation: 0.5}"])
+    plugin = load_plugin("lm")(cfg)
 
     def build():
         return plugin.build_data(BuildContext(

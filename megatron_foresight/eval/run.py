@@ -25,7 +25,6 @@ from megatron_foresight.training import checkpoint as ckpt
 from megatron_foresight.training.loop import (
     build_run, cache_dir, evaluate, recipe_tokenizer, start_processes,
 )
-from megatron_foresight.training.plugin import fresh_modules
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ def _load(run, path: str | None) -> None:
         raise UsageError(f"--ckpt {path}: no complete checkpoint there")
     # a stage's own modules (PPO's value head) play no part in evaluation: not read
     ckpt.load_checkpoint(found, chunks=run.chunks, ctx=run.ctx,
-                         fresh=fresh_modules(run.plugin))
+                         fresh=run.fresh_modules)
     log.info("evaluating %s", found)
 
 
@@ -123,7 +122,7 @@ def evaluate_checkpoint(cfg: RecipeConfig, opts: EvalOptions, out: str | None = 
         # An on-policy stage validates by playing episodes; the agent evaluation below plays
         # them once (its metrics are task_success, format_validity, ...) and the stage scores
         # its rewards on those (val/reward/..., or SPLIT/reward/... for another split).
-        plays = opts.tasks and hasattr(run.plugin, "reward_metrics")
+        plays = opts.tasks and run.plugin.on_policy
         metrics = {} if plays else evaluate(run)
         if opts.tasks:
             tokenizer = recipe_tokenizer(cfg)

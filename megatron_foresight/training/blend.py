@@ -18,14 +18,17 @@ from megatron_foresight.configtree import check
 from megatron_foresight.data.indexed import build_gpt_datasets
 from megatron_foresight.data.render import RENDERERS, TEXT_RENDERER, Seg
 from megatron_foresight.data.segmented import SegmentedGPTDataset, segment_weight_table
+from megatron_foresight.config import StageConfig
+from megatron_foresight.training.plugin import (
+    BuildContext, StageData, SupervisedStage, masked_token_loss,
+)
 from megatron_foresight.training.sources import SourceContext, source_prefix
-from megatron_foresight.training.plugin import BuildContext, StageData, masked_token_loss
 
 SEGMENT_NAMES = [s.name.lower() for s in Seg if s is not Seg.PAD]
 
 
 @dataclass
-class BlendConfig:
+class BlendConfig(StageConfig):
     """Next-token loss on a blend of datasets, weighted per segment type."""
 
     sources: list[str] = field(default_factory=lambda: ["builtin"])
@@ -74,15 +77,17 @@ class BlendConfig:
                   "at least one segment type needs a positive weight")
 
 
-class BlendStage:
-    """A stage plugin over a `BlendConfig` section (see the plugin contract in plugin.py)."""
+class BlendStage(SupervisedStage):
+    """A stage plugin over a `BlendConfig` section (see the plugin contract in plugin.py).
+    `eval_predictions` (the per-segment token accuracy) costs the full gathered logits of a
+    microbatch."""
 
     Config = BlendConfig
-    eval_predictions = False
-    """Whether evaluation passes the model's argmax predictions (`batch["predicted"]`), for the
-    per-segment token accuracy. Costs the full gathered logits of a microbatch."""
 
-    weight_table: torch.Tensor | None = None  # loss weight by segment type; None: all weigh 1
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.weight_table: torch.Tensor | None = None  # loss weight by segment type
+        self.logged: list = []
 
     def resolve(self, source: str, ctx: BuildContext) -> str:
         """A stage's own source names become files here; the rest are the core's."""

@@ -36,7 +36,9 @@ from megatron_foresight.runtime.seed import seed_all
 from megatron_foresight.training import checkpoint as ckpt
 from megatron_foresight.training.data import StepSampler, collate, loader, to_device
 from megatron_foresight.training.optimizer import build_optimizer, build_scheduler
-from megatron_foresight.training.plugin import BuildContext, fresh_modules, load_plugin
+from megatron_foresight.training.plugin import (
+    BuildContext, Stage, StageData, StageRuntime, load_plugin,
+)
 from megatron_foresight.world.build import ensure_world
 
 log = logging.getLogger(__name__)
@@ -49,15 +51,20 @@ class Run:
     cfg: RecipeConfig
     ctx: ParallelContext
     run_dir: Path
-    plugin: object
+    plugin: Stage
     chunks: list  # model chunks (GPTModel, or Float16Module around it)
     ddp: list  # the same chunks wrapped in Megatron DDP
     optimizer: object
     scheduler: object
     train_data: object
     valid_data: object
+    fresh_modules: tuple[str, ...] = ()
+    """State-dict prefixes of what the stage added to the model (not in `init_from`)."""
     step: int = 0
     stop_requested: bool = False
+
+    def runtime(self) -> StageRuntime:
+        return StageRuntime(chunks=self.chunks, ctx=self.ctx, step=self.step)
 
     @property
     def num_microbatches(self) -> int:
@@ -137,18 +144,21 @@ def build_run(cfg: RecipeConfig, ctx: ParallelContext, run_dir: Path) -> Run:
         DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
     )
 
-    plugin = load_plugin(cfg.stage)
+    plugin = load_plugin(cfg.stage)(cfg)
     tokenizer = recipe_tokenizer(cfg)
     s = cfg.schedule
-    data = plugin.build_data(BuildContext(
+    build = BuildContext(
         cfg=cfg, stage_cfg=cfg.stage_config, tokenizer=tokenizer,
         num_train_samples=s.train_steps * s.global_batch_size,
         num_valid_samples=s.eval_steps * s.global_batch_size if s.eval_steps else 0,
-        cache_dir=cache_dir(cfg), progress=ctx.is_logging_rank,
-    ))
+        cache_dir=cache_dir(cfg), progress=ctx.is_logging_rank)
+    if plugin.on_policy:  # it makes its samples while training
+        plugin.setup(build)
+        data = StageData(train=[])
+    else:
+        data = plugin.build_data(build)
     chunks = build_model(cfg, cfg.padded_vocab_size(tokenizer.vocab_size), ctx.pg_collection)
-    if hasattr(plugin, "extend_model"):  # modules a stage adds to the model (PPO's value head)
-        plugin.extend_model(chunks)
+    fresh = plugin.extend_model(chunks, ctx)  # modules a stage adds (PPO's value head)
     config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
@@ -161,7 +171,7 @@ def build_run(cfg: RecipeConfig, ctx: ParallelContext, run_dir: Path) -> Run:
     config.no_sync_func = [d.no_sync for d in ddp] if len(ddp) > 1 else ddp[0].no_sync
     return Run(cfg=cfg, ctx=ctx, run_dir=run_dir, plugin=plugin, chunks=chunks, ddp=ddp,
                optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer),
-               train_data=data.train, valid_data=data.valid)
+               train_data=data.train, valid_data=data.valid, fresh_modules=fresh)
 
 
 def restore(run: Run, resume: bool) -> None:
@@ -183,7 +193,7 @@ def restore(run: Run, resume: bool) -> None:
         source = ckpt.find_checkpoint(init_from)
         if source is None:
             raise UsageError(f"checkpoint.init_from={init_from}: no complete checkpoint there")
-        fresh = fresh_modules(run.plugin)
+        fresh = run.fresh_modules
         ckpt.load_checkpoint(source, chunks=run.chunks, ctx=run.ctx, fresh=fresh)
         # With bf16/fp16 weights the optimizer steps fp32 copies of them, made when it was
         # built: copy the loaded weights in, or the first step writes the initial ones back.
@@ -227,7 +237,7 @@ def _iterators(run: Run, dataset, start_step: int, num_steps: int | None):
 def _run_schedule(run: Run, iterators, forward_only: bool) -> list[dict]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    with_predictions = forward_only and getattr(run.plugin, "eval_predictions", False)
+    with_predictions = forward_only and run.plugin.eval_predictions
     return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, run.plugin, with_predictions),
         data_iterator=iterators,
@@ -270,7 +280,7 @@ def on_policy_step(run: Run) -> dict[str, float]:
     them, `global_batch_size` samples per step (this rank's share of it per rank)."""
     s = run.cfg.schedule
     started = time.perf_counter()
-    samples, metrics = run.plugin.collect(run)
+    samples, metrics = run.plugin.collect(run.runtime())
     per_update = s.global_batch_size // run.ctx.dp_size
     if not samples or len(samples) % per_update:
         raise UsageError(f"each rank made {len(samples)} samples this step, which is not a "
@@ -280,7 +290,7 @@ def on_policy_step(run: Run) -> dict[str, float]:
     rng = torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + run.step)
     totals: dict[str, list[float]] = {}
     device = next(run.chunks[0].parameters()).device
-    for _ in range(getattr(run.cfg.stage_config, "epochs", 1)):
+    for _ in range(run.plugin.epochs):
         order = torch.randperm(len(samples), generator=rng).tolist()
         for u in range(0, len(samples), per_update):
             chosen = [samples[i] for i in order[u:u + per_update]]
@@ -298,8 +308,8 @@ def on_policy_step(run: Run) -> dict[str, float]:
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    if hasattr(run.plugin, "validate"):  # an on-policy stage validates by playing episodes
-        return run.plugin.validate(run)
+    if run.plugin.on_policy:  # it validates by playing episodes
+        return run.plugin.validate(run.runtime())
     s = run.cfg.schedule
     if run.valid_data is None or s.eval_steps == 0:
         return {}
@@ -368,7 +378,7 @@ def loop(run: Run, writer: MetricsWriter | None, stop_at_step: int | None = None
                disable=not (logging_rank and run.cfg.logging.progress_bar and sys.stderr.isatty()),
                dynamic_ncols=True)
     bar = None if bar.disable else bar
-    on_policy = getattr(run.plugin, "on_policy", False)
+    on_policy = run.plugin.on_policy
     iterators = None if on_policy else _iterators(run, run.train_data, run.step,
                                                   s.train_steps - run.step)
     if s.eval_at_start and run.step == 0:

@@ -11,6 +11,6 @@
       reward_weights: {task: 1.0, calibration: 0.5, fidelity: 0.5, format: 0.5}
 """
 
-from plugins.fc_rl.plugin import PLUGIN, Config
+from plugins.fc_rl.plugin import STAGE, Config
 
-__all__ = ["PLUGIN", "Config"]
+__all__ = ["STAGE", "Config"]

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
-from megatron.core import parallel_state
 
 from megatron_foresight.configtree import check
 from megatron_foresight.tasksets import TaskSets
@@ -42,13 +41,16 @@ from megatron_foresight.rl.loss import (
 from megatron_foresight.rl.rollout import COMPONENTS, RewardWeights, score_groups, to_sample
 from megatron_foresight.rl.value_head import PREFIX as VALUE_HEAD, attach_value_head
 from megatron_foresight.training.data import collate, to_device
-from megatron_foresight.training.plugin import BuildContext, StageData
+from megatron_foresight.config import StageConfig
+from megatron_foresight.training.plugin import (
+    BuildContext, OnPolicyStage, StagePlan, StageRuntime,
+)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Config:
+class Config(StageConfig):
     """Foresight-conditioned RL (GRPO or PPO) on the recipe's task sets (`tasks:`)."""
 
     algorithm: Literal["grpo", "ppo"] = "grpo"
@@ -97,8 +99,8 @@ class Config:
     sets' `validation` splits in turn."""
 
     def check_recipe(self, cfg) -> None:
-        """What FC-RL needs of the rest of the recipe; run when training starts and by
-        `foresight plan`, so a layout that cannot run is refused before a job is queued."""
+        """What FC-RL needs of the rest of the recipe; run whenever the recipe loads, so
+        `foresight config` and `plan` refuse what training would, before a job is queued."""
         check(bool(cfg.tasks), "tasks", "FC-RL plays the recipe's task sets: list them under "
               "tasks: (e.g. [{env: search, world: true}] for the built-in world)")
         missing = [t.name for t in cfg.tasks if self.split not in t.files]
@@ -173,33 +175,59 @@ def _scored(model, batches: list[dict], value_head=None) -> list[dict]:
         micro_batch_size=tokens.shape[0], forward_only=True)
 
 
-class ForesightRLStage:
+class ForesightRLStage(OnPolicyStage):
     Config = Config
-    on_policy = True
-    eval_predictions = False
 
-    def build_data(self, ctx: BuildContext) -> StageData:
-        cfg, stage = ctx.cfg, ctx.stage_cfg
-        stage.check_recipe(cfg)
-        self.cfg, self.stage, self.tokenizer = cfg, stage, ctx.tokenizer
-        self.task_sets = TaskSets.of(cfg)
-        self.task_sets.prepare(ctx.cache_dir, ctx.progress)
-        self.weights = RewardWeights(**stage.reward_weights)
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.weights = RewardWeights(**self.stage.reward_weights)
         self.reference = None
         self.value_head = None
-        self.fresh_modules = ()
-        return StageData(train=[], valid=None)
 
-    def extend_model(self, chunks: list) -> None:
+    @property
+    def epochs(self) -> int:
+        return self.stage.epochs
+
+    @classmethod
+    def pipeline_overrides(cls) -> list[str]:
+        # Its in-training validation would play the same validation tasks greedily that the
+        # pipeline's evaluations play after FE-SFT and after FC-RL.
+        return ["fc_rl.validation_tasks=0"]
+
+    @classmethod
+    def plan_memory(cls, cfg, weight_bytes: int, layers: int, half: bool) -> StagePlan:
+        """The frozen reference's weights (with KL), and the rollout's KV cache: every episode of
+        a step decoded at once, up to the whole sequence."""
+        s, m, tp = cfg.stage_config, cfg.model, cfg.parallel.tensor_model_parallel_size
+        rows = s.prompts_per_step * s.group_size
+        return StagePlan(reference_model=weight_bytes if s.kl_coef > 0 else 0,
+                         kv_cache=(2 * layers * rows * cfg.data.seq_length * (m.query_groups // tp)
+                                   * m.head_dim * (2 if half else 4)))
+
+    @classmethod
+    def plan_step(cls, cfg, dp: int) -> tuple[int, int, int]:
+        """A rollout step: generation and the log-prob recomputation (and the reference's) are
+        forward passes; `epochs` training passes."""
+        s = cfg.stage_config
+        return (s.prompts_per_step * s.group_size * dp * cfg.data.seq_length, s.epochs,
+                2 + (1 if s.kl_coef > 0 else 0))
+
+    def setup(self, ctx: BuildContext) -> None:
+        self.tokenizer = ctx.tokenizer
+        self.task_sets = TaskSets.of(self.cfg)
+        self.task_sets.prepare(ctx.cache_dir, ctx.progress)
+
+    def extend_model(self, chunks: list, ctx) -> tuple[str, ...]:
         """Padded vocabulary rows get -inf logits (the sampler never draws them), so trained and
         sampled log-probabilities agree. PPO: the critic, a value head on the policy's last
         stage; the FE-SFT checkpoint that checkpoint.init_from names has none, so it starts
         fresh there (a resumed run loads it)."""
         mask_padded_vocab(chunks[-1], self.tokenizer.vocab_size)
-        if self.stage.algorithm == "ppo":
-            self.fresh_modules = (VALUE_HEAD,)
-            if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-                self.value_head = attach_value_head(chunks[-1])
+        if self.stage.algorithm != "ppo":
+            return ()
+        if ctx.is_last_stage:
+            self.value_head = attach_value_head(chunks[-1])
+        return (VALUE_HEAD,)
 
     # ----------------------------------------------------------------------------------------
     # rollout
@@ -212,16 +240,16 @@ class ForesightRLStage:
         drawn = self.task_sets.draw(self.stage.split, n * dp_size, rng)
         return drawn[dp_rank * n:(dp_rank + 1) * n]
 
-    def _reference(self, run):
+    def _reference(self, rt: StageRuntime):
         if self.reference is None:
             from megatron_foresight.models.provider import build_model
             from megatron_foresight.training import checkpoint as ckpt
 
             chunks = build_model(self.cfg, self.cfg.padded_vocab_size(self.tokenizer.vocab_size),
-                                 run.ctx.pg_collection)
+                                 rt.ctx.pg_collection)
             mask_padded_vocab(chunks[-1], self.tokenizer.vocab_size)
             ckpt.load_checkpoint(ckpt.find_checkpoint(self.cfg.checkpoint.init_from),
-                                 chunks=chunks, ctx=run.ctx)
+                                 chunks=chunks, ctx=rt.ctx)
             self.reference = chunks[0].eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
@@ -231,16 +259,16 @@ class ForesightRLStage:
         return Generator(model, self.tokenizer, max_sequence_length=self.cfg.data.seq_length,
                          pad_id=self.tokenizer.eod)
 
-    def collect(self, run) -> tuple[list[dict], dict[str, float]]:
+    def collect(self, rt: StageRuntime) -> tuple[list[dict], dict[str, float]]:
         """Play this step's episodes; return their training samples and rollout metrics."""
-        s, ctx = self.stage, run.ctx
-        model = run.chunks[0]
+        s, ctx = self.stage, rt.ctx
+        model = rt.chunks[0]
         model.eval()
         started = time.perf_counter()
-        tasks = self._tasks_for(run.step, ctx.dp_rank, ctx.dp_size)
+        tasks = self._tasks_for(rt.step, ctx.dp_rank, ctx.dp_size)
         sampling = Sampling(temperature=s.temperature, top_p=s.top_p,
                             max_new_tokens=s.max_new_tokens,
-                            seed=self.cfg.seed + 1_000_003 * run.step + 101 * ctx.dp_rank)
+                            seed=self.cfg.seed + 1_000_003 * rt.step + 101 * ctx.dp_rank)
         with torch.no_grad():
             records = run_episodes(self._generator(model),
                                    [t for t in tasks for _ in range(s.group_size)],
@@ -254,7 +282,7 @@ class ForesightRLStage:
         batches = [collate(samples[i:i + mbs]) for i in range(0, len(samples), mbs)]
         with torch.no_grad():
             policy = _scored(model, batches, self.value_head)
-            reference = _scored(self._reference(run), batches) if s.kl_coef else None
+            reference = _scored(self._reference(rt), batches) if s.kl_coef else None
         # On the last pipeline stage (where the loss runs) each sample gets the policy's
         # log-probs (and values) before any update, and the reference's.
         gap_sum = gap_max = count = 0.0
@@ -342,12 +370,12 @@ class ForesightRLStage:
     # ----------------------------------------------------------------------------------------
     # validation
 
-    def validate(self, run) -> dict[str, float]:
+    def validate(self, rt: StageRuntime) -> dict[str, float]:
         """Greedy episodes on the validation tasks: the eval metrics and the mean reward."""
         n = self.stage.validation_tasks
         if not n:
             return {}
-        model = run.chunks[0]
+        model = rt.chunks[0]
         model.eval()
         tasks = self.task_sets.tasks("validation", n)
         with torch.no_grad():
@@ -369,4 +397,4 @@ class ForesightRLStage:
                 for k in (*COMPONENTS, "total")}
 
 
-PLUGIN = ForesightRLStage()
+STAGE = ForesightRLStage

@@ -8,6 +8,6 @@
       segment_weights: {think: 1, plan: 1, rollout: 1, value: 1, action: 1}
 """
 
-from plugins.fe_sft.plugin import PLUGIN, Config
+from plugins.fe_sft.plugin import STAGE, Config
 
-__all__ = ["PLUGIN", "Config"]
+__all__ = ["STAGE", "Config"]

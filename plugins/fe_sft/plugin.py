@@ -68,4 +68,4 @@ class FormatElicitingStage(BlendStage):
         return str(cached_foresight_traces(path, Path(ctx.cache_dir)))
 
 
-PLUGIN = FormatElicitingStage()
+STAGE = FormatElicitingStage

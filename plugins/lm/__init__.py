@@ -14,6 +14,6 @@ The simplest stage the framework runs, and the replay half of WM-AMT's blend. Re
       segment_weights: {action: 1.0, observation: 1.0, text: 1.0}   # prompts weigh 0
 """
 
-from plugins.lm.plugin import PLUGIN, Config
+from plugins.lm.plugin import STAGE, Config
 
-__all__ = ["PLUGIN", "Config"]
+__all__ = ["STAGE", "Config"]

@@ -17,4 +17,4 @@ class LanguageModelStage(BlendStage):
     Config = Config
 
 
-PLUGIN = LanguageModelStage()
+STAGE = LanguageModelStage

@@ -9,6 +9,6 @@
       segment_weights: {observation: 1.0, outcome: 1.0, text: 1.0}
 """
 
-from plugins.wm_amt.plugin import PLUGIN, Config
+from plugins.wm_amt.plugin import STAGE, Config
 
-__all__ = ["PLUGIN", "Config"]
+__all__ = ["STAGE", "Config"]

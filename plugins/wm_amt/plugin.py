@@ -51,4 +51,4 @@ class WorldModelStage(BlendStage):
     eval_predictions = True
 
 
-PLUGIN = WorldModelStage()
+STAGE = WorldModelStage

@@ -213,7 +213,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="play this task file (JSONL or .jsonl.gz, NQ / HotpotQA / Search-R1 / "
                         "GSM8K / MATH layouts) instead of the recipe's task sets; needs --env")
     p.add_argument("--env", help="with --tasks-file: the environment that plays it (search, "
-                                 "math, or one the recipe's env_modules register)")
+                                 "math, or one the recipe's extensions register)")
     p.add_argument("--corpus", metavar="C",
                    help="with --tasks-file --env search: the passage corpus (JSONL, .jsonl.gz or "
                         "a directory of shards; indexed into the data cache on first use)")

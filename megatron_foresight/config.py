@@ -10,6 +10,7 @@ the world size (known from the launcher's environment before any process group s
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,7 +294,7 @@ class TaskSetConfig:
 
     env: str = "search"
     """The environment that plays these tasks, by its registered name (search, math, or one a
-    module in env_modules registers)."""
+    module in extensions registers)."""
     name: Optional[str] = None
     """The set's name in metrics (`<name>/em`, ...); null: the environment's name."""
     splits: dict[str, str] = field(default_factory=dict)
@@ -442,9 +443,10 @@ class RecipeConfig:
     tasks: list[TaskSetConfig] = field(default_factory=list)
     """Task sets the agent stages play: FC-RL trains on them, `foresight eval` and the
     pipeline's evaluations play them (the tiny recipes: the built-in world's search and math)."""
-    env_modules: list[str] = field(default_factory=list)
-    """Python modules imported before the recipe is read, each registering environments
-    (`megatron_foresight.envs.registry.register`) that task sets may then name."""
+    extensions: list[str] = field(default_factory=list)
+    """Python modules imported before the recipe is read, each registering what the recipe may
+    then name: environments (`envs.registry.register`), reward terms
+    (`rl.rewards.register_reward`), RL algorithms (`rl.algorithms.register_algorithm`)."""
     stage_config: object = field(default=None, init=False, repr=False, compare=False)
     name: str = field(default="recipe", init=False, compare=False)
 
@@ -554,7 +556,7 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), origins: dict | None
     origins = dict(origins or {})
     tree = apply_overrides(tree, origins, list(overrides))
     tree = _apply_preset(tree, origins)
-    _import_env_modules(tree, origins)
+    _import_extensions(tree, origins)
     stage = tree.get("stage", RecipeConfig.stage)
     if stage_sections is None:
         from megatron_foresight.training.plugin import load_plugin
@@ -577,16 +579,19 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), origins: dict | None
     return cfg
 
 
-def _import_env_modules(tree: dict, origins: dict) -> None:
-    """The modules of `env_modules` register their environments before task sets name them."""
-    modules = tree.get("env_modules") or []
+def _import_extensions(tree: dict, origins: dict) -> None:
+    """The modules of `extensions` register what the recipe names before it is built."""
+    modules = tree.get("extensions") or []
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
-        raise ConfigError("env_modules", f"expected a list of module names, got {modules!r}",
-                          origins.get("env_modules"))
-    try:
-        registry.import_modules(modules)
-    except UsageError as e:
-        raise ConfigError("", str(e), origins.get("env_modules")) from None
+        raise ConfigError("extensions", f"expected a list of module names, got {modules!r}",
+                          origins.get("extensions"))
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError("extensions", f"cannot import {module!r} ({e}); it must be "
+                                            "importable from the working directory or PYTHONPATH",
+                              origins.get("extensions")) from None
 
 
 def describe_recipe(stage_sections: dict | None = None) -> str:

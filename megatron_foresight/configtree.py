@@ -27,7 +27,7 @@ import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -52,6 +52,57 @@ def check(condition: bool, key: str, message: str) -> None:
     """Raise a ConfigError for `key` unless `condition` holds. Used in `__post_init__` checks."""
     if not condition:
         raise ConfigError(key, message)
+
+
+class Variant:
+    """Base of a config section whose `type` key picks one of several dataclasses: a recipe
+    writes `algorithm: {type: ppo, gamma: 0.99}` (or just `algorithm: ppo`) and gets that
+    variant's own typed fields. The base is a dataclass with a `type: str` field; each variant
+    subclasses it and registers with `@Base.variant("name")`, from any module imported before
+    the recipe is read."""
+
+    _variants: ClassVar[dict[str, type]]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if Variant in cls.__bases__:
+            cls._variants = {}
+
+    @classmethod
+    def variant(cls, name: str):
+        """Register a variant: a dataclass subclass whose `type` field defaults to `name`."""
+        def register(variant_cls: type) -> type:
+            default = next(f.default for f in dataclasses.fields(variant_cls) if f.name == "type")
+            if default != name:
+                raise ValueError(f"{variant_cls.__name__}.type must default to {name!r}")
+            if cls._variants.get(name, variant_cls) is not variant_cls:
+                raise ValueError(f"{cls.__name__} {name!r} is already registered")
+            cls._variants[name] = variant_cls
+            return variant_cls
+        return register
+
+    @classmethod
+    def variants(cls) -> dict[str, type]:
+        return dict(cls._variants)
+
+
+def _variant_class(base: type, value: Any, key: str, origins: "Origins") -> tuple[type, dict]:
+    """The variant `value` (a mapping with `type`, or the type's name) asks for, and its fields."""
+    if isinstance(value, str):
+        value = {"type": value}
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"expected a type name or a mapping with a 'type', got {value!r}",
+                          origins.get(key))
+    default = next(f.default for f in dataclasses.fields(base) if f.name == "type")
+    name = value.get("type", default)
+    choices = base.variants()
+    if name not in choices:
+        close = difflib.get_close_matches(str(name), list(choices), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}.type", f"{name!r} is not a registered type{hint}; choose one "
+                                         f"of {', '.join(sorted(choices))}",
+                          origins.get(f"{key}.type") or origins.get(key))
+    return choices[name], {**value, "type": name}
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,6 +272,8 @@ def _coerce(value: Any, tp: Any, key: str, origins: Origins | None = None) -> An
         return {_coerce(k, key_type, key): _element(v, value_type, f"{key}.{k}", origins)
                 for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and issubclass(tp, Variant):
+            return value  # a type name or a mapping: built by the caller
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
         return value  # built by the caller
@@ -251,7 +304,7 @@ def _coerce(value: Any, tp: Any, key: str, origins: Origins | None = None) -> An
 def _element(value: Any, tp: Any, key: str, origins: Origins | None) -> Any:
     """One item of a list or mapping: a dataclass is built (its errors located at `key`)."""
     if dataclasses.is_dataclass(tp):
-        return build(tp, value, origins, key)
+        return _build_field(tp, value, origins or {}, key)
     try:
         return _coerce(value, tp, key, origins)
     except ConfigError as e:
@@ -291,8 +344,8 @@ def build(cls: type, data: dict, origins: Origins | None = None, prefix: str = "
             value = _coerce(value, tp, key, origins)
         except ConfigError as e:
             raise e.located(origins.get(key)) from None
-        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-            value = build(tp, value, origins, key)
+        if dataclasses.is_dataclass(tp):
+            value = _build_field(tp, value, origins, key)
         kwargs[name] = value
     for name, section in sections.items():
         kwargs.setdefault(name, build(section, {}, origins, dotted(name)))
@@ -301,6 +354,13 @@ def build(cls: type, data: dict, origins: Origins | None = None, prefix: str = "
     except ConfigError as e:
         full = dotted(e.key) if e.key else prefix
         raise ConfigError(full, e.message, e.where or nearest_origin(origins, full)) from None
+
+
+def _build_field(tp: type, value: Any, origins: Origins, key: str):
+    """A section: the dataclass `tp`, or for a `Variant` the registered type `value` names."""
+    if isinstance(tp, type) and issubclass(tp, Variant):
+        tp, value = _variant_class(tp, value, key, origins)
+    return build(tp, value, origins, key)
 
 
 def nearest_origin(origins: Origins, key: str) -> str | None:
@@ -362,6 +422,14 @@ def describe(cls: type, prefix: str = "", extra_sections: dict[str, type] | None
             continue
         key = f"{prefix}.{f.name}" if prefix else f.name
         tp = hints[f.name]
+        if isinstance(tp, type) and issubclass(tp, Variant):
+            names = ", ".join(repr(n) for n in sorted(tp.variants()))
+            lines.append(f"[{key}] {docs.get(f.name, '')} (type: one of {names})".rstrip())
+            for name, variant in sorted(tp.variants().items()):
+                lines.append(f"[{key} with type: {name}] "
+                             f"{(inspect.getdoc(variant) or '').splitlines()[0]}".rstrip())
+                lines += describe(variant, key)
+            continue
         if dataclasses.is_dataclass(tp):
             lines.append(f"[{key}] {docs.get(f.name, '')}".rstrip())
             lines += describe(tp, key)

@@ -110,7 +110,7 @@ def test_kl_reference_counts_a_second_copy_of_the_weights():
      "each rank's 21 episodes per step (fc_rl.prompts_per_step x group_size) must be a "
      "multiple of 2"),
     ("recipes/8b/fc_rl.yaml", ["fc_rl.algorithm=ppo"], 2,
-     "set sequence_parallel: false with fc_rl.algorithm: ppo"),
+     "set sequence_parallel: false with fc_rl.algorithm.type: ppo"),
 ])
 def test_impossible_layouts_are_refused_naming_the_limit(rel, overrides, nodes, message):
     with pytest.raises(ConfigError) as e:

@@ -114,7 +114,7 @@ def test_a_toy_environment_from_its_own_module_plays_through_eval(tmp_path):
     recipe = tmp_path / "units.yaml"
     recipe.write_text(f"""\
 base: {REPO / "recipes" / "tiny-cpu" / "fc_rl.yaml"}
-env_modules: [helpers.toy_env]
+extensions: [helpers.toy_env]
 data: {{tokenizer: {{type: byte}}, world: null, seq_length: 512}}
 tasks:
   - {{name: units, env: convert, splits: {{train: {tasks}, validation: {tasks}}},

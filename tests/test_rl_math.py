@@ -10,13 +10,15 @@ import torch
 from megatron_foresight.data.tokenizer import ByteTokenizer
 from megatron_foresight.foresight.action import Action
 from megatron_foresight.foresight.format import AgentTurn, Foresight, render_turn
-from megatron_foresight.rl.advantages import gae, group_baseline, grpo_advantages, spread
+from megatron_foresight.rl.advantages import (
+    gae, group_baseline, grpo_advantages, rloo_baseline, whiten,
+)
 from megatron_foresight.rl.loss import (
     aggregate, kl_estimate, policy_loss, truncated_is_weights, value_loss,
 )
 from megatron_foresight.rl.rewards import (
-    calibration_reward, credit_spans, fidelity_reward, format_reward, search_task_reward,
-    turn_rewards,
+    REWARD_TERMS, RewardSettings, TurnContext, calibration_reward, credit_spans, fidelity_reward,
+    format_reward, search_task_reward,
 )
 
 TURN = render_turn(AgentTurn(Action("search", "Kalo region", 0),
@@ -47,12 +49,21 @@ def test_fidelity_format_and_task_rewards():
     assert search_task_reward(None, ["Mir"]) == 0.0
 
 
-def test_turn_rewards_read_the_turn_leniently():
-    r = turn_rewards(TURN, "Doc 1 (Title: Kalo) Kalo lies in Mir.", success=False)
-    assert (r.calibration, r.fidelity, r.format) == (pytest.approx(-0.49), 1.0, 0.0)
+def _turn_terms(text, observed, success, rule="brier"):
+    from megatron_foresight.foresight.format import parse_turn_lenient
+
+    ctx = TurnContext(text, parse_turn_lenient(text), observed, (observed,), success)
+    return tuple(REWARD_TERMS[n].score(ctx, RewardSettings(rule))
+                 for n in ("calibration", "fidelity", "format"))
+
+
+def test_turn_terms_read_the_turn_leniently():
+    assert _turn_terms(TURN, "Doc 1 (Title: Kalo) Kalo lies in Mir.", success=False) == (
+        pytest.approx(-0.49), 1.0, 0.0)
     broken = TURN.replace("</foresight>", "")
-    r = turn_rewards(broken, "Doc 1 (Title: Kalo) Kalo lies in Mir.", success=True)
-    assert (r.calibration, r.fidelity, r.format) == (pytest.approx(-0.09), 1.0, -1.0)
+    assert _turn_terms(broken, "Doc 1 (Title: Kalo) Kalo lies in Mir.", success=True) == (
+        pytest.approx(-0.09), 1.0, -1.0)
+    assert _turn_terms(TURN, "x", True, "log")[0] == pytest.approx(math.log(0.7))
 
 
 def test_credit_spans_cover_exactly_the_rollout_and_value_blocks():
@@ -81,6 +92,25 @@ def test_group_baseline_for_per_turn_rewards_of_uneven_groups():
     assert out == pytest.approx([0.5, -0.5, 0.0, 0.0])
     out = group_baseline([1.0, 0.0], groups=[0, 0])
     assert out == pytest.approx([0.5 / math.sqrt(0.5), -0.5 / math.sqrt(0.5)], rel=1e-5)
+
+
+def test_rloo_baseline_by_hand():
+    # group 0: 1, 0, 0.5 -> 1 - 0.25, 0 - 0.75, 0.5 - 0.5; group 1 alone: 0
+    out = rloo_baseline([1.0, 0.0, 0.5, 2.0], groups=[0, 0, 0, 1])
+    assert out == pytest.approx([0.75, -0.75, 0.0, 0.0])
+    # with equal group sizes it is GRPO's centring scaled by G / (G - 1)
+    r = [3.0, 1.0, 2.0, 6.0]
+    centred = grpo_advantages(torch.tensor(r), 4, normalize_std=False)
+    assert rloo_baseline(r, [0] * 4) == pytest.approx((centred * 4 / 3).tolist())
+
+
+def test_whiten_over_the_masked_tokens_only():
+    adv = torch.tensor([[1., 2., 99.], [3., 4., 99.]])
+    mask = torch.tensor([[1., 1., 0.], [1., 1., 0.]])
+    out = whiten(adv, mask)
+    # 1, 2, 3, 4: mean 2.5, population std sqrt(1.25); the masked-out 99s count for nothing
+    z = [(v - 2.5) / (math.sqrt(1.25) + 1e-6) for v in (1, 2, 3, 4)]
+    assert out.flatten().tolist() == pytest.approx([z[0], z[1], 0, z[2], z[3], 0], abs=1e-6)
 
 
 def test_gae_skips_environment_tokens_by_hand():
@@ -153,7 +183,3 @@ def test_truncated_importance_weights_and_value_loss():
                       torch.ones(1, 2), clip=0.2)
     # token 0: max((1 - 0)^2, (0.7 - 0)^2) = 1; token 1: 0 -> 0.5 * mean = 0.25
     assert loss.item() == pytest.approx(0.25)
-
-
-def test_spread_puts_an_advantage_on_its_span_only():
-    assert spread(2.0, (1, 3), 5).tolist() == [0, 2, 2, 0, 0]

@@ -11,8 +11,19 @@ from megatron_foresight.data.tokenizer import ByteTokenizer, SentencePieceTokeni
 from megatron_foresight.foresight.action import Action
 from megatron_foresight.foresight.format import AgentTurn, Foresight, render_turn
 from megatron_foresight.inference.agent import AgentTurnRecord, EpisodeRecord
+from megatron_foresight.rl.algorithms import GRPO, RLOO, GRPOConfig, RLOOConfig
 from megatron_foresight.rl.rewards import credit_spans
-from megatron_foresight.rl.rollout import RewardWeights, score_groups, to_sample
+from megatron_foresight.rl.rollout import score_rewards, to_sample
+
+WEIGHTS = {"task": 1.0, "calibration": 0.5, "fidelity": 0.5, "format": 0.5}
+
+
+def _advantages(algorithm, scored, group_size, seq_length=512):
+    """The algorithm's advantages of each episode, as `to_sample` lays the episode out."""
+    samples = [to_sample(x, seq_length, 0) for x in scored]
+    algorithm.advantages(scored, samples, group_size)
+    return samples
+
 
 def test_trained_ids_are_the_sampled_ids_across_turns(small_world, megatron_cpu, tmp_path):
     from megatron_foresight.config import load_recipe
@@ -32,9 +43,9 @@ def test_trained_ids_are_the_sampled_ids_across_turns(small_world, megatron_cpu,
                            [t for t in tasks for _ in range(group)], envs.make_env,
                            Sampling(temperature=1.0, max_new_tokens=8, seed=4), progress=False)
     assert max(len(r.turns) for r in records) >= 3  # several turns: the test means something
-    scored = score_groups(records, group, tok)
-    for x in scored:
-        sample = to_sample(x, 512, tok.eod)
+    scored = score_rewards(records, WEIGHTS, tok)
+    samples = _advantages(GRPO(GRPOConfig(), WEIGHTS), scored, group)
+    for x, sample in zip(scored, samples):
         mask = sample["loss_mask"] > 0
         trained = sample["labels"][mask].tolist()
         assert trained == [i for t in x.record.turns for i in t.ids]  # token in, token out
@@ -65,29 +76,60 @@ def test_each_reward_is_credited_to_its_own_tokens_by_hand():
     tok = ByteTokenizer()
     text = _turn(0.9, "The answer is correct.")
     right, wrong = _record(tok, text, True), _record(tok, text, False)
-    scored = score_groups([right, wrong], 2, tok, RewardWeights(1.0, 0.5, 0.5, 0.5))
+    scored = score_rewards([right, wrong], WEIGHTS, tok)
+    samples = _advantages(GRPO(GRPOConfig(), WEIGHTS), scored, 2)
     # task 1 vs 0; calibration -(0.1)^2 vs -(0.9)^2; fidelity 1 vs F1(correct|wrong) = 2/3;
     # format 0 for both. Two values normalize to +-1/sqrt(2) (unbiased std), equal ones to 0.
     a = 1 / math.sqrt(2)
     spans = credit_spans(tok, right.turns[0].ids)
-    for x, sign in ((scored[0], 1), (scored[1], -1)):
+    for x, sample, sign in ((scored[0], samples[0], 1), (scored[1], samples[1], -1)):
         start, n = x.record.turns[0].start, len(x.record.turns[0].ids)
         expected = torch.zeros(len(x.record.ids))
         expected[start:start + n] = sign * a                  # task: the whole turn
         for kind in ("value", "rollout"):                     # calibration / fidelity: own block
             s, e = spans[kind]
             expected[start + s:start + e] += sign * 0.5 * a
-        assert x.advantages.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+        m = len(x.record.ids) - 1                             # to_sample: shifted by one
+        assert sample["advantages"][:m].tolist() == pytest.approx(expected[1:].tolist(),
+                                                                  abs=1e-5)
     assert scored[0].rewards["calibration"] == pytest.approx(-0.01)
     assert scored[1].rewards["fidelity"] == pytest.approx(2 / 3)
     assert scored[0].rewards["total"] == pytest.approx(1 + 0.5 * (-0.01) + 0.5 * 1.0)
+
+
+def test_rloo_credits_the_leave_one_out_advantage_by_hand():
+    """Three samples: rewards 1, 0, 0 -> task advantages 1 - 0, 0 - 1/2, 0 - 1/2 on every token
+    of the turn; the per-turn terms against the other two turns of the group."""
+    tok = ByteTokenizer()
+    text = _turn(0.9, "The answer is correct.")
+    records = [_record(tok, text, True), _record(tok, text, False), _record(tok, text, False)]
+    only_task = {"task": 1.0}
+    scored = score_rewards(records, only_task, tok)
+    samples = _advantages(RLOO(RLOOConfig(), only_task), scored, 3)
+    for x, sample, adv in zip(scored, samples, (1.0, -0.5, -0.5)):
+        start, n = x.record.turns[0].start, len(x.record.turns[0].ids)
+        expected = torch.zeros(len(x.record.ids))
+        expected[start:start + n] = adv
+        m = len(x.record.ids) - 1
+        assert sample["advantages"][:m].tolist() == pytest.approx(expected[1:].tolist())
+    assert set(scored[0].rewards) == {"task", "total"}  # terms not weighed are not scored
+    calibration = {"calibration": 1.0}
+    scored = score_rewards(records, calibration, tok)
+    samples = _advantages(RLOO(RLOOConfig(), calibration), scored, 3)
+    # -(0.1)^2 = -0.01 against the mean of two -(0.9)^2 = -0.81: +0.8; the others -0.4
+    s, e = credit_spans(tok, records[0].turns[0].ids)["value"]
+    start = records[0].turns[0].start
+    for sample, adv in zip(samples, (0.8, -0.4, -0.4)):
+        assert sample["advantages"][start + s - 1:start + e - 1].tolist() == pytest.approx(
+            [adv] * (e - s), abs=1e-6)
+        assert (sample["advantages"][:start + s - 1] == 0).all()
 
 
 def test_ppo_rewards_sit_on_the_last_token_of_the_block_that_earned_them():
     tok = ByteTokenizer()
     text = _turn(0.9, "The answer is correct.")
     right, wrong = _record(tok, text, True), _record(tok, text, False)
-    scored = score_groups([right, wrong], 2, tok, RewardWeights(1.0, 0.5, 0.5, 0.5))
+    scored = score_rewards([right, wrong], WEIGHTS, tok)
     spans = credit_spans(tok, right.turns[0].ids)
     for x, task, calibration, fidelity in ((scored[0], 1.0, -0.01, 1.0),
                                            (scored[1], 0.0, -0.81, 2 / 3)):
@@ -151,7 +193,7 @@ def test_padded_vocabulary_gets_no_probability_in_training_as_in_sampling(megatr
 def test_to_sample_cuts_an_episode_longer_than_the_sequence():
     tok = ByteTokenizer()
     record = _record(tok, _turn(0.5, "x" * 100), True)
-    (x,) = score_groups([record, record], 2, tok)[:1]
+    (x,) = score_rewards([record], WEIGHTS, tok)
     sample = to_sample(x, 64, tok.eod)
     assert all(v.shape == (64,) for v in sample.values())
     assert sample["labels"].tolist() == record.ids[1:65]

@@ -3,7 +3,7 @@
 their environments from here and from nowhere else.
 
 Adding an environment is one module that defines its `Episode` (prompt, tools, scoring) and
-calls `register(EnvSpec(...))` when imported; a recipe lists that module in `env_modules` (or it
+calls `register(EnvSpec(...))` when imported; a recipe lists that module in `extensions` (or it
 is imported before the recipe loads). The built-in `search` and `math` register the same way.
 """
 
@@ -100,18 +100,8 @@ def get(name: str) -> EnvSpec:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UsageError(f"environment {name!r} is not registered{hint}; registered: "
                          f"{', '.join(sorted(_REGISTRY))} (a module that registers more is "
-                         f"named in the recipe's env_modules)")
+                         f"named in the recipe's extensions)")
     return _REGISTRY[name]
-
-
-def import_modules(modules: Sequence[str]) -> None:
-    """Import the modules a recipe names in `env_modules`, each registering environments."""
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise UsageError(f"env_modules: cannot import {module!r} ({e}); it must be "
-                             "importable from the working directory or PYTHONPATH") from None
 
 
 def describe_options() -> str:

@@ -52,7 +52,7 @@ def one_off_task_set(path: str, env: str | None, split: str, corpus: str | None
     """`--tasks-file F --env NAME [--corpus C]` as a task set named after the file."""
     if env is None:
         raise UsageError("--tasks-file needs --env: the environment that plays the tasks "
-                         "(search, math, or one a recipe's env_modules registers)")
+                         "(search, math, or one a recipe's extensions registers)")
     name = Path(Path(path).name.removesuffix(".gz")).stem
     try:
         task_set = TaskSetConfig(env=env, name=name, splits={split: path},

@@ -1,5 +1,6 @@
-"""Advantages for FC-RL: GRPO's group-normalized rewards, PPO's generalized advantage
-estimation, and the token-level layout that credits each reward component to its own tokens.
+"""Advantages for FC-RL as pure functions: GRPO's group-normalized rewards, RLOO's
+leave-one-out baseline, PPO's generalized advantage estimation and whitening
+(`rl.algorithms` lays them out over each term's tokens).
 
 Shapes: N episodes (P prompts x G samples each, grouped by prompt), T tokens per sequence."""
 
@@ -49,6 +50,29 @@ def group_baseline(values: Sequence[float], groups: Sequence[int], normalize_std
     return out
 
 
+def rloo_baseline(values: Sequence[float], groups: Sequence[int]) -> list[float]:
+    """REINFORCE leave-one-out: each value minus the mean of the other values of its group
+    (groups may differ in size); 0 for a value alone in its group."""
+    if len(values) != len(groups):
+        raise ValueError(f"{len(values)} values but {len(groups)} group labels")
+    sums: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    for v, g in zip(values, groups):
+        sums[g] = sums.get(g, 0.0) + float(v)
+        counts[g] = counts.get(g, 0) + 1
+    return [float(v) - (sums[g] - float(v)) / (counts[g] - 1) if counts[g] > 1 else 0.0
+            for v, g in zip(values, groups)]
+
+
+def whiten(advantages: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Advantages shifted and scaled to mean 0 and std 1 over the masked tokens (zero off the
+    mask): PPO's normalization over a step's agent tokens."""
+    n = mask.sum().clamp(min=1)
+    mean = (advantages * mask).sum() / n
+    std = (((advantages - mean) * mask) ** 2).sum().div(n).sqrt()
+    return (advantages - mean) / (std + eps) * mask
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation over the agent's tokens, [N, T] each.
@@ -72,10 +96,3 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         next_value = torch.where(m > 0, values[:, t], next_value)
     returns = (adv + values) * mask
     return adv, returns
-
-
-def spread(advantage: float, span: tuple[int, int], length: int) -> torch.Tensor:
-    """A [length] tensor holding `advantage` on the tokens of `span` and 0 elsewhere."""
-    out = torch.zeros(length)
-    out[span[0]:span[1]] = advantage
-    return out

@@ -14,17 +14,23 @@ Components (each weighted by the recipe and logged on its own):
 Credit: the task reward belongs to the whole episode (every agent token); a turn's calibration
 reward to the tokens of that turn's <value> block, its fidelity reward to the tokens of its
 <rollout> block, its format reward to all of that turn's tokens. `credit_spans` gives those
-token ranges; `rl.advantages.token_advantages` puts each component's advantage on them.
+token ranges; the RL algorithm (`rl.algorithms`) puts each term's advantage on them.
+
+Each component is a registered `RewardTerm` (name, per episode or per turn, where its credit
+lands, its score); a recipe weighs any registered term by name, and a new term is one
+`register_reward` in one module.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Literal, Sequence
 
 from megatron_foresight.answers import exact_match, token_f1
-from megatron_foresight.foresight.format import AgentTurn, parse_turn, parse_turn_lenient, segment_turn
+from megatron_foresight.foresight.format import (
+    AgentTurn, LenientTurn, parse_turn, segment_turn,
+)
 from megatron_foresight.foresight.scores import rollout_fidelity
 from megatron_foresight.foresight.tags import ROLLOUT, VALUE
 
@@ -68,29 +74,85 @@ def format_reward(text: str) -> float:
     return 0.0 if isinstance(parse_turn(text), AgentTurn) else -1.0
 
 
+# ----------------------------------------------------------------------------------------------
+# reward terms: what the recipe weighs (`fc_rl.reward_weights`), one registration each
+
+
 @dataclass(frozen=True)
-class TurnRewards:
-    """The per-turn components of one agent turn (unweighted)."""
+class TurnContext:
+    """What a per-turn reward term reads of one agent turn."""
 
-    calibration: float
-    fidelity: float
-    format: float
+    text: str
+    parsed: LenientTurn
+    """The turn read leniently (`parsed.errors` is empty exactly when it parses strictly)."""
+    observed: str
+    """What really followed: the observation's content, or for the last turn how it ended."""
+    later: tuple[str, ...]
+    """The contents of this turn's observation and every later one of the episode."""
+    success: bool
+    """Whether the episode ended in success."""
 
 
-def turn_rewards(text: str, observed: str, success: bool, rule: str = "brier") -> TurnRewards:
-    """Every per-turn component of one agent turn, reading the turn leniently."""
-    lenient = parse_turn_lenient(text)
-    return TurnRewards(calibration_reward(lenient.value, success, rule),
-                       fidelity_reward(lenient.rollout, observed),
-                       0.0 if not lenient.errors else -1.0)
+@dataclass(frozen=True)
+class RewardSettings:
+    """The recipe's options of the reward terms."""
+
+    calibration_rule: str = "brier"
+
+
+@dataclass(frozen=True)
+class RewardTerm:
+    name: str
+    scope: Literal["episode", "turn"]
+    """Scored once per episode (`score(record, settings)`) or per agent turn
+    (`score(TurnContext, settings)`)."""
+    credit: str
+    """The tokens its advantage lies on: "episode" (every agent token of the episode), "turn"
+    (every token of its turn), or a block of the foresight format ("value", "rollout",
+    "keyword": that block's tokens in its turn). PPO's per-token reward sits on the last of
+    those tokens (the turn's last when the block is missing; the episode's last agent token for
+    "episode")."""
+    score: Callable[..., float]
+    description: str = ""
+
+
+REWARD_TERMS: dict[str, RewardTerm] = {}
+
+
+def register_reward(term: RewardTerm) -> RewardTerm:
+    """Add a reward term a recipe can weigh (from any module imported before the recipe)."""
+    if term.scope not in ("episode", "turn"):
+        raise ValueError(f"reward term {term.name!r}: scope is 'episode' or 'turn'")
+    if term.scope == "episode" and term.credit != "episode":
+        raise ValueError(f"reward term {term.name!r}: an episode's reward is credited to the "
+                         "episode")
+    if REWARD_TERMS.get(term.name, term) is not term:
+        raise ValueError(f"reward term {term.name!r} is already registered")
+    REWARD_TERMS[term.name] = term
+    return term
+
+
+register_reward(RewardTerm(
+    "task", "episode", "episode", lambda record, settings: record.reward,
+    "the environment's verdict on the final answer (0 without one)"))
+register_reward(RewardTerm(
+    "calibration", "turn", VALUE,
+    lambda t, settings: calibration_reward(t.parsed.value, t.success, settings.calibration_rule),
+    "a proper scoring rule (fc_rl.calibration_rule) of the <value> against the outcome"))
+register_reward(RewardTerm(
+    "fidelity", "turn", ROLLOUT, lambda t, settings: fidelity_reward(t.parsed.rollout, t.observed),
+    "token F1 of the <rollout> against the observation that followed"))
+register_reward(RewardTerm(
+    "format", "turn", "turn", lambda t, settings: 0.0 if not t.parsed.errors else -1.0,
+    "0 for a turn that parses strictly, -1 otherwise"))
 
 
 def char_spans(text: str) -> dict[str, tuple[int, int]]:
-    """Character ranges [start, end) of the turn's first <rollout> and <value> blocks, tags
-    included (absent blocks are left out)."""
+    """Character ranges [start, end) of the turn's first block of each kind (`segment_turn`:
+    rollout, value, plan, think, ...), tags included (absent blocks are left out)."""
     spans, pos = {}, 0
     for piece, kind in segment_turn(text):
-        if kind in (ROLLOUT, VALUE) and kind not in spans:
+        if kind != "action" and kind not in spans:
             spans[kind] = (pos, pos + len(piece))
         pos += len(piece)
     return spans
@@ -104,8 +166,8 @@ def token_char_ends(tokenizer, ids: Sequence[int]) -> list[int]:
 
 def credit_spans(tokenizer, ids: Sequence[int], text: str | None = None
                  ) -> dict[str, tuple[int, int]]:
-    """Token ranges [start, end) of the turn's <rollout> and <value> blocks in `ids` (the ids
-    the policy sampled): a token belongs to a block when any of its characters do."""
+    """Token ranges [start, end) of the turn's blocks (`char_spans`) in `ids` (the ids the
+    policy sampled): a token belongs to a block when any of its characters do."""
     text = tokenizer.decode(list(ids)) if text is None else text
     ends = token_char_ends(tokenizer, ids)
     starts = [0] + ends[:-1]

@@ -1,103 +1,114 @@
-"""From episodes to what the policy is trained on.
+"""From played episodes to what the policy is trained on.
 
-`score_groups` turns G episodes per prompt into rewards and per-token advantages:
+`score_rewards` scores every weighted reward term (`rl.rewards`) of each episode (per episode)
+or of each of its turns (per turn), finds the tokens of each turn's blocks that terms are
+credited to (`credit_spans`), and places each weighted reward on the last token that earned it
+(`ScoredEpisode.token_rewards`, what PPO's critic bootstraps over). The RL algorithm
+(`rl.algorithms`) turns those into per-token advantages.
 
-* the task reward (the environment's verdict) is normalized within each prompt's group (GRPO)
-  and its advantage lies on every token the agent wrote in the episode;
-* each turn's calibration, fidelity and format rewards are normalized against the same
-  components of the other turns of the group (a per-turn GRPO baseline); the calibration
-  advantage lies only on the tokens of that turn's <value> block, the fidelity advantage only
-  on its <rollout> block, the format advantage on all of that turn's tokens.
-
-So a well-calibrated value is reinforced where it was written, not smeared over the actions
-around it. `to_sample` lays an episode out as one training sequence: the ids the policy sampled,
-unchanged (token in, token out), with a loss mask that is 1 exactly on them."""
+`to_sample` lays an episode out as one training sequence: the ids the policy sampled,
+unchanged (token in, token out), with a loss mask that is 1 exactly on them; `align` lays any
+per-token quantity of the episode out the same way."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from megatron_foresight.inference.agent import EpisodeRecord
-from megatron_foresight.rl.advantages import group_baseline, grpo_advantages
-from megatron_foresight.rl.rewards import credit_spans, turn_rewards
-from megatron_foresight.foresight.tags import ROLLOUT, VALUE
+from megatron_foresight.foresight.format import observation_content, parse_turn_lenient
+from megatron_foresight.rl.rewards import (
+    REWARD_TERMS, RewardSettings, RewardTerm, TurnContext, credit_spans,
+)
 
-COMPONENTS = ("task", "calibration", "fidelity", "format")
 
-
-@dataclass(frozen=True)
-class RewardWeights:
-    task: float = 1.0
-    calibration: float = 0.5
-    fidelity: float = 0.5
-    format: float = 0.5
+@dataclass
+class ScoredTurn:
+    rewards: dict[str, float]
+    """Each per-turn term's reward, unweighted."""
+    spans: dict[str, tuple[int, int]]
+    """Token ranges [start, end) of the turn's blocks, relative to the turn's ids."""
 
 
 @dataclass
 class ScoredEpisode:
     record: EpisodeRecord
-    advantages: torch.Tensor
-    """[len(record.ids)] advantage of each token (0 off the agent's tokens)."""
+    turns: list[ScoredTurn]
+    episode_rewards: dict[str, float]
+    """Each per-episode term's reward, unweighted."""
     rewards: dict[str, float] = field(default_factory=dict)
-    """Each component (a turn component averaged over the episode's turns) and `total`."""
+    """What is logged: each term (a per-turn term averaged over the turns) and the weighted
+    `total`."""
     token_rewards: torch.Tensor | None = None
-    """[len(record.ids)] PPO's per-token rewards, weighted, each where it was earned: a turn's
-    calibration reward on the last token of its <value> block, its fidelity reward on the last
-    token of its <rollout> block (on the turn's last token when the block is missing), its
-    format reward on the turn's last token, the task reward on the episode's last agent token."""
+    """[len(record.ids)] the weighted rewards, each on the last token that earned it: a turn's
+    whole-turn terms on its last token, then each block term on its block's last token (the
+    turn's last without the block), and the episode's terms on its last agent token."""
 
 
-def episode_total(rewards: dict[str, float], weights: RewardWeights) -> float:
-    return sum(getattr(weights, c) * rewards[c] for c in COMPONENTS)
+def active_terms(weights: Mapping[str, float]) -> list[tuple[RewardTerm, float]]:
+    """The weighted terms in registration order (the order every sum over them takes)."""
+    return [(term, weights[name]) for name, term in REWARD_TERMS.items() if name in weights]
 
 
-def score_groups(records: Sequence[EpisodeRecord], group_size: int, tokenizer,
-                 weights: RewardWeights = RewardWeights(), rule: str = "brier",
-                 normalize_std: bool = True) -> list[ScoredEpisode]:
-    """Rewards and token advantages of episodes laid out group by group (G per prompt)."""
-    if len(records) % group_size:
-        raise ValueError(f"{len(records)} episodes do not split into groups of {group_size}")
-    task = torch.tensor([r.reward for r in records], dtype=torch.float32)
-    task_adv = grpo_advantages(task, group_size, normalize_std)
-    turns = [(e, k, turn_rewards(t.text, r.observed(k), r.success, rule))
-             for e, r in enumerate(records) for k, t in enumerate(r.turns)]
-    groups = [e // group_size for e, _, _ in turns]
-    baselined = {name: group_baseline([getattr(tr, name) for _, _, tr in turns], groups,
-                                      normalize_std)
-                 for name in ("calibration", "fidelity", "format")}
-    out = [ScoredEpisode(r, torch.zeros(len(r.ids)), {"task": r.reward},
-                         torch.zeros(len(r.ids))) for r in records]
-    per_episode: dict[int, list] = {}
-    for i, (e, k, tr) in enumerate(turns):
-        per_episode.setdefault(e, []).append(tr)
-        turn = records[e].turns[k]
-        a, n = turn.start, len(turn.ids)
-        adv = out[e].advantages
-        adv[a:a + n] += weights.task * task_adv[e] + weights.format * baselined["format"][i]
-        spans = credit_spans(tokenizer, turn.ids, turn.text)
-        for kind, name in ((VALUE, "calibration"), (ROLLOUT, "fidelity")):
-            if kind in spans:
-                s, t = spans[kind]
-                adv[a + s:a + t] += getattr(weights, name) * baselined[name][i]
-        if n:
-            earned = out[e].token_rewards
-            earned[a + n - 1] += weights.format * tr.format
-            for kind, name in ((VALUE, "calibration"), (ROLLOUT, "fidelity")):
-                end = a + spans[kind][1] - 1 if kind in spans else a + n - 1
-                earned[end] += getattr(weights, name) * getattr(tr, name)
-    for e, scored in enumerate(out):
-        last = scored.record.turns[-1] if scored.record.turns else None
-        if last is not None and last.ids:
-            end = last.start + len(last.ids) - 1
-            scored.token_rewards[end] += weights.task * scored.record.reward
-        trs = per_episode.get(e, [])
-        for name in ("calibration", "fidelity", "format"):
-            scored.rewards[name] = sum(getattr(tr, name) for tr in trs) / len(trs) if trs else 0.0
-        scored.rewards["total"] = episode_total(scored.rewards, weights)
+def _turn_context(record: EpisodeRecord, k: int) -> TurnContext:
+    later = tuple(observation_content(t.observation) for t in record.turns[k:]
+                  if t.observation is not None)
+    return TurnContext(record.turns[k].text, parse_turn_lenient(record.turns[k].text),
+                       record.observed(k), later, record.success)
+
+
+def score_rewards(records: Sequence[EpisodeRecord], weights: Mapping[str, float], tokenizer,
+                   settings: RewardSettings = RewardSettings()) -> list[ScoredEpisode]:
+    """Rewards of every weighted term, per episode or per turn, and where they were earned."""
+    terms = active_terms(weights)
+    out = []
+    for record in records:
+        turns = []
+        for k, turn in enumerate(record.turns):
+            ctx = _turn_context(record, k)
+            turns.append(ScoredTurn({t.name: t.score(ctx, settings) for t, _ in terms
+                                     if t.scope == "turn"},
+                                    credit_spans(tokenizer, turn.ids, turn.text)))
+        scored = ScoredEpisode(record, turns, {t.name: t.score(record, settings)
+                                               for t, _ in terms if t.scope == "episode"})
+        scored.token_rewards = _token_rewards(scored, terms)
+        scored.rewards = _logged(scored, terms)
+        out.append(scored)
     return out
+
+
+def _token_rewards(scored: ScoredEpisode, terms) -> torch.Tensor:
+    record = scored.record
+    earned = torch.zeros(len(record.ids))
+    for turn, st in zip(record.turns, scored.turns):
+        a, n = turn.start, len(turn.ids)
+        if not n:
+            continue
+        for term, w in terms:
+            if term.credit == "turn":
+                earned[a + n - 1] += w * st.rewards[term.name]
+        for term, w in terms:
+            if term.scope == "turn" and term.credit != "turn":
+                end = a + st.spans[term.credit][1] - 1 if term.credit in st.spans else a + n - 1
+                earned[end] += w * st.rewards[term.name]
+    last = record.turns[-1] if record.turns else None
+    if last is not None and last.ids:
+        for term, w in terms:
+            if term.scope == "episode":
+                earned[last.start + len(last.ids) - 1] += w * scored.episode_rewards[term.name]
+    return earned
+
+
+def _logged(scored: ScoredEpisode, terms) -> dict[str, float]:
+    rewards = dict(scored.episode_rewards)
+    for term, _ in terms:
+        if term.scope == "turn":
+            values = [st.rewards[term.name] for st in scored.turns]
+            rewards[term.name] = sum(values) / len(values) if values else 0.0
+    rewards["total"] = sum(w * rewards[term.name] for term, w in terms)
+    return rewards
 
 
 def agent_tokens(record: EpisodeRecord) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,20 +121,27 @@ def agent_tokens(record: EpisodeRecord) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, logprobs
 
 
-def to_sample(scored: ScoredEpisode, seq_length: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """One episode as a next-token training sequence of `seq_length`: position j reads
-    ids[j] and is scored on ids[j + 1], so the loss mask, advantages and rollout log-probs are
-    those of ids[1:]. Padding (and anything past the sequence) carries no loss."""
-    ids = torch.tensor(scored.record.ids, dtype=torch.long)[:seq_length + 1]
-    n = len(ids) - 1
-    mask, logprobs = agent_tokens(scored.record)
+def align(per_token: torch.Tensor, seq_length: int, value=0) -> torch.Tensor:
+    """A per-token quantity of an episode ([len(ids)]) laid out as `to_sample` lays out the
+    episode: position j is scored on ids[j + 1], so it holds per_token[j + 1]; padded (or cut)
+    to `seq_length`."""
+    n = min(len(per_token) - 1, seq_length)
+    full = torch.full((seq_length,), value, dtype=per_token.dtype)
+    full[:n] = per_token[1:n + 1]
+    return full
 
-    def pad(x, value=0):
-        full = torch.full((seq_length,), value, dtype=x.dtype)
-        full[:n] = x[:n]
-        return full
-    return {"tokens": pad(ids[:-1], pad_id), "labels": pad(ids[1:], pad_id),
-            "position_ids": torch.arange(seq_length),
-            "loss_mask": pad(mask[1:n + 1]), "advantages": pad(scored.advantages[1:n + 1]),
-            "rollout_logprobs": pad(logprobs[1:n + 1]),
-            "token_rewards": pad(scored.token_rewards[1:n + 1])}
+
+def to_sample(scored: ScoredEpisode, seq_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """One episode as a next-token training sequence of `seq_length`: position j reads ids[j]
+    and is scored on ids[j + 1], so the loss mask, rollout log-probs and rewards are those of
+    ids[1:]. Padding (and anything past the sequence) carries no loss. The algorithm adds the
+    advantages (`align`ed the same way)."""
+    ids = torch.tensor(scored.record.ids, dtype=torch.long)
+    mask, logprobs = agent_tokens(scored.record)
+    n = min(len(ids) - 1, seq_length)
+    tokens = torch.full((seq_length,), pad_id, dtype=torch.long)
+    tokens[:n] = ids[:n]
+    return {"tokens": tokens, "labels": align(ids, seq_length, pad_id),
+            "position_ids": torch.arange(seq_length), "loss_mask": align(mask, seq_length),
+            "rollout_logprobs": align(logprobs, seq_length),
+            "token_rewards": align(scored.token_rewards, seq_length)}

@@ -1,22 +1,18 @@
-"""FC-RL, foresight-conditioned RL (GRPO or PPO), as an on-policy stage plugin.
+"""FC-RL, foresight-conditioned RL, as an on-policy stage plugin.
 
 Its tasks are the recipe's task sets (`tasks:`): each step draws `prompts_per_step` tasks per
-data-parallel rank from the `train` split of the sets, each set by its weight. Each step
-(`collect`): G episodes of each of those tasks are played by
-the current policy (the multi-turn agent loop with the KV cache, temperature / top-p); rewards
-and token advantages come from `rl.rollout.score_groups` (task reward over the episode,
-calibration on each <value>, fidelity on each <rollout>, format on each turn); the
-log-probabilities of the sampled ids are recomputed by the policy before any update (and by
-the frozen reference when `kl_coef` > 0). The framework then takes `epochs` passes of optimizer
-steps over the episodes, `schedule.global_batch_size` episodes per step, with `loss` below.
+data-parallel rank from the `train` split of the sets, each set by its weight, and `collect`
+runs, one named call each:
 
-With `algorithm: ppo` the advantages come instead from generalized advantage estimation with a
-critic: a value head on the policy's final hidden states (`rl.value_head`), trained with PPO's
-clipped value loss beside the policy loss. Its per-token rewards sit where they were earned
-(`ScoredEpisode.token_rewards`), and the critic's baseline is what keeps a block's reward on
-that block's tokens.
+    play (G episodes per task, the KV-cache agent loop, temperature / top-p)
+    -> score_rewards (every weighted reward term of `fc_rl.reward_weights`: `rl.rewards`)
+    -> samples (token in, token out: the ids trained on are the ids sampled)
+    -> recompute (log-probs of the sampling policy, its critic's values, the reference's)
+    -> advantages (the algorithm of `fc_rl.algorithm`: GRPO, RLOO, PPO; `rl.algorithms`)
 
-Token in, token out: the ids trained on are the ids sampled (`rl.rollout.to_sample`)."""
+The framework then takes `epochs` passes of optimizer steps over the episodes,
+`schedule.global_batch_size` episodes per step, with `loss` below: the clipped policy loss on the
+agent's tokens, KL to the frozen reference when `kl_coef` > 0, and the algorithm's own terms."""
 
 from __future__ import annotations
 
@@ -28,20 +24,18 @@ from typing import Literal, Optional
 
 import torch
 
+from megatron_foresight.config import StageConfig
 from megatron_foresight.configtree import check
-from megatron_foresight.tasksets import TaskSets
 from megatron_foresight.eval.agent_eval import score_episodes, scores_by_set
 from megatron_foresight.inference.agent import run_episodes
 from megatron_foresight.inference.generate import Generator, Sampling
 from megatron_foresight.models.provider import mask_padded_vocab
-from megatron_foresight.rl.advantages import gae
-from megatron_foresight.rl.loss import (
-    masked_sums, per_token_policy_loss, per_token_value_loss, truncated_is_weights,
-)
-from megatron_foresight.rl.rollout import COMPONENTS, RewardWeights, score_groups, to_sample
-from megatron_foresight.rl.value_head import PREFIX as VALUE_HEAD, attach_value_head
+from megatron_foresight.rl.algorithms import AlgorithmConfig, GRPOConfig, build_algorithm
+from megatron_foresight.rl.loss import masked_sums, per_token_policy_loss, truncated_is_weights
+from megatron_foresight.rl.rewards import REWARD_TERMS, RewardSettings
+from megatron_foresight.rl.rollout import score_rewards, to_sample
+from megatron_foresight.tasksets import TaskSets
 from megatron_foresight.training.data import collate, to_device
-from megatron_foresight.config import StageConfig
 from megatron_foresight.training.plugin import (
     BuildContext, OnPolicyStage, StagePlan, StageRuntime,
 )
@@ -51,17 +45,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Config(StageConfig):
-    """Foresight-conditioned RL (GRPO or PPO) on the recipe's task sets (`tasks:`)."""
+    """Foresight-conditioned RL on the recipe's task sets (`tasks:`)."""
 
-    algorithm: Literal["grpo", "ppo"] = "grpo"
-    """grpo: advantages from each prompt's group of samples, no critic. ppo: generalized
-    advantage estimation with a value head on the policy (trained beside it)."""
+    algorithm: AlgorithmConfig = field(default_factory=GRPOConfig)
+    """How rewards become advantages: {type: grpo}, {type: rloo}, {type: ppo, gae_lambda: ...},
+    or one a module in `extensions` registers; a bare name takes its defaults."""
     split: str = "train"
     """The split of the task sets the policy trains on."""
     prompts_per_step: int = 4
     """Tasks per step and data-parallel rank; each is played group_size times."""
     group_size: int = 4
-    """G: samples per task, normalized against each other (GRPO; PPO may use 1)."""
+    """G: samples per task, normalized against each other (group algorithms; PPO may use 1)."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 320
@@ -76,21 +70,12 @@ class Config(StageConfig):
     kl_estimator: Literal["k1", "k3"] = "k3"
     aggregation: Literal["token", "sequence"] = "token"
     """Mean over every agent token of the batch, or per episode first."""
-    normalize_std: bool = True
-    """GRPO: divide group-centred rewards by the group's std (false: centre only, Dr. GRPO).
-    PPO: whiten the advantages over the step's agent tokens."""
-    gamma: float = 1.0
-    """PPO: discount per agent token (environment tokens are skipped)."""
-    gae_lambda: float = 0.95
-    """PPO: GAE's lambda (1: Monte-Carlo returns minus the value; 0: one-step TD)."""
-    value_coef: float = 0.5
-    """PPO: weight of the critic's loss beside the policy loss."""
-    value_clip: Optional[float] = 0.2
-    """PPO: clip each new value to old value +- this in the critic loss; null: no clip."""
     calibration_rule: Literal["brier", "log"] = "brier"
+    """The proper scoring rule of the `calibration` term."""
     reward_weights: dict[str, float] = field(default_factory=lambda: {
         "task": 1.0, "calibration": 0.5, "fidelity": 0.5, "format": 0.5})
-    """Weight of each reward component (task, calibration, fidelity, format)."""
+    """Weight of each reward term (rl.rewards: task, calibration, fidelity, format, or one a
+    module in `extensions` registers); terms not named are not scored."""
     tis_cap: Optional[float] = None
     """Truncated importance sampling: weight each token by min(pi_old / pi_rollout, cap), for
     rollouts drawn by another engine than the trainer's; null: off."""
@@ -117,9 +102,6 @@ class Config(StageConfig):
               "FC-RL generates outside Megatron's training schedule, where Transformer Engine's "
               "FP8 weight cache is not refreshed and decode batches are not padded for FP8; "
               "set model.fp8: null for this stage")
-        check(self.algorithm != "ppo" or not cfg.parallel.sequence_parallel,
-              "parallel.sequence_parallel", "PPO's value head reads whole final hidden states; "
-              "set sequence_parallel: false with fc_rl.algorithm: ppo")
         episodes, mbs = self.prompts_per_step * self.group_size, cfg.schedule.micro_batch_size
         check(episodes % mbs == 0, "schedule.micro_batch_size",
               f"the pipelined log-prob passes need equal microbatches: each rank's {episodes} "
@@ -127,28 +109,26 @@ class Config(StageConfig):
               f"{mbs}")
         check(self.kl_coef == 0 or bool(cfg.checkpoint.init_from), "fc_rl.kl_coef",
               "KL needs a reference model: set checkpoint.init_from (the FE-SFT run)")
+        self.algorithm.check_recipe(cfg)
 
     def __post_init__(self):
         for name in ("prompts_per_step", "group_size", "max_new_tokens", "epochs"):
             check(getattr(self, name) >= 1, name, "must be at least 1")
-        check(self.group_size >= 2 or self.algorithm == "ppo", "group_size",
-              "GRPO needs at least 2 samples per task")
-        check(0 < self.gamma <= 1, "gamma", "must be in (0, 1]")
-        check(0 <= self.gae_lambda <= 1, "gae_lambda", "must be in [0, 1]")
-        check(self.value_coef >= 0, "value_coef", "must be >= 0")
-        check(self.value_clip is None or self.value_clip > 0, "value_clip", "null or > 0")
+        need = self.algorithm.min_group_size
+        check(self.group_size >= need, "group_size",
+              f"{self.algorithm.type} needs at least {need} samples per task")
         check(self.temperature > 0, "temperature", "RL samples; must be > 0")
         check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         check(self.clip_low >= 0 and self.clip_high >= 0, "clip_low", "clips are >= 0")
         check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
-        check(set(self.reward_weights) <= set(COMPONENTS), "reward_weights",
-              f"unknown component(s) {sorted(set(self.reward_weights) - set(COMPONENTS))}; "
-              f"known: {', '.join(COMPONENTS)}")
+        unknown = sorted(set(self.reward_weights) - set(REWARD_TERMS))
+        check(not unknown, "reward_weights", f"unknown term(s) {unknown}; registered: "
+              f"{', '.join(REWARD_TERMS)}")
         check(self.tis_cap is None or self.tis_cap >= 1, "tis_cap", "null or >= 1")
         check(self.validation_tasks >= 0, "validation_tasks", "must be >= 0")
 
 
-def _scored(model, batches: list[dict], value_head=None) -> list[dict]:
+def _recompute(model, batches: list[dict], value_head=None) -> list[dict]:
     """Per microbatch of `batches`: log p(labels) under `model` ("logprobs", [B, S]) and, with a
     value head, its values ("values"), on the CPU (where samples live). The forward runs through
     Megatron's schedule, forward only, so it is pipelined like training; the results exist on
@@ -180,9 +160,9 @@ class ForesightRLStage(OnPolicyStage):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.weights = RewardWeights(**self.stage.reward_weights)
+        self.algorithm = build_algorithm(self.stage.algorithm, self.stage.reward_weights)
+        self.settings = RewardSettings(self.stage.calibration_rule)
         self.reference = None
-        self.value_head = None
 
     @property
     def epochs(self) -> int:
@@ -219,15 +199,9 @@ class ForesightRLStage(OnPolicyStage):
 
     def extend_model(self, chunks: list, ctx) -> tuple[str, ...]:
         """Padded vocabulary rows get -inf logits (the sampler never draws them), so trained and
-        sampled log-probabilities agree. PPO: the critic, a value head on the policy's last
-        stage; the FE-SFT checkpoint that checkpoint.init_from names has none, so it starts
-        fresh there (a resumed run loads it)."""
+        sampled log-probabilities agree; then what the algorithm adds (PPO's critic)."""
         mask_padded_vocab(chunks[-1], self.tokenizer.vocab_size)
-        if self.stage.algorithm != "ppo":
-            return ()
-        if ctx.is_last_stage:
-            self.value_head = attach_value_head(chunks[-1])
-        return (VALUE_HEAD,)
+        return self.algorithm.extend_model(chunks, ctx)
 
     # ----------------------------------------------------------------------------------------
     # rollout
@@ -259,37 +233,32 @@ class ForesightRLStage(OnPolicyStage):
         return Generator(model, self.tokenizer, max_sequence_length=self.cfg.data.seq_length,
                          pad_id=self.tokenizer.eod)
 
-    def collect(self, rt: StageRuntime) -> tuple[list[dict], dict[str, float]]:
-        """Play this step's episodes; return their training samples and rollout metrics."""
-        s, ctx = self.stage, rt.ctx
-        model = rt.chunks[0]
-        model.eval()
-        started = time.perf_counter()
-        tasks = self._tasks_for(rt.step, ctx.dp_rank, ctx.dp_size)
+    def _play(self, rt: StageRuntime, tasks) -> list:
+        s = self.stage
         sampling = Sampling(temperature=s.temperature, top_p=s.top_p,
                             max_new_tokens=s.max_new_tokens,
-                            seed=self.cfg.seed + 1_000_003 * rt.step + 101 * ctx.dp_rank)
+                            seed=self.cfg.seed + 1_000_003 * rt.step + 101 * rt.ctx.dp_rank)
         with torch.no_grad():
-            records = run_episodes(self._generator(model),
-                                   [t for t in tasks for _ in range(s.group_size)],
-                                   self.task_sets.make_env, sampling,
-                                   batch_size=len(tasks) * s.group_size, progress=False)
-        generated = time.perf_counter()
-        scored = score_groups(records, s.group_size, self.tokenizer, self.weights,
-                              s.calibration_rule, s.normalize_std)
-        samples = [to_sample(x, self.cfg.data.seq_length, self.tokenizer.eod) for x in scored]
+            return run_episodes(self._generator(rt.chunks[0]),
+                                [t for t in tasks for _ in range(s.group_size)],
+                                self.task_sets.make_env, sampling,
+                                batch_size=len(tasks) * s.group_size, progress=False)
+
+    def _recompute_logprobs(self, rt: StageRuntime, samples: list[dict]) -> dict[str, float]:
+        """The sampling policy's log-probs (and critic values), and the reference's, on each
+        sample of the last pipeline stage (where the loss runs), before any update; the gap to
+        the sampler's own log-probs."""
         mbs = self.cfg.schedule.micro_batch_size
         batches = [collate(samples[i:i + mbs]) for i in range(0, len(samples), mbs)]
+        value_head = self.algorithm.value_head if self.algorithm.needs_values else None
         with torch.no_grad():
-            policy = _scored(model, batches, self.value_head)
-            reference = _scored(self._reference(rt), batches) if s.kl_coef else None
-        # On the last pipeline stage (where the loss runs) each sample gets the policy's
-        # log-probs (and values) before any update, and the reference's.
+            policy = _recompute(rt.chunks[0], batches, value_head)
+            reference = _recompute(self._reference(rt), batches) if self.stage.kl_coef else None
         gap_sum = gap_max = count = 0.0
         for m, batch in enumerate(batches if policy else []):
             for j, sample in enumerate(samples[m * mbs:(m + 1) * mbs]):
                 sample["old_logprobs"] = policy[m]["logprobs"][j]
-                if self.value_head is not None:
+                if value_head is not None:
                     sample["old_values"] = policy[m]["values"][j]
                 if reference is not None:
                     sample["ref_logprobs"] = reference[m]["logprobs"][j]
@@ -299,46 +268,45 @@ class ForesightRLStage(OnPolicyStage):
                 gap_sum += gap.sum().item()
                 gap_max = max(gap_max, gap.max().item())
                 count += gap.numel()
+        if not count or self.stage.temperature != 1.0 or self.stage.top_p != 1.0:
+            return {}  # comparable only when the rollout drew from the plain softmax
+        return {"logprob_gap_mean": gap_sum / count, "logprob_gap_max": gap_max}
+
+    def collect(self, rt: StageRuntime) -> tuple[list[dict], dict[str, float]]:
+        """Play this step's episodes; return their training samples and rollout metrics."""
+        model = rt.chunks[0]
+        model.eval()
+        started = time.perf_counter()
+        tasks = self._tasks_for(rt.step, rt.ctx.dp_rank, rt.ctx.dp_size)
+        records = self._play(rt, tasks)
+        generated = time.perf_counter()
+        scored = score_rewards(records, self.stage.reward_weights, self.tokenizer,
+                                self.settings)
+        samples = [to_sample(x, self.cfg.data.seq_length, self.tokenizer.eod) for x in scored]
+        metrics = self._recompute_logprobs(rt, samples)
+        if "old_logprobs" in samples[0]:  # the last pipeline stage, where the loss runs
+            metrics.update(self.algorithm.advantages(scored, samples, self.stage.group_size))
         model.train()
+        metrics.update(self._rollout_metrics(scored, tasks))
+        metrics.update({"time/generate_s": generated - started,
+                        "time/logprobs_s": time.perf_counter() - generated})
+        return samples, metrics
+
+    def _rollout_metrics(self, scored, tasks) -> dict[str, float]:
+        records = [x.record for x in scored]
         metrics = {f"reward/{k}": sum(x.rewards[k] for x in scored) / len(scored)
-                   for k in (*COMPONENTS, "total")}
-        if self.value_head is not None:
-            metrics.update(self._gae(samples))
+                   for k in scored[0].rewards}
         episodes = score_episodes(records)
         metrics.update({"rollout/format_validity": episodes["format_validity"],
                         "rollout/turns_per_episode": episodes["turns_per_episode"],
                         "rollout/agent_tokens": sum(len(t.ids) for r in records
-                                                    for t in r.turns) / len(records),
-                        "time/generate_s": generated - started,
-                        "time/logprobs_s": time.perf_counter() - generated})
+                                                    for t in r.turns) / len(records)})
         if episodes["value_brier"] is not None:
             metrics["rollout/value_brier"] = episodes["value_brier"]
         for task in tasks:  # how the draw by weight fell this step
             key = f"rollout/tasks/{task.task_set}"
             metrics[key] = metrics.get(key, 0) + 1
-        if count and s.temperature == 1.0 and s.top_p == 1.0:
-            # comparable only when the rollout drew from the plain softmax
-            metrics["logprob_gap_mean"] = gap_sum / count
-            metrics["logprob_gap_max"] = gap_max
-        return samples, metrics
-
-    def _gae(self, samples: list[dict]) -> dict[str, float]:
-        """PPO: replace each sample's advantages by GAE over its per-token rewards and the
-        critic's values at rollout time; add the returns the critic regresses on."""
-        s = self.stage
-        mask = torch.stack([x["loss_mask"] for x in samples]).float()
-        values = torch.stack([x["old_values"] for x in samples]) * mask
-        rewards = torch.stack([x["token_rewards"] for x in samples]).float()
-        adv, returns = gae(rewards, values, mask, s.gamma, s.gae_lambda)
-        n = mask.sum().clamp(min=1)
-        if s.normalize_std:
-            mean = (adv * mask).sum() / n
-            std = (((adv - mean) * mask) ** 2).sum().div(n).sqrt()
-            adv = (adv - mean) / (std + 1e-6) * mask
-        for i, x in enumerate(samples):
-            x["advantages"], x["returns"] = adv[i], returns[i]
-        return {"critic/value_mean": ((values * mask).sum() / n).item(),
-                "critic/return_mean": ((returns * mask).sum() / n).item()}
+        return metrics
 
     # ----------------------------------------------------------------------------------------
     # loss
@@ -356,11 +324,9 @@ class ForesightRLStage(OnPolicyStage):
         pair = lambda x: torch.stack([(x * mask).sum(), n])  # noqa: E731
         metrics = {"policy_loss": pair(per_token.detach()), "clip_fraction": pair(parts["clipped"]),
                    "ratio_mean": pair(parts["ratio"])}
-        if self.value_head is not None:  # PPO: the critic's clipped loss on the same tokens
-            critic = per_token_value_loss(self.value_head.last, batch["returns"].float(),
-                                          batch["old_values"].float(), s.value_clip)
-            per_token = per_token + s.value_coef * critic
-            metrics["value_loss"] = pair(critic.detach())
+        extra, extra_metrics = self.algorithm.loss(batch)
+        per_token = per_token + extra
+        metrics.update({k: pair(v) for k, v in extra_metrics.items()})
         # the framework divides the sum by the count summed over microbatches and ranks
         loss_sum, count = masked_sums(per_token, mask, s.aggregation)
         if "kl" in parts:
@@ -388,13 +354,13 @@ class ForesightRLStage(OnPolicyStage):
         return {**out, **self.reward_metrics(records)}
 
     def reward_metrics(self, records, prefix: str = "val") -> dict[str, float]:
-        """The mean reward of played episodes (`PREFIX/reward/COMPONENT`, and total) under this
+        """The mean reward of played episodes (`PREFIX/reward/TERM`, and total) under this
         recipe's weights: `foresight eval` adds them to the episodes it plays (prefix: the task
         split) instead of playing the validation tasks a second time."""
-        scored = score_groups(records, 1, self.tokenizer, self.weights,
-                              self.stage.calibration_rule, normalize_std=False)
+        scored = score_rewards(records, self.stage.reward_weights, self.tokenizer,
+                                self.settings)
         return {f"{prefix}/reward/{k}": sum(x.rewards[k] for x in scored) / len(scored)
-                for k in (*COMPONENTS, "total")}
+                for k in scored[0].rewards}
 
 
 STAGE = ForesightRLStage

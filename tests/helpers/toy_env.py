@@ -1,7 +1,7 @@
 """A toy environment registered from outside the package, as a user adds one: unit conversion.
 The agent converts with <convert> 3 km to m </convert>, the result comes back in
 <conversion> ... </conversion>, and the final <answer> is compared as a number. This module and
-its one `register` call are all it takes; a recipe names the module in `env_modules`."""
+its one `register` call are all it takes; a recipe names the module in `extensions`."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from megatron_foresight.configtree import (
 )
 from megatron_foresight.data.tokenizer import TokenizerConfig
 from megatron_foresight.envs import registry
+from megatron_foresight.foresight.formats import ForesightFormat, get_format
 from megatron_foresight.errors import UsageError
 from megatron_foresight.world.tasksets import world_task_set
 from megatron_foresight.presets import PRESETS
@@ -440,6 +441,11 @@ class RecipeConfig:
     """Logging."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """Intended cluster shape."""
+    foresight_format: Literal["v1", "v2"] = "v1"
+    """The version of the foresight tag set the agent writes in (`foresight/formats.py`): v1,
+    a <foresight> block of plan, rollout and value; v2, the tag set a secondary summary of
+    arXiv 2606.27483 reports (<imaginary>, <keyword>, <analysis>, <confidence>, <think>,
+    <action>). FE-SFT's traces, the agent's prompts, rewards and evaluation all follow it."""
     tasks: list[TaskSetConfig] = field(default_factory=list)
     """Task sets the agent stages play: FC-RL trains on them, `foresight eval` and the
     pipeline's evaluations play them (the tiny recipes: the built-in world's search and math)."""
@@ -509,6 +515,10 @@ class RecipeConfig:
             check(micro % p.pipeline_model_parallel_size == 0, "schedule.global_batch_size",
                   f"the interleaved pipeline needs microbatches per step ({micro}) divisible by "
                   f"pipeline_model_parallel_size ({p.pipeline_model_parallel_size})")
+
+    @property
+    def format(self) -> ForesightFormat:
+        return get_format(self.foresight_format)
 
     def padded_vocab_size(self, tokenizer_vocab_size: int) -> int:
         vocab = self.model.vocab_size or tokenizer_vocab_size

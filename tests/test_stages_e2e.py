@@ -134,6 +134,26 @@ def test_ppo_with_its_value_head_resumes_exactly(medium_world, medium_fe_sft, tm
         assert b[2][key] == pytest.approx(a[2][key], rel=1e-5, abs=1e-7), key
 
 
+def test_rloo_trains_and_resumes_exactly(medium_world, medium_fe_sft, tmp_path):
+    """RLOO through the same interface as GRPO and PPO: it moves the policy, and a run stopped
+    after step 1 and resumed gives step 2 of the uninterrupted run."""
+    args = ("fc_rl.algorithm=rloo", "schedule.train_steps=2", "logging.log_interval=1")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _train(medium_world, tmp_path, straight, *args, policy=medium_fe_sft)
+    _train(medium_world, tmp_path, split, *args, "--stop-at-step", "1", policy=medium_fe_sft)
+    _train(medium_world, tmp_path, split, *args, "--resume", policy=medium_fe_sft)
+    a, b = _steps(straight), _steps(split)
+    assert a[1]["grad_norm"] > 0 and yaml_algorithm(straight) == "rloo"
+    for key in ("reward/total", "policy_loss", "grad_norm", "rollout/agent_tokens"):
+        assert b[2][key] == pytest.approx(a[2][key], rel=1e-5, abs=1e-7), key
+
+
+def yaml_algorithm(run_dir) -> str:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["fc_rl"]["algorithm"]["type"]
+
+
 RL_STEPS = 6
 
 

@@ -247,11 +247,11 @@ def test_a_registered_environment_joins_the_format_and_plays():
     from megatron_foresight.foresight.format import (
         AgentTurn, observation_content, parse_turn,
     )
-    from megatron_foresight.inference.agent import stop_texts
+    from megatron_foresight.foresight.formats import FORMATS
     from helpers import toy_env
 
     assert registry.get("convert") is toy_env.SPEC and "convert" in registry.names()
-    assert "</convert>" in stop_texts()
+    assert "</convert>" in FORMATS["v1"].stop_texts()
     turn = parse_turn("<foresight>\n<plan>convert</plan>\n<rollout>3000 m</rollout>\n"
                       "<value>0.9</value>\n</foresight>\n<convert>3 km to m</convert>")
     assert isinstance(turn, AgentTurn) and turn.action.kind == "convert"

@@ -3,8 +3,9 @@
 
 Each agent turn gets a foresight block: the plan (the action taken and what followed), the
 rollout (the observation the environment really returned next) and the value (the Monte-Carlo
-success estimate of that state, rounded to two decimals). Turns that do not parse are kept as
-they are and counted. The output is trajectory JSONL (schema foresight.trajectory/1), or
+success estimate of that state, rounded to two decimals), in the foresight format version of
+--format (v1: a <foresight> block; v2: <imaginary>, <keyword>, <analysis>, <confidence>,
+<action>). Turns that do not parse are kept as they are and counted. The output is trajectory JSONL (schema foresight.trajectory/1), or
 webdataset shards when --output names a directory or a %06d pattern.
 
 examples:
@@ -24,6 +25,7 @@ from megatron_foresight.data.records import DataFileError  # noqa: E402
 from megatron_foresight.data.trajectory import (  # noqa: E402
     read_trajectories, write_jsonl, write_shards,
 )
+from megatron_foresight.foresight.formats import FORMATS  # noqa: E402
 from plugins.fe_sft.hindsight import foresight_traces  # noqa: E402
 
 
@@ -34,13 +36,16 @@ def main(argv=None) -> int:
                                                   "directory of shards")
     p.add_argument("--output", required=True, help="output .jsonl, or shards (a directory or "
                                                    "a pattern such as out/fe-%%06d.tar)")
+    p.add_argument("--format", choices=sorted(FORMATS), default="v1",
+                   help="the foresight format version to write (default v1)")
     args = p.parse_args(argv)
     from tqdm import tqdm
 
     tally = Counter()
     try:
         traces = foresight_traces(tqdm(read_trajectories(args.input), desc="foresight traces",
-                                       unit=" traj", disable=None), tally)
+                                       unit=" traj", disable=None), tally,
+                                  FORMATS[args.format])
         if args.output.endswith(".jsonl"):
             write_jsonl(traces, args.output)
         else:

@@ -26,6 +26,7 @@ class Seg(IntEnum):
     PLAN = 7
     ROLLOUT = 8
     VALUE = 9
+    KEYWORD = 10
 
 
 Segment = tuple[str, Seg]

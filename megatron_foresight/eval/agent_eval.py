@@ -19,7 +19,8 @@ from collections import defaultdict
 from typing import Sequence
 
 from megatron_foresight.tasks import Task
-from megatron_foresight.foresight.format import AgentTurn, parse_turn, parse_turn_lenient
+from megatron_foresight.foresight.format import AgentTurn
+from megatron_foresight.foresight.formats import FORMATS, ForesightFormat
 from megatron_foresight.foresight.scores import (
     auroc, brier, expected_calibration_error, log_score, names_gold_document, rollout_fidelity,
 )
@@ -36,7 +37,9 @@ def _gold_titles(task: Task) -> list[str]:
     return [h["entity"] for h in (task.meta or {}).get("hops", []) if "entity" in h]
 
 
-def score_episodes(records: Sequence[EpisodeRecord]) -> dict[str, float | None]:
+def score_episodes(records: Sequence[EpisodeRecord], fmt: ForesightFormat = FORMATS["v1"]
+                   ) -> dict[str, float | None]:
+    """The metrics above of episodes whose turns are written in the foresight format `fmt`."""
     if not records:
         raise ValueError("no episodes to score")
     valid = fidelity = gold_hits = gold_turns = turns = with_foresight = 0
@@ -44,8 +47,8 @@ def score_episodes(records: Sequence[EpisodeRecord]) -> dict[str, float | None]:
     for record in records:
         for k, turn in enumerate(record.turns):
             turns += 1
-            valid += isinstance(parse_turn(turn.text), AgentTurn)
-            lenient = parse_turn_lenient(turn.text)
+            valid += isinstance(fmt.parse_turn(turn.text), AgentTurn)
+            lenient = fmt.parse_turn_lenient(turn.text)
             if lenient.rollout is None or lenient.value is None:
                 continue
             with_foresight += 1
@@ -72,7 +75,8 @@ def score_episodes(records: Sequence[EpisodeRecord]) -> dict[str, float | None]:
     return out
 
 
-def scores_by_set(records: Sequence[EpisodeRecord], task_sets) -> dict[str, float | None]:
+def scores_by_set(records: Sequence[EpisodeRecord], task_sets,
+                  fmt: ForesightFormat = FORMATS["v1"]) -> dict[str, float | None]:
     """`<set>/<metric>` for each task set that played: `score_episodes` of its episodes and its
     environment's own metrics (`EnvSpec.metrics`)."""
     by_set: dict[str, list] = defaultdict(list)
@@ -81,7 +85,7 @@ def scores_by_set(records: Sequence[EpisodeRecord], task_sets) -> dict[str, floa
     out = {}
     for name, played in by_set.items():
         own = task_sets.by_name[name].spec.metrics(played)
-        out.update({f"{name}/{k}": v for k, v in {**score_episodes(played), **own}.items()})
+        out.update({f"{name}/{k}": v for k, v in {**score_episodes(played, fmt), **own}.items()})
     return out
 
 

@@ -104,7 +104,8 @@ def play(run, cfg: RecipeConfig, tokenizer, task_sets: TaskSets, opts: EvalOptio
     sampling = Sampling(temperature=opts.temperature, max_new_tokens=opts.max_new_tokens,
                         seed=cfg.seed)
     return run_episodes(generator, task_sets.tasks(opts.split, opts.tasks), task_sets.make_env,
-                        sampling, batch_size=opts.batch_size, progress=run.ctx.is_logging_rank)
+                        sampling, batch_size=opts.batch_size, progress=run.ctx.is_logging_rank,
+                        fmt=cfg.format)
 
 
 def evaluate_checkpoint(cfg: RecipeConfig, opts: EvalOptions, out: str | None = None,
@@ -128,8 +129,8 @@ def evaluate_checkpoint(cfg: RecipeConfig, opts: EvalOptions, out: str | None = 
             tokenizer = recipe_tokenizer(cfg)
             with torch.no_grad():
                 records = play(run, cfg, tokenizer, task_sets, opts)
-            metrics.update(score_episodes(records))
-            metrics.update(scores_by_set(records, task_sets))
+            metrics.update(score_episodes(records, cfg.format))
+            metrics.update(scores_by_set(records, task_sets, cfg.format))
             if plays:
                 metrics.update(run.plugin.reward_metrics(
                     records, "val" if opts.split == "validation" else opts.split))

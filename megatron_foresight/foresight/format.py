@@ -22,8 +22,8 @@ from functools import lru_cache
 
 from megatron_foresight.foresight.action import Action, FormatError, parse_action
 from megatron_foresight.foresight.tags import (
-    FORESIGHT, PLAN, ROLLOUT, THINK, VALUE, action_tags, all_tags, closing,
-    observation_tags, opening,
+    ANALYSIS, CONFIDENCE, FORESIGHT, IMAGINARY, KEYWORD, PLAN, ROLLOUT, THINK, VALUE, action_tags,
+    all_tags, closing, observation_tags, opening,
 )
 
 VALUE_DECIMALS = 2
@@ -35,6 +35,8 @@ class Foresight:
     plan: str
     rollout: str
     value: float
+    keywords: tuple[str, ...] = ()
+    """Words expected in the observation (the v2 format's <keyword>; v1 has none)."""
 
 
 @dataclass(frozen=True)
@@ -109,56 +111,61 @@ def final_observation(success: bool | None) -> str:
     return "The answer is correct." if success else "The answer is wrong."
 
 
+# The kind of each block, in either version: v2's blocks are v1's under other names, and its
+# keywords a kind of their own.
+BLOCK_KINDS = {THINK: THINK, PLAN: PLAN, ROLLOUT: ROLLOUT, VALUE: VALUE, IMAGINARY: ROLLOUT,
+               ANALYSIS: PLAN, CONFIDENCE: VALUE, KEYWORD: KEYWORD}
 _SEGMENT_BLOCK = re.compile("|".join(
-    f"{re.escape(opening(t))}.*?{re.escape(closing(t))}" for t in (THINK, PLAN, ROLLOUT, VALUE)),
-    re.DOTALL)
+    f"{re.escape(opening(t))}.*?{re.escape(closing(t))}" for t in BLOCK_KINDS), re.DOTALL)
 
 
 def segment_turn(text: str) -> list[tuple[str, str]]:
-    """An agent turn cut into consecutive pieces, each named for what it is: `think`, `plan`,
-    `rollout`, `value` (a block with its tags), or `action` (the rest: the action, the
-    <foresight> wrapper, whitespace, malformed text). The pieces join back to `text`; training
-    weights each kind's tokens separately."""
+    """An agent turn (of either format version) cut into consecutive pieces, each named for
+    what it is: `think`, `plan`, `rollout`, `value`, `keyword` (a block with its tags), or
+    `action` (the rest: the action, the <foresight> / <action> wrapper, whitespace, malformed
+    text). The pieces join back to `text`; training weights each kind's tokens separately."""
     pieces, pos = [], 0
     for m in _SEGMENT_BLOCK.finditer(text):
         if m.start() > pos:
             pieces.append((text[pos:m.start()], "action"))
-        pieces.append((m.group(0), m.group(0)[1:m.group(0).index(">")]))
+        pieces.append((m.group(0), BLOCK_KINDS[m.group(0)[1:m.group(0).index(">")]]))
         pos = m.end()
     if pos < len(text):
         pieces.append((text[pos:], "action"))
     return pieces
 
 
-class _Fail(Exception):
+class BlockError(Exception):
+    """Where strict reading failed; the parsers turn it into a `FormatError` value."""
+
     def __init__(self, message: str, offset: int):
         self.error = FormatError(message, offset)
 
 
-def _skip_space(text: str, pos: int) -> int:
+def skip_space(text: str, pos: int) -> int:
     while pos < len(text) and text[pos].isspace():
         pos += 1
     return pos
 
 
-def _block(text: str, pos: int, tag: str) -> tuple[str, int]:
+def read_block(text: str, pos: int, tag: str) -> tuple[str, int]:
     """The stripped content of the `tag` block opening at `pos`, and the offset after it."""
     if not text.startswith(opening(tag), pos):
         found = text[pos:pos + 12] or "the end"
-        raise _Fail(f"expected {opening(tag)}, found {found!r}", pos)
+        raise BlockError(f"expected {opening(tag)}, found {found!r}", pos)
     start = pos + len(opening(tag))
     end = text.find(closing(tag), start)
     if end < 0:
-        raise _Fail(f"{opening(tag)} is never closed with {closing(tag)}", pos)
+        raise BlockError(f"{opening(tag)} is never closed with {closing(tag)}", pos)
     inner = _any_tag(all_tags()).search(text, start, end)
     if inner:
-        raise _Fail(f"{inner.group(0)} inside {opening(tag)}", inner.start())
+        raise BlockError(f"{inner.group(0)} inside {opening(tag)}", inner.start())
     return text[start:end].strip(), end + len(closing(tag))
 
 
 def _value(text: str, at: int) -> float:
     if not _VALUE.match(text):
-        raise _Fail(f"the value must be a number from 0 to 1 such as 0.75, got {text!r}", at)
+        raise BlockError(f"the value must be a number from 0 to 1 such as 0.75, got {text!r}", at)
     return float(text)
 
 
@@ -168,40 +175,40 @@ def parse_turn(text: str, allowed: tuple[str, ...] | None = None,
     `allowed` (default: any action of the format)."""
     allowed = action_tags() if allowed is None else allowed
     try:
-        pos = _skip_space(text, 0)
+        pos = skip_space(text, 0)
         think = None
         if text.startswith(opening(THINK), pos):
-            think, pos = _block(text, pos, THINK)
-            pos = _skip_space(text, pos)
+            think, pos = read_block(text, pos, THINK)
+            pos = skip_space(text, pos)
         foresight = None
         if text.startswith(opening(FORESIGHT), pos) or require_foresight:
             if not text.startswith(opening(FORESIGHT), pos):
-                raise _Fail(f"expected {opening(FORESIGHT)} before the action", pos)
-            pos = _skip_space(text, pos + len(opening(FORESIGHT)))
-            plan, pos = _block(text, pos, PLAN)
-            rollout, pos = _block(text, _skip_space(text, pos), ROLLOUT)
-            value_at = _skip_space(text, pos)
-            raw_value, pos = _block(text, value_at, VALUE)
+                raise BlockError(f"expected {opening(FORESIGHT)} before the action", pos)
+            pos = skip_space(text, pos + len(opening(FORESIGHT)))
+            plan, pos = read_block(text, pos, PLAN)
+            rollout, pos = read_block(text, skip_space(text, pos), ROLLOUT)
+            value_at = skip_space(text, pos)
+            raw_value, pos = read_block(text, value_at, VALUE)
             value = _value(raw_value, value_at)
-            pos = _skip_space(text, pos)
+            pos = skip_space(text, pos)
             if not text.startswith(closing(FORESIGHT), pos):
-                raise _Fail(f"expected {closing(FORESIGHT)} after {closing(VALUE)}", pos)
+                raise BlockError(f"expected {closing(FORESIGHT)} after {closing(VALUE)}", pos)
             foresight = Foresight(plan, rollout, value)
-            pos = _skip_space(text, pos + len(closing(FORESIGHT)))
+            pos = skip_space(text, pos + len(closing(FORESIGHT)))
         kind = next((t for t in action_tags() if text.startswith(opening(t), pos)), None)
         if kind is None:
             names = " or ".join(opening(t) for t in allowed)
-            raise _Fail(f"expected the action ({names})", pos)
+            raise BlockError(f"expected the action ({names})", pos)
         if kind not in allowed:
-            raise _Fail(f"{opening(kind)} is not available here", pos)
-        argument, end = _block(text, pos, kind)
+            raise BlockError(f"{opening(kind)} is not available here", pos)
+        argument, end = read_block(text, pos, kind)
         if not argument:
-            raise _Fail(f"{opening(kind)} is empty", pos)
-        rest = _skip_space(text, end)
+            raise BlockError(f"{opening(kind)} is empty", pos)
+        rest = skip_space(text, end)
         if rest < len(text):
-            raise _Fail("text after the action; the action ends the turn", rest)
+            raise BlockError("text after the action; the action ends the turn", rest)
         return AgentTurn(Action(kind, argument, pos), foresight, think)
-    except _Fail as fail:
+    except BlockError as fail:
         return fail.error
 
 
@@ -216,9 +223,11 @@ class LenientTurn:
     think: str | None
     errors: tuple[FormatError, ...] = field(default_factory=tuple)
     """Empty exactly when the turn parses strictly."""
+    keywords: tuple[str, ...] | None = None
+    """The v2 format's <keyword> list (None in v1, or when missing)."""
 
 
-def _find_block(text: str, tag: str) -> str | None:
+def find_block(text: str, tag: str) -> str | None:
     match = re.search(re.escape(opening(tag)) + r"(.*?)" + re.escape(closing(tag)), text,
                       re.DOTALL)
     return match.group(1).strip() if match else None
@@ -229,10 +238,10 @@ def parse_turn_lenient(text: str, allowed: tuple[str, ...] | None = None) -> Len
     if isinstance(strict, AgentTurn):
         f = strict.foresight
         return LenientTurn(strict.action, f.plan, f.rollout, f.value, strict.think)
-    raw_value = _find_block(text, VALUE)
+    raw_value = find_block(text, VALUE)
     value = float(raw_value) if raw_value is not None and _VALUE.match(raw_value) else None
-    return LenientTurn(_recover_action(text, allowed), _find_block(text, PLAN),
-                       _find_block(text, ROLLOUT), value, _find_block(text, THINK), (strict,))
+    return LenientTurn(_recover_action(text, allowed), find_block(text, PLAN),
+                       find_block(text, ROLLOUT), value, find_block(text, THINK), (strict,))
 
 
 def _recover_action(text: str, allowed: tuple[str, ...]) -> Action | None:

@@ -1,5 +1,9 @@
-"""The tag set of the foresight format, versioned. A recipe names the version it was trained
-with; a tokenizer for the tiny default makes each tag below a single token.
+"""The tag sets of the foresight format. A recipe names the version it trains in
+(`foresight_format`, `foresight.formats`): v1 is the format of DESIGN.md (a <foresight> block of
+plan, rollout and value before the action); v2 is the tag set a secondary summary of arXiv
+2606.27483 reports (not confirmed from the paper itself): <imaginary> (the rollout), <keyword>,
+<analysis>, <confidence> (0-100%), then <think> and the <action>. A tokenizer for the tiny
+default makes each v1 tag a single token.
 
 The reasoning tags and `<answer>` are the format's own. Tool actions and observations belong to
 environments: the built-in ones (`<search>` / `<information>`, `<calc>` / `<result>`) are listed
@@ -16,12 +20,15 @@ THINK = "think"
 FORESIGHT, PLAN, ROLLOUT, VALUE = "foresight", "plan", "rollout", "value"
 SEARCH, CALC, ANSWER = "search", "calc", "answer"
 INFORMATION, RESULT = "information", "result"
+IMAGINARY, KEYWORD, ANALYSIS, CONFIDENCE, ACTION = (
+    "imaginary", "keyword", "analysis", "confidence", "action")
+V2_TAGS = (IMAGINARY, KEYWORD, ANALYSIS, CONFIDENCE, ACTION)
 
 # What the agent may do, and what the environment writes back (the built-in environments').
 ACTION_TAGS = (SEARCH, CALC, ANSWER)
 OBSERVATION_TAGS = (INFORMATION, RESULT)
 # Blocks whose content is the agent's own writing, never an action to carry out.
-REASONING_TAGS = (THINK, FORESIGHT)
+REASONING_TAGS = (THINK, FORESIGHT, IMAGINARY, KEYWORD, ANALYSIS, CONFIDENCE)
 
 TAGS = (THINK, FORESIGHT, PLAN, ROLLOUT, VALUE, *ACTION_TAGS, *OBSERVATION_TAGS)
 
@@ -33,7 +40,7 @@ _extra_observations: list[str] = []
 def register_tool_tags(actions: tuple[str, ...], observation: str) -> None:
     """Make an environment's tool tags part of the format (idempotent). Refuses names that
     are not lower-case words or that are the format's own reasoning or value tags."""
-    reserved = {THINK, FORESIGHT, PLAN, ROLLOUT, VALUE, ANSWER}
+    reserved = {THINK, FORESIGHT, PLAN, ROLLOUT, VALUE, ANSWER, *V2_TAGS}
     for tag in (*actions, observation):
         if not _TAG_NAME.fullmatch(tag) or tag in reserved:
             raise ValueError(f"tag {tag!r}: tool tags are lower-case words and not one of the "
@@ -55,7 +62,8 @@ def observation_tags() -> tuple[str, ...]:
 
 
 def all_tags() -> tuple[str, ...]:
-    return (*TAGS, *_extra_actions, *_extra_observations)
+    """Every tag of every version and of registered environments."""
+    return (*TAGS, *V2_TAGS, *_extra_actions, *_extra_observations)
 
 
 def opening(tag: str) -> str:

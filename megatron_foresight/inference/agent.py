@@ -19,16 +19,11 @@ from tqdm import tqdm
 
 from megatron_foresight.tasks import Task
 from megatron_foresight.envs.base import Episode
-from megatron_foresight.foresight.format import (
-    final_observation, foresight_prompt, observation_content,
-)
-from megatron_foresight.foresight.tags import action_tags, closing
+from megatron_foresight.foresight.format import final_observation, observation_content
+from megatron_foresight.foresight.formats import FORMATS, ForesightFormat
 from megatron_foresight.inference.generate import Generator, Sampling
 
-
-def stop_texts() -> tuple[str, ...]:
-    """Where a turn ends: the closing tag of any action (registered environments' too)."""
-    return tuple(closing(t) for t in action_tags())
+V1 = FORMATS["v1"]
 
 
 @dataclass
@@ -74,16 +69,18 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def run_episodes(generator: Generator, tasks: Sequence[Task], make_env: Callable[[Task], Episode],
                  sampling: Sampling, batch_size: int = 16, progress: bool = True,
-                 foresight: bool = True) -> list[EpisodeRecord]:
-    """Play every task once; returns one record per task, in order. With `foresight` the
-    prompt asks for the foresight format (`format.foresight_prompt`), as FE-SFT's traces do."""
+                 fmt: ForesightFormat | None = V1) -> list[EpisodeRecord]:
+    """Play every task once; returns one record per task, in order. The prompt asks for the
+    foresight format `fmt` (as FE-SFT's traces of that version do), and a turn ends where that
+    version's action ends; `fmt=None` asks for none (turns end at any action's closing tag)."""
+    stops = (fmt or V1).stop_texts()
     tok = generator.tokenizer
     newline = _encode(tok, "\n")
     records, envs = [], []
     for task in tasks:
         env = make_env(task)
         prompt = env.reset(task)
-        prompt = foresight_prompt(prompt) if foresight else prompt
+        prompt = fmt.prompt(prompt) if fmt is not None else prompt
         records.append(EpisodeRecord(task, prompt, ids=_encode(tok, prompt) + newline))
         envs.append(env)
     active = list(range(len(tasks)))
@@ -95,7 +92,7 @@ def run_episodes(generator: Generator, tasks: Sequence[Task], make_env: Callable
             # a new seed per call: turns must not replay the same random draws
             seeded = replace(sampling, seed=sampling.seed + 7_919 * calls)
             calls += 1
-            outs = generator.generate([records[i].ids for i in chunk], seeded, stop_texts())
+            outs = generator.generate([records[i].ids for i in chunk], seeded, stops)
             for i, out in zip(chunk, outs):
                 if _advance(records[i], envs[i], out, tok, newline):
                     bar.update(1)

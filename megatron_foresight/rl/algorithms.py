@@ -14,12 +14,17 @@ together with `register_algorithm`, in any module imported before the recipe is 
   other G - 1), unscaled: REINFORCE with an unbiased baseline.
 * ppo: a critic (a value head on the policy) and generalized advantage estimation over the
   per-token rewards, each where it was earned; clipped value loss.
+* step_grpo: the paper variant as a secondary summary of arXiv 2606.27483 reports it (not
+  confirmed from the paper itself): the episode's reward normalized within the group
+  (A_episode), the per-turn world-model reward (confidence + grounding) normalized within the
+  group's samples at the same turn (A_step), and A_episode + w * A_step on each turn's tokens,
+  w = 0.2 for search and 0.1 for math.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Sequence
 
 import torch
@@ -262,3 +267,59 @@ class PPO(Algorithm):
         critic = per_token_value_loss(self.value_head.last, batch["returns"].float(),
                                       batch["old_values"].float(), self.config.value_clip)
         return self.config.value_coef * critic, {"value_loss": critic.detach()}
+
+
+# ----------------------------------------------------------------------------------------------
+# the paper's variant
+
+
+@dataclass
+class StepGRPOConfig(AlgorithmConfig):
+    """The paper variant: A_episode + w * A_step on each turn's tokens.
+
+    As a secondary summary of arXiv 2606.27483 reports it (not confirmed from the paper
+    itself)."""
+
+    type: str = "step_grpo"
+    step_weights: dict[str, float] = field(default_factory=lambda: {"search": 0.2, "math": 0.1})
+    """w of A_episode + w * A_step, per environment (the task's type)."""
+    default_step_weight: float = 0.1
+    """w for an environment not in step_weights."""
+    scale_by_std: bool = True
+    """Divide group-centred rewards by the group's std."""
+
+
+@register_algorithm("step_grpo")
+class StepGRPO(Algorithm):
+    """A_episode: the episode terms (task) normalized within the task's group, as GRPO. A_step:
+    the per-turn terms of turn k (the world-model reward: confidence + grounding), weighted and
+    summed, normalized within the group's samples at the same turn k. Every token of turn k
+    gets A_episode + w * A_step(k), w by the task's environment."""
+
+    Config = StepGRPOConfig
+
+    def advantages(self, scored, samples, group_size):
+        c, terms = self.config, active_terms(self.weights)
+        if len(scored) % group_size:
+            raise ValueError(f"{len(scored)} episodes do not split into groups of {group_size}")
+        episode = torch.zeros(len(scored))
+        for term, w in terms:
+            if term.scope == "episode":
+                rewards = torch.tensor([x.episode_rewards[term.name] for x in scored],
+                                       dtype=torch.float32)
+                episode += w * grpo_advantages(rewards, group_size, c.scale_by_std)
+        steps = [sum(w * st.rewards[t.name] for t, w in terms if t.scope == "turn")
+                 for x in scored for st in x.turns]
+        keys = [(e // group_size, k) for e, x in enumerate(scored) for k in range(len(x.turns))]
+        labels = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+        step_adv = group_baseline(steps, [labels[key] for key in keys], c.scale_by_std)
+        per_token, i = [], 0
+        for e, x in enumerate(scored):
+            adv = torch.zeros(len(x.record.ids))
+            w = c.step_weights.get(x.record.task.type, c.default_step_weight)
+            for turn in x.record.turns:
+                adv[turn.start:turn.start + len(turn.ids)] = episode[e] + w * step_adv[i]
+                i += 1
+            per_token.append(adv)
+        _set_advantages(samples, per_token)
+        return {}

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
-from megatron_foresight.answers import exact_match, token_f1
+from megatron_foresight.answers import exact_match, normalize_answer, token_f1
 from megatron_foresight.foresight.format import (
     AgentTurn, LenientTurn, parse_turn, segment_turn,
 )
@@ -88,7 +88,8 @@ class TurnContext:
     observed: str
     """What really followed: the observation's content, or for the last turn how it ended."""
     later: tuple[str, ...]
-    """The contents of this turn's observation and every later one of the episode."""
+    """What came after the turn: its observation's content (or how the episode ended) and the
+    content of every later observation of the episode."""
     success: bool
     """Whether the episode ended in success."""
 
@@ -145,6 +146,38 @@ register_reward(RewardTerm(
 register_reward(RewardTerm(
     "format", "turn", "turn", lambda t, settings: 0.0 if not t.parsed.errors else -1.0,
     "0 for a turn that parses strictly, -1 otherwise"))
+
+
+# The paper variant's terms, as a secondary summary of arXiv 2606.27483 reports them (not
+# confirmed from the paper itself); used with the v2 tag set and the step_grpo algorithm.
+
+
+def confidence_reward(value: float | None, success: bool) -> float:
+    """I - (q - I)^2 with I the episode's success (0 or 1) and q the stated confidence; a turn
+    without a readable confidence is scored as if it had said the opposite of what happened."""
+    y = float(bool(success))
+    q = 1.0 - y if value is None else value
+    return y - (q - y) ** 2
+
+
+def grounding_reward(keywords: Sequence[str] | None, later: Sequence[str]) -> float:
+    """The share of the predicted keywords found (as whole words, after normalization) in what
+    came back after the turn; 0 without keywords."""
+    if not keywords:
+        return 0.0
+    future = f" {' '.join(normalize_answer(text) for text in later)} "
+    found = [normalize_answer(k) for k in keywords]
+    return sum(bool(k) and f" {k} " in future for k in found) / len(found)
+
+
+register_reward(RewardTerm(
+    "confidence", "turn", VALUE,
+    lambda t, settings: confidence_reward(t.parsed.value, t.success),
+    "the paper's calibration: I - (q - I)^2 of the stated confidence q against success I"))
+register_reward(RewardTerm(
+    "grounding", "turn", "keyword",
+    lambda t, settings: grounding_reward(t.parsed.keywords, t.later),
+    "the share of the turn's <keyword>s found in the observations that followed"))
 
 
 def char_spans(text: str) -> dict[str, tuple[int, int]]:

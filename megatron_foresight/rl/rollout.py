@@ -18,7 +18,8 @@ from typing import Mapping, Sequence
 import torch
 
 from megatron_foresight.inference.agent import EpisodeRecord
-from megatron_foresight.foresight.format import observation_content, parse_turn_lenient
+from megatron_foresight.foresight.format import observation_content
+from megatron_foresight.foresight.formats import FORMATS, ForesightFormat
 from megatron_foresight.rl.rewards import (
     REWARD_TERMS, RewardSettings, RewardTerm, TurnContext, credit_spans,
 )
@@ -52,22 +53,24 @@ def active_terms(weights: Mapping[str, float]) -> list[tuple[RewardTerm, float]]
     return [(term, weights[name]) for name, term in REWARD_TERMS.items() if name in weights]
 
 
-def _turn_context(record: EpisodeRecord, k: int) -> TurnContext:
-    later = tuple(observation_content(t.observation) for t in record.turns[k:]
-                  if t.observation is not None)
-    return TurnContext(record.turns[k].text, parse_turn_lenient(record.turns[k].text),
+def _turn_context(record: EpisodeRecord, k: int, fmt: ForesightFormat) -> TurnContext:
+    later = (record.observed(k), *(observation_content(t.observation)
+                                   for t in record.turns[k + 1:] if t.observation is not None))
+    return TurnContext(record.turns[k].text, fmt.parse_turn_lenient(record.turns[k].text),
                        record.observed(k), later, record.success)
 
 
 def score_rewards(records: Sequence[EpisodeRecord], weights: Mapping[str, float], tokenizer,
-                   settings: RewardSettings = RewardSettings()) -> list[ScoredEpisode]:
-    """Rewards of every weighted term, per episode or per turn, and where they were earned."""
+                  settings: RewardSettings = RewardSettings(),
+                  fmt: ForesightFormat = FORMATS["v1"]) -> list[ScoredEpisode]:
+    """Rewards of every weighted term, per episode or per turn, and where they were earned;
+    turns are read in the foresight format `fmt`."""
     terms = active_terms(weights)
     out = []
     for record in records:
         turns = []
         for k, turn in enumerate(record.turns):
-            ctx = _turn_context(record, k)
+            ctx = _turn_context(record, k, fmt)
             turns.append(ScoredTurn({t.name: t.score(ctx, settings) for t, _ in terms
                                      if t.scope == "turn"},
                                     credit_spans(tokenizer, turn.ids, turn.text)))

@@ -242,7 +242,8 @@ class ForesightRLStage(OnPolicyStage):
             return run_episodes(self._generator(rt.chunks[0]),
                                 [t for t in tasks for _ in range(s.group_size)],
                                 self.task_sets.make_env, sampling,
-                                batch_size=len(tasks) * s.group_size, progress=False)
+                                batch_size=len(tasks) * s.group_size, progress=False,
+                                fmt=self.cfg.format)
 
     def _recompute_logprobs(self, rt: StageRuntime, samples: list[dict]) -> dict[str, float]:
         """The sampling policy's log-probs (and critic values), and the reference's, on each
@@ -281,7 +282,7 @@ class ForesightRLStage(OnPolicyStage):
         records = self._play(rt, tasks)
         generated = time.perf_counter()
         scored = score_rewards(records, self.stage.reward_weights, self.tokenizer,
-                                self.settings)
+                               self.settings, self.cfg.format)
         samples = [to_sample(x, self.cfg.data.seq_length, self.tokenizer.eod) for x in scored]
         metrics = self._recompute_logprobs(rt, samples)
         if "old_logprobs" in samples[0]:  # the last pipeline stage, where the loss runs
@@ -296,7 +297,7 @@ class ForesightRLStage(OnPolicyStage):
         records = [x.record for x in scored]
         metrics = {f"reward/{k}": sum(x.rewards[k] for x in scored) / len(scored)
                    for k in scored[0].rewards}
-        episodes = score_episodes(records)
+        episodes = score_episodes(records, self.cfg.format)
         metrics.update({"rollout/format_validity": episodes["format_validity"],
                         "rollout/turns_per_episode": episodes["turns_per_episode"],
                         "rollout/agent_tokens": sum(len(t.ids) for r in records
@@ -347,9 +348,10 @@ class ForesightRLStage(OnPolicyStage):
         with torch.no_grad():
             records = run_episodes(self._generator(model), tasks, self.task_sets.make_env,
                                    Sampling(max_new_tokens=self.stage.max_new_tokens),
-                                   batch_size=len(tasks), progress=False)
+                                   batch_size=len(tasks), progress=False, fmt=self.cfg.format)
         model.train()
-        scores = {**score_episodes(records), **scores_by_set(records, self.task_sets)}
+        scores = {**score_episodes(records, self.cfg.format),
+                  **scores_by_set(records, self.task_sets, self.cfg.format)}
         out = {f"val/{k}": v for k, v in scores.items() if v is not None}
         return {**out, **self.reward_metrics(records)}
 
@@ -358,7 +360,7 @@ class ForesightRLStage(OnPolicyStage):
         recipe's weights: `foresight eval` adds them to the episodes it plays (prefix: the task
         split) instead of playing the validation tasks a second time."""
         scored = score_rewards(records, self.stage.reward_weights, self.tokenizer,
-                                self.settings)
+                               self.settings, self.cfg.format)
         return {f"{prefix}/reward/{k}": sum(x.rewards[k] for x in scored) / len(scored)
                 for k in scored[0].rewards}
 

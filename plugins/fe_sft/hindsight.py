@@ -9,9 +9,14 @@ Every agent turn of a trajectory gets the foresight block it should have written
 * `<value>`: the Monte-Carlo success estimate of the state before the turn (`mc`), rounded to
   the format's precision; a turn without an estimate takes the trajectory's outcome (0 or 1)
   and is counted in the summary.
-The prompt asks for foresight (`format.foresight_prompt`), as the agent loop's does. The think
-block and the action are kept as they were. Turns that do not parse strictly (a noisy
-agent's malformed action) are kept unchanged, and counted."""
+The prompt asks for foresight (the format version's `prompt`), as the agent loop's does. The
+think block and the action are kept as they were. Turns that do not parse strictly (a noisy
+agent's malformed action) are kept unchanged, and counted.
+
+The traces are written in the recipe's format version (`foresight.formats`): in v2 the same
+plan, rollout and value are the <analysis>, <imaginary> and <confidence>, and its <keyword>s are
+the first words of the real next observation that name something (capitalized or a number;
+else its first content words)."""
 
 from __future__ import annotations
 
@@ -21,11 +26,20 @@ from typing import Iterable, Iterator
 
 from megatron_foresight.data.trajectory import Trajectory, Turn
 from megatron_foresight.foresight.action import Action
+import re
+
 from megatron_foresight.foresight.format import (
-    VALUE_DECIMALS, AgentTurn, Foresight, final_observation, foresight_prompt,
-    observation_content, parse_turn, render_turn,
+    VALUE_DECIMALS, AgentTurn, Foresight, final_observation, observation_content, parse_turn,
 )
+from megatron_foresight.foresight.formats import FORMATS, ForesightFormat
 from megatron_foresight.foresight.tags import ANSWER, CALC, SEARCH
+
+KEYWORDS = 3
+_WORD = re.compile(r"[A-Za-z0-9][\w'-]*")
+_PASSAGE_HEAD = re.compile(r"Doc \d+ \(Title: ([^)]*)\)")  # search.format_passages' heading
+_NOT_NAMES = {"Doc", "Title", "The", "No", "A", "An", "In", "Of"}
+_STOP = {"the", "a", "an", "of", "in", "is", "was", "to", "and", "no", "by", "on", "at", "for",
+         "doc", "title", "answer"}
 
 _FIRST = {SEARCH: 'Search for "{}"', CALC: "Compute {}", ANSWER: "Answer {}"}
 _MORE = {SEARCH: ("search", "searches"), CALC: ("calculation", "calculations")}
@@ -50,8 +64,19 @@ def _rollout(trajectory: Trajectory, turn_index: int, action: Action) -> str:
     return final_observation(trajectory.outcome.success if action.kind == ANSWER else None)
 
 
-def foresight_trace(trajectory: Trajectory, tally: Counter | None = None) -> Trajectory:
-    """`trajectory` with a hindsight foresight block in every agent turn that parses."""
+def expected_keywords(observation: str) -> tuple[str, ...]:
+    """Up to `KEYWORDS` words of an observation worth predicting: those that name something
+    (capitalized, or numbers), else its first content words; each once."""
+    words = _WORD.findall(_PASSAGE_HEAD.sub(r"\1", observation))
+    names = [w for w in words if (w[0].isupper() or w[0].isdigit()) and w not in _NOT_NAMES]
+    picked = names or [w for w in words if w.lower() not in _STOP]
+    return tuple(dict.fromkeys(picked))[:KEYWORDS]
+
+
+def foresight_trace(trajectory: Trajectory, tally: Counter | None = None,
+                    fmt: ForesightFormat = FORMATS["v1"]) -> Trajectory:
+    """`trajectory` with a hindsight foresight block in every agent turn that parses, in the
+    format version `fmt`."""
     tally = Counter() if tally is None else tally
     values = {m.turn: m.value for m in trajectory.mc}
     agent_at = [i for i, t in enumerate(trajectory.turns) if t.role == "agent"]
@@ -67,15 +92,16 @@ def foresight_trace(trajectory: Trajectory, tally: Counter | None = None) -> Tra
         if k not in values:
             tally["values from the outcome (no MC estimate)"] += 1
         value = round(values.get(k, float(trajectory.outcome.success)), VALUE_DECIMALS)
-        foresight = Foresight(plan_text(actions, j),
-                              _rollout(trajectory, i, turn.action), value)
-        turns[i] = Turn("agent", render_turn(replace(turn, foresight=foresight)))
+        rollout = _rollout(trajectory, i, turn.action)
+        foresight = Foresight(plan_text(actions, j), rollout, value, expected_keywords(rollout))
+        turns[i] = Turn("agent", fmt.render_turn(replace(turn, foresight=foresight)))
         tally["turns with foresight"] += 1
     tally["trajectories"] += 1
-    return replace(trajectory, prompt=foresight_prompt(trajectory.prompt), turns=tuple(turns),
-                   meta={**(trajectory.meta or {}), "format": "foresight"})
+    return replace(trajectory, prompt=fmt.prompt(trajectory.prompt), turns=tuple(turns),
+                   meta={**(trajectory.meta or {}), "format": f"foresight-{fmt.name}"})
 
 
-def foresight_traces(trajectories: Iterable[Trajectory], tally: Counter) -> Iterator[Trajectory]:
+def foresight_traces(trajectories: Iterable[Trajectory], tally: Counter,
+                     fmt: ForesightFormat = FORMATS["v1"]) -> Iterator[Trajectory]:
     for t in trajectories:
-        yield foresight_trace(t, tally)
+        yield foresight_trace(t, tally, fmt)

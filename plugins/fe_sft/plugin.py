@@ -17,6 +17,7 @@ from typing import Optional
 
 from megatron_foresight.training.sources import WORLD_PREFIX, world_file
 from megatron_foresight.data.trajectory import read_trajectories, write_jsonl
+from megatron_foresight.foresight.formats import FORMATS, ForesightFormat
 from megatron_foresight.runtime.dist import barrier, is_rank0
 from megatron_foresight.training.blend import BlendConfig, BlendStage
 from megatron_foresight.training.plugin import BuildContext
@@ -43,15 +44,18 @@ class Config(BlendConfig):
     """Loss weight per segment type: the agent's turns; prompt and observation weigh 0."""
 
 
-def cached_foresight_traces(source: Path, cache_dir: Path) -> Path:
-    """`source` trajectories as foresight traces in the cache, written once per content."""
+def cached_foresight_traces(source: Path, cache_dir: Path,
+                            fmt: ForesightFormat = FORMATS["v1"]) -> Path:
+    """`source` trajectories as foresight traces in the format version `fmt`, in the cache,
+    written once per content."""
     stat = source.stat()
     key = json.dumps({"hindsight": 2, "path": str(source.resolve()), "size": stat.st_size,
-                      "mtime_ns": stat.st_mtime_ns}, sort_keys=True)
+                      "mtime_ns": stat.st_mtime_ns,
+                      **({"format": fmt.name} if fmt.name != "v1" else {})}, sort_keys=True)
     out = cache_dir / f"foresight-{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
     if is_rank0() and not out.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        write_jsonl(foresight_traces(read_trajectories(source), Counter()), out)
+        write_jsonl(foresight_traces(read_trajectories(source), Counter(), fmt), out)
     barrier()
     return out
 
@@ -65,7 +69,7 @@ class FormatElicitingStage(BlendStage):
         inner = source[len(FORESIGHT_PREFIX):]
         path = (world_file(ctx.cfg.data.world, inner[len(WORLD_PREFIX):], ctx.cfg.seed)
                 if inner.startswith(WORLD_PREFIX) else Path(inner))
-        return str(cached_foresight_traces(path, Path(ctx.cache_dir)))
+        return str(cached_foresight_traces(path, Path(ctx.cache_dir), ctx.cfg.format))
 
 
 STAGE = FormatElicitingStage

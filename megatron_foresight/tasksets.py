@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from megatron_foresight.data.records import DataFileError, RecordError, iter_records
+from megatron_foresight.data.records import check_first_records
 from megatron_foresight.tasks import Task
 from megatron_foresight.data.task_files import parse_task, read_tasks
 from megatron_foresight.envs import registry
@@ -20,9 +20,6 @@ from megatron_foresight.errors import UsageError
 from megatron_foresight.world.build import ensure_world
 
 log = logging.getLogger(__name__)
-
-FIRST_RECORDS = 3  # records of each file read by the checks before a run
-
 
 class TaskSet:
     """One task set: its tasks, read once per split, and its environment."""
@@ -66,26 +63,18 @@ class TaskSet:
 
     def check_files(self, splits: Sequence[str] | None = None) -> None:
         """Each split's file exists and its first records read as tasks; the environment's
-        own files (a corpus) too. World files not built yet are skipped (built on first use)."""
+        own files (a corpus) too. A world not built yet is skipped (it is built on first use);
+        with `skip_bad` the records are not held against the set."""
+        if self.cfg.world and not all(Path(f).exists() for f in self.cfg.files.values()):
+            return
         for split in splits or self.splits:
             path = self.file(split)
-            if self.cfg.world and not path.exists():
-                continue
             if not path.is_file():
                 raise UsageError(f"task set {self.name!r}, split {split!r}: {path} not found")
-            for n, (file, where, record) in enumerate(iter_records(path)):
-                try:
-                    parse_task(record, "check", self.cfg.env)
-                except RecordError as e:
-                    raise DataFileError(file, where, e.field, e.message) from None
-                if n + 1 == FIRST_RECORDS:
-                    break
-        if self.spec.check is not None and not (self.cfg.world and not _world_built(self)):
+            if not self.cfg.skip_bad:
+                check_first_records(path, lambda r: parse_task(r, "check", self.cfg.env))
+        if self.spec.check is not None:
             self.spec.check(self.cfg.env_options)
-
-
-def _world_built(task_set: TaskSet) -> bool:
-    return all(Path(f).exists() for f in task_set.cfg.files.values())
 
 
 class TaskSets:

@@ -155,6 +155,19 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
         yield lineno, parse_json(line, path, lineno)
 
 
+def check_first_records(path: str | Path, parse: Callable, count: int = 3) -> None:
+    """Parse the first `count` records of `path` with `parse(record)`: what the checks before
+    a run read of a file (it exists, its layout is one this reads). The first problem raises
+    `DataFileError` (a missing file `UsageError`)."""
+    for n, (file, where, record) in enumerate(iter_records(path)):
+        try:
+            parse(record)
+        except RecordError as e:
+            raise DataFileError(file, where, e.field, e.message) from None
+        if n + 1 == count:
+            return
+
+
 def first_seen(file: Path, where: Location) -> str:
     """Where a record was, for 'duplicate id' messages."""
     return f"line {where}" if isinstance(where, int) else f"{file.name}:{where}"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
 from megatron_foresight.configtree import check
-from megatron_foresight.data.records import DataFileError, RecordError, iter_records
+from megatron_foresight.data.records import check_first_records
 from megatron_foresight.tasks import Task
 from megatron_foresight.data.task_files import parse_document
 from megatron_foresight.envs.base import Episode
@@ -107,14 +107,8 @@ def check_files(options: SearchOptions) -> None:
     if options.index is not None and not (Path(options.index) / MANIFEST).is_file():
         raise UsageError(f"index {options.index}: not a corpus index (no {MANIFEST}); build it "
                          "with `foresight data index CORPUS --out DIR`")
-    for file in (corpus_files(options.corpus_paths) if options.corpus_paths else [])[:1]:
-        for n, (path, where, record) in enumerate(iter_records(file)):
-            try:
-                parse_document(record)
-            except RecordError as e:
-                raise DataFileError(path, where, e.field, e.message) from None
-            if n == 2:
-                break
+    if options.corpus_paths and not options.skip_bad:
+        check_first_records(corpus_files(options.corpus_paths)[0], parse_document)
 
 
 def make_search(options: SearchOptions, ctx: EnvContext):

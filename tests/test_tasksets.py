@@ -263,3 +263,21 @@ def test_a_registered_environment_joins_the_format_and_plays():
     assert step.observation == "<conversion>3000 m</conversion>"
     assert observation_content(step.observation) == "3000 m"
     assert env.step("<answer>3000 metres</answer>").info["success"]
+
+
+def test_registering_an_environment_checks_what_it_declares():
+    from dataclasses import dataclass
+
+    from megatron_foresight.envs.registry import EnvSpec, register
+    from helpers import toy_env
+
+    @dataclass
+    class Options:
+        pass
+
+    with pytest.raises(ValueError, match="plays tasks of type 'convert'; register it under that"):
+        register(EnvSpec("units", toy_env.ConvertEnv, Options, lambda o, c: toy_env.ConvertEnv))
+    with pytest.raises(ValueError, match="'convert' is already registered"):
+        register(EnvSpec("convert", toy_env.ConvertEnv, Options, lambda o, c: toy_env.ConvertEnv))
+    with pytest.raises(TypeError, match="options must be a dataclass"):
+        register(EnvSpec("convert", toy_env.ConvertEnv, dict, lambda o, c: toy_env.ConvertEnv))

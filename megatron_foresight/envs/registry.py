@@ -70,6 +70,10 @@ def register(spec: EnvSpec) -> EnvSpec:
     the same name twice with a different spec is refused."""
     if not dataclasses.is_dataclass(spec.options):
         raise TypeError(f"environment {spec.name!r}: options must be a dataclass")
+    if spec.episode.task_type != spec.name:
+        raise ValueError(f"environment {spec.name!r}: its episode class plays tasks of type "
+                         f"{spec.episode.task_type!r}; register it under that name (a task's "
+                         "type is the name of the environment that plays it)")
     known = _REGISTRY.get(spec.name)
     if known is not None and known != spec:
         raise ValueError(f"environment {spec.name!r} is already registered (by "

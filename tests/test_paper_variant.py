@@ -228,6 +228,7 @@ def test_fc_rl_in_the_paper_tag_set_from_a_v2_fe_sft_policy(medium_world, medium
     assert all({"reward/task", "reward/confidence", "reward/grounding"} <= set(s) and
                "reward/format" not in s for s in steps)
     assert steps[0]["grad_norm"] > 0  # the step advantages moved the policy
-    print({k: round(steps[-1][k], 3) for k in ("val/format_validity", "val/reward/total",
+    print([round(s["grad_norm"], 4) for s in steps],
+          {k: round(steps[-1][k], 3) for k in ("val/format_validity", "val/reward/total",
                                                "rollout/format_validity")})
     assert steps[-1]["val/format_validity"] > 0  # greedy v2 turns that parse strictly

@@ -273,7 +273,7 @@ def test_registering_an_environment_checks_what_it_declares():
 
     @dataclass
     class Options:
-        pass
+        """An environment without options."""
 
     with pytest.raises(ValueError, match="plays tasks of type 'convert'; register it under that"):
         register(EnvSpec("units", toy_env.ConvertEnv, Options, lambda o, c: toy_env.ConvertEnv))

@@ -16,8 +16,11 @@ train ...` is one per Slurm task.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import traceback
+from pathlib import Path
 
 import yaml
 
@@ -25,6 +28,7 @@ from megatron_foresight.configtree import ConfigError
 from megatron_foresight.data.commands import add_data_parser, run_data
 from megatron_foresight.data.records import DataFileError
 from megatron_foresight.errors import UsageError
+from megatron_foresight.runtime import run_lock
 
 OVERRIDES_HELP = ("recipe overrides, e.g. schedule.train_steps=20 "
                   "parallel.tensor_model_parallel_size=2 (see `foresight config --keys`)")
@@ -40,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="foresight",
         description="megatron-foresight: train LLM agents to plan with an internal world model, "
                     "on Megatron-Core.",
-        epilog="Run `foresight COMMAND --help` for a command's options.")
+        epilog="Run `foresight COMMAND --help` for a command's options. Errors that are "
+               "yours to fix print one line; --debug (or FORESIGHT_DEBUG=1) adds the stack.")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the full stack with an error (also FORESIGHT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     train = sub.add_parser(
@@ -283,6 +290,8 @@ def _cmd_eval(args) -> int:
                        temperature=args.temperature, task_sets=args.task_sets,
                        tasks_file=args.tasks_file, env=args.env, corpus=args.corpus)
     task_sets = task_sets_for(cfg, opts) if opts.tasks else None
+    if args.out and _launch_rank() == 0:
+        run_lock.hold_run_of(Path(args.out).parent, "foresight eval")
     metrics = evaluate_checkpoint(cfg, opts, args.out, task_sets)
     if _launch_rank() == 0:
         print(f"{ckpt or 'initial weights'}, split {opts.split}")
@@ -379,6 +388,9 @@ def _cmd_convert(args) -> int:
 
     rank = _launch_rank()
     setup_logging(rank)
+    if rank == 0:  # converting from a run, or into one: nobody trains there meanwhile
+        run_lock.hold_run_of(args.ckpt if args.direction == "to-hf" else args.out,
+                             f"foresight convert {args.direction}")
     if args.direction == "from-hf":
         from megatron_foresight.convert.from_hf import convert_from_hf
 
@@ -409,17 +421,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def explain(error: BaseException) -> str | None:
+    """The one line for an error that is the user's (or the machine's) to fix; None for a bug,
+    which keeps its traceback."""
+    if isinstance(error, (ConfigError, UsageError, DataFileError)):
+        return str(error)
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = f" writing {error.filename}" if error.filename else ""
+        return f"no space left on device{where}: free space, then run the command again"
+    if isinstance(error, OSError) and error.filename:
+        return f"{error.strerror or error}: {error.filename}"
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    debug = args.debug or os.environ.get("FORESIGHT_DEBUG", "") not in ("", "0")
     try:
         return {"train": _cmd_train, "eval": _cmd_eval, "config": _cmd_config,
                 "pipeline": _cmd_pipeline, "plan": _cmd_plan,
                 "convert": _cmd_convert,
                 "data": run_data}[args.command](args)
-    except (ConfigError, UsageError, DataFileError) as e:
-        if _launch_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        line = explain(e)
+        if line is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        if _launch_rank() == 0 or debug:
+            print(f"error: {line}", file=sys.stderr)
         return 2
+    finally:
+        run_lock.release_all()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,12 @@ Atomicity: a checkpoint is written into `step_N.tmp`, and only once every rank h
 it renamed to `step_N` and `latest` replaced (write-then-rename, so `latest` is never partial). A
 crash mid-save leaves a `.tmp` directory that is never loaded and is removed by the next save of
 that step; the previous checkpoint is untouched. Old checkpoints are pruned only after the new
-one is complete.
+one is complete, and never the newest one saved after a finite step.
+
+Integrity (`integrity.py`): each checkpoint holds a manifest of its files' sizes and SHA-256,
+written before the rename and verified before any load; `--resume` passes over a damaged
+checkpoint to the newest intact one and says so. A `latest` that is unreadable or names no
+complete checkpoint is ignored with a warning (the newest complete checkpoint is used).
 
 What a checkpoint holds: model and optimizer state as sharded tensors (reshardable: loading at a
 different TP/PP size works); the LR schedule, the step and consumed samples, and the parallel
@@ -22,19 +27,24 @@ layout continues with fresh RNG streams, which only matters for dropout.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 from megatron_foresight.errors import UsageError
 from megatron_foresight.runtime.dist import ParallelContext, barrier, is_rank0
 from megatron_foresight.runtime.seed import get_rng_state, set_rng_state
+from megatron_foresight.training import integrity
+from megatron_foresight.training.integrity import CheckpointDamaged
 from megatron_foresight.training.optimizer import ensure_adam_state
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+STEP_NAME = re.compile(r"step_\d{7}")
 
 
 class CheckpointError(UsageError):
@@ -64,10 +74,11 @@ def _metadata(optimizer_sharding: str) -> dict:
 
 def save_checkpoint(root: Path, step: int, *, chunks: list, optimizer, scheduler,
                     ctx: ParallelContext, consumed_samples: int, config: dict, keep_last: int,
-                    save_optimizer: bool = True, optimizer_sharding: str = "fully_reshardable"
-                    ) -> Path:
+                    save_optimizer: bool = True, optimizer_sharding: str = "fully_reshardable",
+                    finite: bool = True, nonfinite_skipped: int = 0) -> Path:
     """Save `step` atomically; `optimizer=None` (or save_optimizer=False) saves weights only,
-    which can start a run (checkpoint.init_from) or be converted, but not resume one."""
+    which can start a run (checkpoint.init_from) or be converted, but not resume one.
+    `finite`: the step trained on finite losses and gradients (see `_prune`)."""
     from megatron.core import dist_checkpointing
 
     final = step_dir(root, step)
@@ -83,12 +94,15 @@ def save_checkpoint(root: Path, step: int, *, chunks: list, optimizer, scheduler
         ensure_adam_state(optimizer)  # a stop before the first step saves too
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
-    state["progress"] = {"step": step, "consumed_samples": consumed_samples}
+    state["progress"] = {"step": step, "consumed_samples": consumed_samples,
+                         "nonfinite_skipped": nonfinite_skipped}
     state["layout"] = ctx.layout
     state["config"] = config
     state["has_optimizer"] = save_optimizer
     state["rng_state"] = _rng_object(ctx, get_rng_state())
-    dist_checkpointing.save(state, str(tmp))
+    _save_or_explain(state, tmp)
+    barrier()
+    integrity.write_manifest(tmp, step, finite)
     barrier()
     if is_rank0():
         if final.exists():
@@ -102,34 +116,144 @@ def save_checkpoint(root: Path, step: int, *, chunks: list, optimizer, scheduler
     return final
 
 
+def _save_or_explain(state: dict, tmp: Path) -> None:
+    """dist_checkpointing.save, with a full disk named as such: torch reports it from deep in
+    its writer ("unexpected pos 704 vs 598") without the path or the cause."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        dist_checkpointing.save(state, str(tmp))
+    except (Exception, CheckpointException) as e:
+        if not _disk_full(e, tmp):
+            raise
+        if is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"no space left on device while saving checkpoint {tmp.name} into {tmp.parent} "
+            f"({shutil.disk_usage(tmp.parent).free >> 20} MiB free now). The previous checkpoint "
+            "is intact: free space (or lower checkpoint.keep_last) and continue with --resume"
+        ) from e
+
+
+# How a full disk (or quota) shows through torch's and Megatron's writers: an OSError, the
+# worker's OSError as text ("Worker failure: [Errno 28] ..."), or the short write found by
+# torch's zip writer ("unexpected pos 704 vs 598").
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXTS = (*map(os.strerror, _FULL_ERRNOS), "unexpected pos")
+
+
+def _disk_full(error: BaseException, where: Path) -> bool:
+    seen: BaseException | None = error
+    while seen is not None:
+        for e in (seen, _first_failure(seen)):
+            if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+                return True
+            if any(text in str(e) for text in _FULL_TEXTS):
+                return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(where.parent).free < (1 << 20)
+    except OSError:
+        return False
+
+
 def _prune(root: Path, keep_last: int) -> None:
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in complete[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Keep the newest `keep_last` checkpoints, and the newest one whose step was finite if
+    that is older (a run that went non-finite under optimizer.skip_nonfinite keeps a sound
+    state to go back to)."""
+    complete = complete_checkpoints(root)
+    keep = set(complete[:keep_last])
+    for path in complete:
+        if _finite(path):
+            keep.add(path)
+            break
+    for old in complete:
+        if old not in keep:
+            _remove(old)
+    for leftover in root.glob("step_*.pruned"):  # a crash during an earlier prune
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Rename first: a crash halfway through deleting must not leave a directory that still
+    looks like a complete checkpoint (metadata.json present, tensor files gone)."""
+    doomed = path.with_name(path.name + ".pruned")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _finite(path: Path) -> bool:
+    try:
+        manifest = integrity.read_manifest(path)
+    except CheckpointDamaged:
+        return False
+    return manifest is None or bool(manifest.get("finite", True))
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under a `checkpoints/` directory, newest first."""
+    return sorted((p for p in root.glob("step_*")
+                   if STEP_NAME.fullmatch(p.name) and (p / "metadata.json").is_file()),
+                  reverse=True)
+
+
+def _named_by_latest(root: Path) -> Path | None:
+    latest = root / LATEST
+    if not latest.exists():
+        return None
+    try:
+        name = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        log.warning("%s cannot be read (%s): using the newest complete checkpoint", latest, e)
+        return None
+    candidate = root / name
+    if STEP_NAME.fullmatch(name) and (candidate / "metadata.json").is_file():
+        return candidate
+    log.warning("%s names %r, which is not a complete checkpoint there: using the newest "
+                "complete checkpoint", latest, name[:80])
+    return None
+
+
+def _checkpoints_root(path: Path) -> Path:
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
 def find_checkpoint(path: str | Path) -> Path | None:
     """Resolve a run directory, a `checkpoints/` directory or a checkpoint directory to the
     newest complete checkpoint it names; None if there is none."""
     path = Path(path)
-    if (path / "metadata.json").exists() and not path.name.endswith(".tmp"):
+    if (path / "metadata.json").is_file() and not path.name.endswith(".tmp"):
         return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    latest = root / LATEST
-    if latest.exists():
-        candidate = root / latest.read_text().strip()
-        if (candidate / "metadata.json").exists():
-            return candidate
-    complete = sorted(p for p in root.glob("step_*")
-                      if not p.name.endswith(".tmp") and (p / "metadata.json").exists())
-    return complete[-1] if complete else None
+    root = _checkpoints_root(path)
+    named = _named_by_latest(root)
+    if named is not None:
+        return named
+    complete = complete_checkpoints(root)
+    return complete[0] if complete else None
+
+
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """The checkpoints a resume may use, in the order to try them: the one `latest` names,
+    then every other complete one, newest first."""
+    root = _checkpoints_root(run_dir)
+    first = _named_by_latest(root)
+    rest = [p for p in complete_checkpoints(root) if p != first]
+    return ([first] if first else []) + rest
 
 
 def read_common(path: Path) -> dict:
     """The non-sharded part of a checkpoint (progress, layout, schedule, config)."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load_common_state_dict(str(path))
+    try:
+        return dist_checkpointing.load_common_state_dict(str(path))
+    except UsageError:
+        raise
+    except Exception as e:  # torch.load of a truncated, empty or missing common.pt
+        raise CheckpointError(f"{path / 'common.pt'} cannot be read ({type(e).__name__}: "
+                              f"{str(e).strip()[:200]}): the checkpoint is damaged or "
+                              "incomplete; use another checkpoint (an earlier step_N)") from e
 
 
 def _check_optimizer_kind(path: Path, common: dict, distributed_optimizer: bool) -> None:
@@ -152,9 +276,10 @@ def load_checkpoint(path: Path, *, chunks: list, ctx: ParallelContext, optimizer
     """Load model weights, and when `optimizer` is given the optimizer, schedule and RNG too.
     `fresh`: prefixes of model state this run adds to the checkpoint's model (a stage's new
     module, such as PPO's value head), which are not read and keep their initial values.
-    Returns the checkpoint's common state (progress, layout, config)."""
-    from megatron.core import dist_checkpointing
-
+    Returns the checkpoint's common state (progress, layout, config).
+    Raises CheckpointDamaged, before anything is loaded, if the files differ from the
+    checkpoint's manifest."""
+    integrity.verify(path)
     common = read_common(path)
     metadata = _metadata(optimizer_sharding)
     template = _model_state(chunks, metadata)
@@ -174,7 +299,7 @@ def load_checkpoint(path: Path, *, chunks: list, ctx: ParallelContext, optimizer
     same_layout = common.get("layout") == ctx.layout
     if optimizer is not None and same_layout:
         template["rng_state"] = _rng_object(ctx, None)
-    loaded = dist_checkpointing.load(template, str(path))
+    loaded = _load_or_explain(template, path)
     for i, chunk in enumerate(chunks):
         state = loaded["model" if len(chunks) == 1 else f"model{i}"]
         if fresh:
@@ -192,23 +317,79 @@ def load_checkpoint(path: Path, *, chunks: list, ctx: ParallelContext, optimizer
     return common
 
 
+def _load_or_explain(template: dict, path: Path) -> dict:
+    """dist_checkpointing.load with its failures named: a model whose shapes differ from the
+    checkpoint's (Megatron: "Global shape mismatch" deep in a stack) or files it cannot read."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return dist_checkpointing.load(template, str(path))
+    except (CheckpointingException, CheckpointException) as e:
+        cause = _first_failure(e)
+        text = str(cause).strip()
+        line = (text.splitlines() or [type(cause).__name__])[0][:300]
+        if "shape mismatch" in text.lower():
+            raise CheckpointError(
+                f"{path} does not fit this model: {line}. The checkpoint was saved with "
+                "another model shape; use the recipe it was trained with (its model: section is "
+                "in the run's config.yaml), or a checkpoint of this model") from e
+        raise CheckpointError(f"{path} cannot be loaded ({type(cause).__name__}: {line}): one "
+                              "of its files is unreadable, truncated or damaged; use another "
+                              "checkpoint (an earlier step_N)") from e
+
+
+def _first_failure(error: BaseException) -> BaseException:
+    """torch's CheckpointException gathers each rank's exception; the first one is the cause."""
+    failures = getattr(error, "failures", None)
+    if not failures:
+        return error
+    first = next(iter(failures.values()))  # (exception, its stack summary)
+    return first[0] if isinstance(first, tuple) else first
+
+
 def start_writer_immune_to_stop_signals() -> None:
-    """Start Megatron's checkpoint-writer result queue now, with SIGTERM and SIGUSR1 blocked.
+    """Start Megatron's checkpoint-writer result queue now, with SIGTERM and SIGUSR1 blocked,
+    in a Manager process that dies with the trainer.
 
     dist_checkpointing reports its writes through a Manager process that it spawns on the first
     save. A spawned process starts with default signal handlers, and Slurm delivers its stop
     signals (SIGUSR1 before the time limit, SIGTERM on preemption) to every process of a job
     step: the Manager died and the very save the signal asked for failed with BrokenPipeError
     (seen with slurm/tiny_cpu.sh). A process inherits the blocked-signal mask across exec, so the
-    Manager started here never sees them; the training process handles them as before."""
+    Manager started here never sees them; the training process handles them as before.
+    The other way round, a trainer killed with SIGKILL left that Manager (and through it
+    multiprocessing's resource tracker) running forever: it now asks the kernel for SIGKILL
+    when its parent dies (Linux; elsewhere it is left as it was)."""
+    import multiprocessing as mp
     import signal
+    from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    if filesystem_async._results_queue is not None:
+        return
     stop = {signal.SIGTERM, signal.SIGUSR1}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
     try:
-        filesystem_async._get_write_results_queue()
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+        # the attribute Megatron's _get_write_results_queue() fills on first use
+        filesystem_async._results_queue = manager.Queue()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In the Manager process: be killed when the process that started it dies."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # it died before the request took effect
+        os._exit(0)

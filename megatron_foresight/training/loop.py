@@ -10,6 +10,7 @@ all-reduce grads across data-parallel ranks -> clip -> Adam -> LR schedule -> lo
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import time
@@ -31,6 +32,7 @@ from megatron_foresight.runtime.dist import (
     ParallelContext, barrier, broadcast_object, init_distributed, init_parallel_state,
     read_launch_env, shutdown,
 )
+from megatron_foresight.runtime import run_lock
 from megatron_foresight.runtime.log import MetricsWriter, setup_logging
 from megatron_foresight.runtime.seed import seed_all
 from megatron_foresight.training import checkpoint as ckpt
@@ -62,6 +64,8 @@ class Run:
     """State-dict prefixes of what the stage added to the model (not in `init_from`)."""
     step: int = 0
     stop_requested: bool = False
+    nonfinite_skipped: int = 0
+    """Steps skipped for a non-finite loss or gradient so far (optimizer.skip_nonfinite)."""
 
     def runtime(self) -> StageRuntime:
         return StageRuntime(chunks=self.chunks, ctx=self.ctx, step=self.step)
@@ -89,13 +93,18 @@ def start_processes(cfg: RecipeConfig, verbose: bool = False) -> ParallelContext
     return ctx
 
 
+class NonFiniteStep(UsageError):
+    """A step's loss or gradient was NaN or infinite (beyond optimizer.skip_nonfinite)."""
+
+
 def resolve_run_dir(cfg: RecipeConfig, run_dir: str | None, resume: bool) -> Path:
-    """Rank 0 picks the run directory and tells the others (timestamps differ across hosts)."""
+    """Rank 0 picks the run directory, holds its lock (`run_lock`) until the run ends, and
+    tells the others (timestamps differ across hosts)."""
     chosen = None
     if dist.get_rank() == 0:
         try:
             path = _pick_run_dir(cfg, run_dir, resume)
-            path.mkdir(parents=True, exist_ok=True)
+            run_lock.acquire(path, "foresight train")
             (path / "config.yaml").write_text(
                 f"# resolved recipe of stage {cfg.stage!r} ({cfg.name}); every key, defaults "
                 "included\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -119,6 +128,8 @@ def _pick_run_dir(cfg: RecipeConfig, run_dir: str | None, resume: bool) -> Path:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         return root / (cfg.logging.run_name or f"{cfg.name}-{stamp}")
     path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--run-dir {path} is a file, not a directory; choose another path")
     if not resume and ckpt.find_checkpoint(path):
         raise UsageError(f"run directory {path} already has checkpoints; pass --resume to "
                          "continue it, or choose another --run-dir")
@@ -174,17 +185,40 @@ def build_run(cfg: RecipeConfig, ctx: ParallelContext, run_dir: Path) -> Run:
                train_data=data.train, valid_data=data.valid, fresh_modules=fresh)
 
 
-def restore(run: Run, resume: bool) -> None:
-    """Continue from the run's latest checkpoint (--resume), or start from another run's
-    weights (checkpoint.init_from), or start fresh."""
-    found = ckpt.find_checkpoint(run.run_dir) if resume else None
-    if found:
-        common = ckpt.load_checkpoint(found, chunks=run.chunks, ctx=run.ctx,
-                                      optimizer=run.optimizer, scheduler=run.scheduler,
-                                      optimizer_sharding=run.cfg.checkpoint.optimizer_sharding,
-                                      distributed_optimizer=run.cfg.parallel.use_distributed_optimizer)
+def _resume(run: Run) -> bool:
+    """Load the newest intact checkpoint of the run; a damaged one (files that differ from its
+    manifest) is moved aside to `step_N.damaged` and the one before it is tried."""
+    candidates = ckpt.resume_candidates(run.run_dir)
+    for found in candidates:
+        try:
+            common = ckpt.load_checkpoint(
+                found, chunks=run.chunks, ctx=run.ctx, optimizer=run.optimizer,
+                scheduler=run.scheduler, optimizer_sharding=run.cfg.checkpoint.optimizer_sharding,
+                distributed_optimizer=run.cfg.parallel.use_distributed_optimizer)
+        except ckpt.CheckpointDamaged as e:
+            aside = found.with_name(found.name + ".damaged")
+            if run.ctx.rank == 0:
+                found.rename(aside)
+                log.warning("%s; moved it aside to %s and resuming from the checkpoint before "
+                            "it", e, aside.name)
+            barrier()
+            continue
         run.step = common["progress"]["step"]
+        run.nonfinite_skipped = common["progress"].get("nonfinite_skipped", 0)
         log.info("resumed from %s at step %d", found, run.step)
+        return True
+    if candidates:
+        raise ckpt.CheckpointError(
+            f"no intact checkpoint in {run.run_dir}: every one was damaged and moved aside "
+            "(step_N.damaged). Start a new run directory, from another run's weights with "
+            "checkpoint.init_from if you have one")
+    return False
+
+
+def restore(run: Run, resume: bool) -> None:
+    """Continue from the run's latest intact checkpoint (--resume), or start from another
+    run's weights (checkpoint.init_from), or start fresh."""
+    if resume and _resume(run):
         return
     if resume:
         log.info("no checkpoint in %s yet: starting from step 0", run.run_dir)
@@ -257,15 +291,51 @@ def _reduce_metrics(run: Run, outputs: list[dict]) -> dict[str, float]:
     return {n: (t[0] / t[1]).item() for n, t in zip(names, totals) if t[1] > 0}
 
 
+def _finite_everywhere(run: Run, metrics: dict[str, float]) -> bool:
+    """Whether the step's losses (on the last pipeline stage) and gradients (every rank's
+    buffers) are finite on all ranks: one all-reduce of a flag, and a pass over the gradients
+    as cheap as the norm the optimizer computes anyway. fp16 is left to Megatron's loss scaler,
+    for which an overflow is an expected event that skips the step and lowers the scale."""
+    ok = all(math.isfinite(v) for v in metrics.values())
+    if ok and run.cfg.model.precision != "fp16":
+        ok = all(bool(torch.isfinite(b.grad_data).all())
+                 for d in run.ddp for b in d.buffers + d.expert_parallel_buffers)
+    flag = torch.tensor([1.0 if ok else 0.0],
+                        device="cuda" if run.ctx.device == "cuda" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _skip_nonfinite(run: Run, metrics: dict[str, float]) -> dict[str, float]:
+    """Stop the run, naming the step, or (optimizer.skip_nonfinite) skip the update."""
+    run.nonfinite_skipped += 1
+    bad = ", ".join(f"{k}={v}" for k, v in metrics.items() if not math.isfinite(v))
+    what = f"non-finite {bad}" if bad else "non-finite gradients (the loss was finite)"
+    allowed = run.cfg.optimizer.skip_nonfinite
+    if run.nonfinite_skipped > allowed:
+        raise NonFiniteStep(
+            f"step {run.step + 1}: {what}; the run stopped before saving anything of it, and the "
+            f"checkpoints in {run.run_dir / 'checkpoints'} are intact. Lower optimizer.lr, check "
+            "the data, or let the run skip such steps with optimizer.skip_nonfinite=N"
+            + (f" (it is {allowed}, all used)" if allowed else ""))
+    log.warning("step %d: %s: update skipped (%d of optimizer.skip_nonfinite=%d)",
+                run.step + 1, what, run.nonfinite_skipped, allowed)
+    for chunk in run.ddp:
+        chunk.zero_grad_buffer()
+    return {**metrics, "skipped": 1, "lr": run.optimizer.param_groups[0]["lr"]}
+
+
 def train_step(run: Run, iterators) -> dict[str, float]:
     for chunk in run.ddp:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
     outputs = _run_schedule(run, iterators, forward_only=False)
+    metrics = _reduce_metrics(run, outputs)
+    if not _finite_everywhere(run, metrics):
+        return _skip_nonfinite(run, metrics)
     updated, grad_norm, _ = run.optimizer.step()
     if updated:
         run.scheduler.step(increment=1)
-    metrics = _reduce_metrics(run, outputs)
     metrics["lr"] = run.optimizer.param_groups[0]["lr"]
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
@@ -325,14 +395,15 @@ def evaluate(run: Run) -> dict[str, float]:
     return {f"val/{k}": v for k, v in _reduce_metrics(run, totals).items()}
 
 
-def save(run: Run) -> Path:
+def save(run: Run, finite: bool = True) -> Path:
     c = run.cfg.checkpoint
     path = ckpt.save_checkpoint(
         run.run_dir / "checkpoints", run.step, chunks=run.chunks, optimizer=run.optimizer,
         scheduler=run.scheduler, ctx=run.ctx,
         consumed_samples=run.step * run.cfg.schedule.global_batch_size,
         config=run.cfg.to_dict(), keep_last=c.keep_last, save_optimizer=c.save_optimizer,
-        optimizer_sharding=c.optimizer_sharding)
+        optimizer_sharding=c.optimizer_sharding, finite=finite,
+        nonfinite_skipped=run.nonfinite_skipped)
     log.info("saved checkpoint %s", path)
     return path
 
@@ -390,6 +461,9 @@ def loop(run: Run, writer: MetricsWriter | None, stop_at_step: int | None = None
         started = time.perf_counter()
         metrics = on_policy_step(run) if on_policy else train_step(run, iterators)
         run.step += 1
+        skipped = metrics.get("skipped", 0) > 0 and run.cfg.model.precision != "fp16"
+        if run.nonfinite_skipped:
+            metrics["nonfinite_skipped"] = run.nonfinite_skipped
         if not on_policy:  # an on-policy step times itself (generation, log-probs, training)
             elapsed = time.perf_counter() - started
             metrics["tokens_per_s"] = tokens_per_step / elapsed
@@ -409,7 +483,7 @@ def loop(run: Run, writer: MetricsWriter | None, stop_at_step: int | None = None
         stopping = _any_rank_stopping(run) or run.step == stop_at_step
         if (c.save_interval and run.step % c.save_interval == 0) or stopping \
                 or run.step == s.train_steps:
-            save(run)
+            save(run, finite=not skipped)
         if stopping:
             log.warning("stopped at step %d of %d on request; continue with --resume", run.step,
                         s.train_steps)
@@ -445,4 +519,5 @@ def train(cfg: RecipeConfig, run_dir: str | None = None, resume: bool = False,
             print(f"run directory: {path}", flush=True)
         return path
     finally:
+        run_lock.release_all()
         shutdown()

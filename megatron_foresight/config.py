@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from megatron_foresight.configtree import (
-    ConfigError, apply_overrides, build, check, describe, load_yaml, nearest_origin, to_dict,
+    ConfigError, apply_overrides, build, check, check_at_least, describe, load_yaml,
+    nearest_origin, to_dict,
 )
 from megatron_foresight.data.tokenizer import TokenizerConfig
 from megatron_foresight.envs import registry
@@ -100,26 +101,31 @@ class ModelConfig:
     on the TP/PP layout; null means yes without CUDA, no with CUDA (faster on GPUs)."""
 
     def __post_init__(self):
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                     "max_position_embeddings", "make_vocab_size_divisible_by"):
-            check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        groups = self.num_query_groups or self.num_attention_heads
-        check(groups > 0 and self.num_attention_heads % groups == 0, "num_query_groups",
+        check_at_least(self, 1, "num_layers", "hidden_size", "ffn_hidden_size",
+                       "num_attention_heads", "num_query_groups", "kv_channels", "vocab_size",
+                       "make_vocab_size_divisible_by", "max_position_embeddings", "rotary_base",
+                       "fp8_amax_history_len", "recompute_num_layers")
+        groups = self.query_groups
+        check(self.num_attention_heads % groups == 0, "num_query_groups",
               f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
               f"num_query_groups ({groups})")
         if self.kv_channels is None:
             check(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
                   f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                   f"({self.num_attention_heads}), or set kv_channels")
-        check(self.vocab_size is None or self.vocab_size > 0, "vocab_size", "must be positive")
-        check(0.0 <= self.hidden_dropout < 1.0, "hidden_dropout", "must be in [0, 1)")
-        check(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must be in [0, 1)")
-        check(self.init_method_std > 0, "init_method_std", "must be positive")
+        check(self.norm_epsilon > 0, "norm_epsilon", f"must be positive, got {self.norm_epsilon}")
+        check(self.rope_scaling_factor > 0, "rope_scaling_factor",
+              f"must be positive, got {self.rope_scaling_factor}")
+        check(0.0 <= self.hidden_dropout < 1.0, "hidden_dropout",
+              f"must be in [0, 1), got {self.hidden_dropout}")
+        check(0.0 <= self.attention_dropout < 1.0, "attention_dropout",
+              f"must be in [0, 1), got {self.attention_dropout}")
+        check(self.init_method_std > 0, "init_method_std",
+              f"must be positive, got {self.init_method_std}")
         check(self.fp8 is None or self.transformer_impl != "local", "fp8",
               "FP8 needs transformer_impl: transformer_engine (or auto on a CUDA machine)")
         check(self.fp8 is None or self.precision != "fp32", "fp8",
               "FP8 runs inside a bf16 (or fp16) model: set model.precision: bf16")
-        check(self.recompute_num_layers > 0, "recompute_num_layers", "must be positive")
 
     @property
     def query_groups(self) -> int:
@@ -155,12 +161,10 @@ class ParallelConfig:
     """How long a collective may wait before the job fails."""
 
     def __post_init__(self):
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                     "context_parallel_size", "expert_model_parallel_size",
-                     "distributed_timeout_minutes"):
-            check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        check_at_least(self, 1, "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                       "virtual_pipeline_model_parallel_size", "context_parallel_size",
+                       "expert_model_parallel_size", "distributed_timeout_minutes")
         vpp = self.virtual_pipeline_model_parallel_size
-        check(vpp is None or vpp >= 1, "virtual_pipeline_model_parallel_size", "must be at least 1")
         check(vpp is None or self.pipeline_model_parallel_size > 1,
               "virtual_pipeline_model_parallel_size",
               "an interleaved pipeline needs pipeline_model_parallel_size > 1")
@@ -195,15 +199,23 @@ class OptimizerConfig:
     """SGD momentum."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    skip_nonfinite: int = 0
+    """Steps with a non-finite loss or gradient norm (NaN, inf) the run may skip over its whole
+    length (no update; counted as `nonfinite_skipped` in the metrics) before it stops; 0 stops
+    at the first, before anything is saved."""
 
     def __post_init__(self):
         check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        check_at_least(self, 0, "skip_nonfinite")
         check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
-        check(self.weight_decay >= 0, "weight_decay", "must be non-negative")
-        check(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
-        check(0 <= self.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
-        check(self.adam_eps > 0, "adam_eps", "must be positive")
-        check(self.clip_grad >= 0, "clip_grad", "must be non-negative (0 disables clipping)")
+        check(self.weight_decay >= 0, "weight_decay",
+              f"must be non-negative, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2", "sgd_momentum"):
+            value = getattr(self, name)
+            check(0 <= value < 1, name, f"must be in [0, 1), got {value}")
+        check(self.adam_eps > 0, "adam_eps", f"must be positive, got {self.adam_eps}")
+        check(self.clip_grad >= 0, "clip_grad",
+              f"must be non-negative (0 disables clipping), got {self.clip_grad}")
 
 
 @dataclass
@@ -231,16 +243,14 @@ class ScheduleConfig:
     evaluations compare with."""
 
     def __post_init__(self):
-        check(self.train_steps >= 1, "train_steps", f"must be at least 1, got {self.train_steps}")
-        check(self.micro_batch_size >= 1, "micro_batch_size", "must be at least 1")
+        check_at_least(self, 1, "train_steps", "global_batch_size", "micro_batch_size",
+                       "decay_steps")
+        check_at_least(self, 0, "eval_interval", "eval_steps")
         check(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size",
               f"global_batch_size ({self.global_batch_size}) must be a multiple of "
               f"micro_batch_size ({self.micro_batch_size})")
-        check(self.lr_decay_steps >= 1, "decay_steps", "must be at least 1")
         check(0 <= self.warmup_steps < self.lr_decay_steps, "warmup_steps",
               f"must be in [0, decay_steps={self.lr_decay_steps}), got {self.warmup_steps}")
-        check(self.eval_interval >= 0, "eval_interval", "must be non-negative")
-        check(self.eval_steps >= 0, "eval_steps", "must be non-negative")
 
     @property
     def lr_decay_steps(self) -> int:
@@ -265,8 +275,8 @@ class DataConfig:
     there on first use (default sizes, the recipe's seed; about half a minute)."""
 
     def __post_init__(self):
-        check(self.seq_length >= 2, "seq_length", f"must be at least 2, got {self.seq_length}")
-        check(self.num_workers >= 0, "num_workers", "must be non-negative")
+        check_at_least(self, 2, "seq_length")
+        check_at_least(self, 0, "num_workers")
         check(self.tokenizer.type != "sentencepiece" or bool(self.tokenizer.path or self.world),
               "tokenizer.path", "type sentencepiece needs the path of a .model file (or set "
               "data.world to use the built-in world's tokenizer)")
@@ -327,7 +337,7 @@ class TaskSetConfig:
         self.name = self.name or self.env
         check(bool(self.name.strip()) and "/" not in self.name, "name",
               "must be a non-empty name without '/' (it prefixes metric names)")
-        check(self.weight > 0 and math.isfinite(self.weight), "weight", "must be positive")
+        check(self.weight > 0, "weight", f"must be positive, got {self.weight}")
         check(not (self.world and self.splits), "splits",
               "a world set takes its files from data.world; give either world: true or splits")
         check(self.world or bool(self.splits), "splits",
@@ -367,8 +377,8 @@ class CheckpointConfig:
     choice for large models) but loads only at the same TP/PP size."""
 
     def __post_init__(self):
-        check(self.save_interval >= 0, "save_interval", "must be non-negative")
-        check(self.keep_last >= 1, "keep_last", "must be at least 1")
+        check_at_least(self, 0, "save_interval")
+        check_at_least(self, 1, "keep_last")
 
 
 @dataclass
@@ -387,7 +397,7 @@ class LoggingConfig:
     """Show a progress bar when the console is a terminal."""
 
     def __post_init__(self):
-        check(self.log_interval >= 1, "log_interval", "must be at least 1")
+        check_at_least(self, 1, "log_interval")
 
 
 @dataclass
@@ -407,10 +417,11 @@ class LaunchConfig:
     fragmentation (0 on the CPU path)."""
 
     def __post_init__(self):
-        check(self.nodes >= 1, "nodes", "must be at least 1")
-        check(self.gpus_per_node >= 1, "gpus_per_node", "must be at least 1")
-        check(self.gpu_memory_gib > 0, "gpu_memory_gib", "must be positive")
-        check(self.overhead_gib >= 0, "overhead_gib", "must be non-negative")
+        check_at_least(self, 1, "nodes", "gpus_per_node")
+        check(self.gpu_memory_gib > 0, "gpu_memory_gib",
+              f"must be positive, got {self.gpu_memory_gib}")
+        check(self.overhead_gib >= 0, "overhead_gib",
+              f"must be non-negative, got {self.overhead_gib}")
 
     @property
     def world_size(self) -> int:
@@ -457,6 +468,8 @@ class RecipeConfig:
     name: str = field(default="recipe", init=False, compare=False)
 
     def __post_init__(self):
+        # numpy's seeding takes 0 .. 2**32 - 1 only.
+        check(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
         m, p = self.model, self.parallel
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         check(m.num_attention_heads % tp == 0, "model.num_attention_heads",

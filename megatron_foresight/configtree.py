@@ -21,6 +21,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import re
 import textwrap
@@ -45,13 +46,26 @@ class ConfigError(ValueError):
 
     def located(self, where: str | None, parent: str = "") -> "ConfigError":
         key = f"{parent}.{self.key}" if parent and self.key else (self.key or parent)
-        return ConfigError(key, self.message, self.where or where)
+        return type(self)(key, self.message, self.where or where)
+
+
+class _NotAllowed(ConfigError):
+    """A value of the right type outside what every field allows (inf, nan): a union field
+    reports it as is instead of trying its other types."""
 
 
 def check(condition: bool, key: str, message: str) -> None:
     """Raise a ConfigError for `key` unless `condition` holds. Used in `__post_init__` checks."""
     if not condition:
         raise ConfigError(key, message)
+
+
+def check_at_least(obj: Any, minimum: int, *names: str) -> None:
+    """Each named field of `obj`, a count or a size, is at least `minimum` (None, where a field
+    may be left unset, passes). Used in `__post_init__` checks."""
+    for name in names:
+        value = getattr(obj, name)
+        check(value is None or value >= minimum, name, f"must be at least {minimum}, got {value}")
 
 
 class Variant:
@@ -159,6 +173,17 @@ def _merge(base: dict, child: dict) -> dict:
     return merged
 
 
+def _read_text(path: Path) -> str:
+    """A recipe file's text; a byte that is not UTF-8 is an error at its offset."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset "
+                              f"{e.start}; save the file as UTF-8", str(path)) from None
+    except OSError as e:
+        raise ConfigError("", f"cannot read the recipe file: {e.strerror}", str(path)) from None
+
+
 def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[dict, Origins]:
     """Read a recipe file, resolving `base: other.yaml` (relative to the file) recursively."""
     path = Path(path)
@@ -169,7 +194,7 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[dict, Or
         cycle = " -> ".join(str(p) for p in (*_chain, resolved))
         raise ConfigError("base", f"recipes include each other in a cycle: {cycle}", str(path))
     try:
-        node = yaml.compose(path.read_text())
+        node = yaml.compose(_read_text(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -249,6 +274,8 @@ def _coerce(value: Any, tp: Any, key: str, origins: Origins | None = None) -> An
                 continue
             try:
                 return _coerce(value, arg, key, origins)
+            except _NotAllowed:
+                raise
             except ConfigError:
                 pass
         raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
@@ -286,19 +313,31 @@ def _coerce(value: Any, tp: Any, key: str, origins: Origins | None = None) -> An
         if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
             return int(value)  # YAML reads 1e6 as a float
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _float(value)
+        if number is not None:
+            # inf passes the `> 0` checks fields write and nan fails them with a puzzling
+            # message; either becomes a NaN loss later. No field has a use for them.
+            if not math.isfinite(number):
+                raise _NotAllowed(key, f"must be a finite number, got {number}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
     elif tp is Any:
         return value
     raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _float(value: Any) -> float | None:
+    """`value` as a float, or None when it is not a number."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _element(value: Any, tp: Any, key: str, origins: Origins | None) -> Any:

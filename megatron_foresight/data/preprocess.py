@@ -12,8 +12,15 @@ stops the run with its file, line and field, and leaves no partial output behind
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
+import logging
 import os
+import re
+import signal
+import socket
+import threading
 from collections import Counter, deque
 from dataclasses import asdict
 from multiprocessing import get_context
@@ -31,6 +38,8 @@ from megatron_foresight.data.trajectory import Trajectory
 from megatron_foresight.errors import UsageError
 
 SEGMENTS_SUFFIX = "_segments"
+
+log = logging.getLogger(__name__)
 
 # (file, line or tar member, raw record text, whether the record is JSON)
 Item = tuple[str, object, str, bool]
@@ -137,23 +146,66 @@ def _encoded(batches, renderer: str, tokenizer: dict, workers: int):
             yield result.get(), n
 
 
+# What follows PREFIX in a temporary file's name (see `_temp_prefix`).
+_TEMP_SUFFIX = re.compile(r"\.tmp(?P<pid>\d+)(?:-(?P<host>[A-Za-z0-9.-]+))?"
+                          rf"(?:{SEGMENTS_SUFFIX})?\.(?:bin|idx)")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())
+
+
+def _temp_prefix(prefix: Path) -> Path:
+    """Where this process writes `prefix`'s files until they are complete: PREFIX.tmp<PID>-<HOST>
+    (the host, so that on a filesystem several hosts share a run reaps only its own host's)."""
+    return prefix.with_name(f"{prefix.name}.tmp{os.getpid()}-{_host()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(prefix: Path) -> None:
+    """Remove the temporary files a run writing `prefix` on this host left when it was killed
+    (kill -9, out of memory): those whose process no longer exists. Names without a host were
+    written by versions before the host was in the name, and are judged by the PID alone."""
+    for path in prefix.parent.glob(f"{glob.escape(prefix.name)}.tmp*"):
+        match = _TEMP_SUFFIX.fullmatch(path.name[len(prefix.name):])
+        if match and match["host"] in (None, _host()) and not _pid_alive(int(match["pid"])):
+            path.unlink(missing_ok=True)
+            log.warning("removed %s: left by process %s, which was killed before it finished",
+                        path, match["pid"])
+
+
 class SegmentedWriter:
     """PREFIX.bin/.idx (tokens) and PREFIX_segments.bin/.idx (segment types), written under
     temporary names. `commit` moves them into place, the token index last (a prefix whose .idx
-    exists is complete); leaving the `with` block without committing removes them."""
+    exists is complete); leaving the `with` block without committing removes them, and a new
+    writer first removes those a killed one left."""
 
     def __init__(self, prefix: str | Path, vocab_size: int):
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self.prefix = Path(prefix)
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.prefix.with_name(self.prefix.name + f".tmp{os.getpid()}")
+        remove_stale_temps(self.prefix)
+        tmp = _temp_prefix(self.prefix)
         self._outputs = {f"{tmp}{s}{ext}": f"{self.prefix}{s}{ext}"
                          for s in ("", SEGMENTS_SUFFIX) for ext in (".bin", ".idx")}
         self._tmp = tmp
         dtype = np.uint16 if vocab_size <= 65536 else np.int32
-        self._tokens = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
-        self._types = IndexedDatasetBuilder(f"{tmp}{SEGMENTS_SUFFIX}.bin", dtype=np.uint8)
+        try:  # not yet inside a `with` block, whose exit would remove them
+            self._tokens = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
+            self._types = IndexedDatasetBuilder(f"{tmp}{SEGMENTS_SUFFIX}.bin", dtype=np.uint8)
+        except BaseException:
+            self._remove_temps()
+            raise
         self.counts: Counter = Counter()
         self.documents = 0
         self._committed = False
@@ -188,8 +240,11 @@ class SegmentedWriter:
         if not self._committed:
             self._tokens.data_file.close()
             self._types.data_file.close()
-            for path in self._outputs:
-                Path(path).unlink(missing_ok=True)
+            self._remove_temps()
+
+    def _remove_temps(self) -> None:
+        for path in self._outputs:
+            Path(path).unlink(missing_ok=True)
 
 
 def preprocess(inputs: list[str | Path], output_prefix: str | Path, renderer: str,
@@ -208,7 +263,7 @@ def preprocess(inputs: list[str | Path], output_prefix: str | Path, renderer: st
                 for f in ([p] if p.is_file() else p.glob("*.tar")))
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"preprocess ({renderer})",
                disable=None if progress else True, mininterval=1)
-    with bar, SegmentedWriter(output_prefix, tok.vocab_size) as writer:
+    with _sigterm_exits(), bar, SegmentedWriter(output_prefix, tok.vocab_size) as writer:
         batches = _batches(_raw_records(files), batch_size)
         for (status, payload), nbytes in _encoded(batches, renderer, asdict(tokenizer), workers):
             if status == "error":
@@ -224,3 +279,22 @@ def preprocess(inputs: list[str | Path], output_prefix: str | Path, renderer: st
                 "tokens_by_segment": writer.tokens_by_segment()}
         writer.commit(meta)
     return meta
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM (`kill`, a Slurm time limit) unwinds like Ctrl-C, so the writer removes its
+    temporary files on the way out. Only the main thread may set a signal handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _exit(signum, frame):
+    signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise SystemExit(128 + signum)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -9,6 +11,10 @@ import os
 import sys
 import warnings
 from pathlib import Path
+
+from megatron_foresight.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 # Megatron-Core warns at import that Transformer Engine and Apex are missing and that it falls back
 # to torch implementations. On the CPU that is the intended configuration, so these are noise.
@@ -54,14 +60,12 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0):
         self.path = run_dir / "metrics.jsonl"
         if resume_step and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, self.path)
+            _replace_lines(self.path, _records_up_to(self.path, resume_step))
         elif not resume_step and self.path.exists():
             self.path.unlink()
-        self._file = self.path.open("a")
+        # Unbuffered: each record reaches the file in one write call, so a crash can tear at
+        # most the last line, which a resume drops.
+        self._file = self.path.open("ab", buffering=0)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -70,8 +74,10 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: dict) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        line = (json.dumps(record) + "\n").encode()
+        with _no_space_is_a_usage_error(self.path):
+            if self._file.write(line) != len(line):  # a short write: the disk just filled up
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -81,6 +87,61 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _records_up_to(path: Path, step: int) -> list[str]:
+    """The lines of `path` whose step is at most `step`. A last line that does not read was torn
+    by a crash mid-write and is dropped; a bad line before it is damage the user must see."""
+    # Bytes that are not UTF-8 become U+FFFD, so their line fails to read as JSON below.
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    kept = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record = _record(line)
+        if record is None and lineno == len(lines):
+            log.warning("%s: dropped its torn last line %d (the run stopped while writing it)",
+                        path, lineno)
+        elif record is None:
+            raise UsageError(f"{path}:{lineno}: not a metrics record ({line[:60]!r}); repair "
+                             "or delete that line, then resume")
+        elif record.get("step", 0) <= step:
+            kept.append(line)
+    return kept
+
+
+def _record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _replace_lines(path: Path, lines: list[str]) -> None:
+    """Rewrite `path` as `lines` through a temporary file, so a failure leaves it as it was."""
+    tmp = path.with_suffix(".jsonl.tmp")
+    try:
+        with _no_space_is_a_usage_error(path):
+            tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _no_space_is_a_usage_error(path: Path):
+    """A full disk is the user's to fix: one line, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise UsageError(f"no space left on device writing {path}: free space and resume"
+                         ) from None
 
 
 def _plain(value):

@@ -101,8 +101,9 @@ class TaskSets:
         return cls(configs, cfg.data.world, cfg.seed)
 
     def check_files(self, split: str | None = None) -> None:
-        for s in self.sets:
-            s.check_files([split] if split and split in s.splits else None)
+        """Every set's files, or with `split` only that split's (of the sets that have it)."""
+        for s in self.with_split(split) if split else self.sets:
+            s.check_files([split] if split else None)
 
     def prepare(self, cache_dir: Path, progress: bool = True) -> None:
         """Build what the environments share (the world if a set plays it, corpus indices);

@@ -97,6 +97,22 @@ def test_index_is_built_once_reused_and_rebuilt_when_the_corpus_changes(tmp_path
     assert not list(cache.rglob(".*building*"))  # the temporary build directory is gone
 
 
+def test_ranks_waiting_for_the_index_hear_when_rank_0_failed(tmp_path, monkeypatch):
+    """Rank 0 builds the index; the others used to poll forever when its build failed."""
+    corpus = tmp_path / "corpus.jsonl"
+    _jsonl(corpus, [d.to_dict() for d in _corpus(5)])
+    monkeypatch.setattr(bm25_index, "build_index",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("disk on fire")))
+    with pytest.raises(OSError):
+        bm25_index.ensure_index(str(corpus), tmp_path / "cache", progress=False)
+    import megatron_foresight.runtime.dist as dist_mod
+
+    monkeypatch.setattr(dist_mod, "is_rank0", lambda: False)  # now as rank 1
+    with pytest.raises(UsageError, match="rank 0 could not index the corpus.*disk on fire"):
+        bm25_index.ensure_index(str(corpus), tmp_path / "cache", progress=False,
+                                poll_seconds=0.2)
+
+
 def test_index_command_bad_passages_and_skip_bad(tmp_path, capsys):
     bad = _jsonl(tmp_path / "c.jsonl", [{"id": "1", "title": "A", "text": "alpha"},
                                         {"id": "2", "title": "B"},

@@ -310,10 +310,14 @@ def matches(index: Path, files: list[Path], by_content: bool = True) -> bool:
     stat = _stat(files)
     if manifest["files"] == stat:
         return True
-    if not by_content or content_sha256(files) != manifest["sha256"]:
-        return False
+    same_sizes = [(f["path"], f["bytes"]) for f in manifest["files"]] == \
+        [(f["path"], f["bytes"]) for f in stat]
+    if not (by_content and same_sizes) or content_sha256(files) != manifest["sha256"]:
+        return False  # hashing (minutes for Wikipedia) only when nothing but times changed
     manifest["files"] = stat
-    (Path(index) / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp = Path(index) / f".{MANIFEST}.{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, Path(index) / MANIFEST)  # other ranks may be reading it
     return True
 
 
@@ -333,16 +337,33 @@ def ensure_index(corpus, cache_dir: Path, skip_bad: bool = False, progress: bool
 
     files = corpus_files(corpus)
     where = cached_index_dir(files, cache_dir)
+    failed = where.with_name(where.name + ".failed")  # how rank 0 tells the others it failed
     if is_rank0():
+        failed.unlink(missing_ok=True)
         if not matches(where, files):
             log.info("indexing %s into %s (built once; later runs reuse it)",
                      ", ".join(map(str, files)), where)
-            build_index(files, where, skip_bad=skip_bad, progress=progress)
+            try:
+                build_index(files, where, skip_bad=skip_bad, progress=progress)
+            except BaseException as e:
+                failed.write_text(f"{type(e).__name__}: {e}"[:2000])
+                raise
         return where
-    waited = 0.0
+    return _wait_for_index(where, files, failed, poll_seconds)
+
+
+def _wait_for_index(where: Path, files: list[Path], failed: Path, poll_seconds: float) -> Path:
+    """Another rank's wait for rank 0's index (the cache must be on a filesystem all ranks
+    see): polled often at first (a cached index is found at once), then every poll_seconds."""
+    waited, pause, reported = 0.0, 0.2, 0.0
     while not matches(where, files, by_content=False):
-        if waited and waited % 60 < poll_seconds:
+        if failed.exists():
+            raise UsageError(f"rank 0 could not index the corpus into {where}: "
+                             f"{failed.read_text()}")
+        if waited - reported >= 60:
             log.info("waiting for rank 0 to index the corpus into %s (%.0f s)", where, waited)
-        time.sleep(poll_seconds)
-        waited += poll_seconds
+            reported = waited
+        time.sleep(pause)
+        waited += pause
+        pause = min(pause * 2, poll_seconds)
     return where

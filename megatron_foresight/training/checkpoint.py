@@ -35,6 +35,7 @@ import shutil
 from pathlib import Path
 
 from megatron_foresight.errors import UsageError
+from megatron_foresight.runtime import untrusted
 from megatron_foresight.runtime.dist import ParallelContext, barrier, is_rank0
 from megatron_foresight.runtime.seed import get_rng_state, set_rng_state
 from megatron_foresight.training import integrity
@@ -246,6 +247,7 @@ def read_common(path: Path) -> dict:
     """The non-sharded part of a checkpoint (progress, layout, schedule, config)."""
     from megatron.core import dist_checkpointing
 
+    untrusted.install()  # before the first byte of any checkpoint is unpickled
     try:
         return dist_checkpointing.load_common_state_dict(str(path))
     except UsageError:

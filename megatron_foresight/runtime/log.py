@@ -1,4 +1,5 @@
-"""Console logging, and the metrics a run writes: `metrics.jsonl` and TensorBoard events."""
+"""Console logging, and the metrics a run writes: `metrics.jsonl`, TensorBoard events and,
+when a recipe names a project, the same scalars in a Weights & Biases run."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import logging
 import math
 import os
 import sys
+import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_foresight.errors import UsageError
@@ -57,7 +60,8 @@ class MetricsWriter:
     TensorBoard. On resume from step k it first drops records after k (written by the run that
     crashed after its last checkpoint), so the file reads as one uninterrupted run."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0):
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0,
+                 wandb: WandbSettings | None = None):
         self.path = run_dir / "metrics.jsonl"
         if resume_step and self.path.exists():
             _replace_lines(self.path, _records_up_to(self.path, resume_step))
@@ -71,6 +75,7 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(run_dir / "tensorboard"),
                                      purge_step=resume_step + 1 if resume_step else None)
+        self._wandb = start_wandb(wandb, run_dir) if wandb is not None else None
 
     def write(self, step: int, metrics: dict) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -78,15 +83,65 @@ class MetricsWriter:
         with _no_space_is_a_usage_error(self.path):
             if self._file.write(line) != len(line):  # a short write: the disk just filled up
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        scalars = _scalars(record)
         if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _scalars(record: dict) -> dict[str, float]:
+    """What the trackers plot: the finite numbers of a record, step aside."""
+    return {k: v for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+@dataclass(frozen=True)
+class WandbSettings:
+    """Where a run's scalars go in Weights & Biases (the recipe's `logging.wandb_*`)."""
+
+    project: str
+    entity: str | None = None
+    name: str | None = None
+    """None: the run directory's name."""
+    group: str | None = None
+
+    @classmethod
+    def of(cls, logging_cfg) -> WandbSettings | None:
+        """The settings of a recipe's `logging` section; None when it names no project."""
+        if not logging_cfg.wandb_project:
+            return None
+        return cls(logging_cfg.wandb_project, logging_cfg.wandb_entity,
+                   logging_cfg.wandb_run_name, logging_cfg.wandb_group)
+
+
+WANDB_ID_FILE = "wandb_run_id"
+"""Beside metrics.jsonl: the W&B run's id, so a resumed run logs on into the same W&B run."""
+
+
+def start_wandb(settings: WandbSettings, run_dir: Path):
+    """A W&B run writing under `run_dir/wandb` (online, or offline with WANDB_MODE=offline,
+    the way on a machine without network; `wandb sync` uploads it later)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UsageError("logging.wandb_project is set but wandb is not installed: "
+                         "pip install -e '.[wandb]' (or set logging.wandb_project=null)"
+                         ) from None
+    id_file = run_dir / WANDB_ID_FILE
+    if not id_file.is_file():
+        id_file.write_text(uuid.uuid4().hex[:12] + "\n")
+    return wandb.init(project=settings.project, entity=settings.entity,
+                      name=settings.name or run_dir.name, group=settings.group,
+                      dir=str(run_dir), id=id_file.read_text().strip(), resume="allow")
 
 
 def _records_up_to(path: Path, step: int) -> list[str]:

@@ -114,6 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--tasks", type=int, default=32,
                       help="validation tasks each stage's evaluation plays (default 32)")
 
+    report = sub.add_parser(
+        "report", help="figures and a static HTML page of one or several runs",
+        description="Draw the reliability diagram of the <value> estimates (bin counts, ECE "
+                    "and Brier), the value distribution by outcome with its ROC and AUROC, "
+                    "rollout fidelity per environment and the learning curves of every stage "
+                    "(several runs on the same axes), and write them as PNGs with index.html "
+                    "(the metrics table and sampled episodes; static, no server) and metrics.md "
+                    "into --out. A RUN is a pipeline run directory, a training run directory or "
+                    "a `foresight eval --out` JSON file.",
+        epilog="Examples:\n"
+               "  foresight report runs/demo --out runs/demo/report\n"
+               "  foresight report runs/fe_sft_from_wm runs/fe_sft_scratch --out runs/ablation",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("runs", nargs="+", metavar="RUN",
+                        help="pipeline run directory, training run directory or eval JSON")
+    report.add_argument("--out", required=True, help="directory for the figures and index.html")
+
     config = sub.add_parser(
         "config", help="validate a recipe and print it resolved (a dry run), or list all keys",
         description="Validate a recipe with its overrides, as `train` would before starting any "
@@ -321,6 +338,13 @@ def _cmd_pipeline(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from megatron_foresight.eval.report import write_report
+
+    print(write_report(args.runs, args.out).index)
+    return 0
+
+
 def _cmd_config(args) -> int:
     from megatron_foresight.config import describe_recipe, load_recipe
     from megatron_foresight.training.plugin import available_stages, load_plugin
@@ -439,7 +463,7 @@ def main(argv=None) -> int:
     debug = args.debug or os.environ.get("FORESIGHT_DEBUG", "") not in ("", "0")
     try:
         return {"train": _cmd_train, "eval": _cmd_eval, "config": _cmd_config,
-                "pipeline": _cmd_pipeline, "plan": _cmd_plan,
+                "pipeline": _cmd_pipeline, "plan": _cmd_plan, "report": _cmd_report,
                 "convert": _cmd_convert,
                 "data": run_data}[args.command](args)
     except KeyboardInterrupt:

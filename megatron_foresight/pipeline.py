@@ -1,6 +1,8 @@
 """The three-stage pipeline: WM-AMT -> FE-SFT -> FC-RL, each stage starting from the previous
-stage's checkpoint, each evaluated by playing the validation tasks; a table of every stage
-and `report.json` (one object per stage, keyed by metric name) in the run directory.
+stage's checkpoint, each evaluated by playing the validation tasks; a table of every stage,
+`report.json` (one object per stage, keyed by metric name) and `foresight report`'s figures and
+page (`report/index.html`) in the run directory. With `logging.wandb_project` set, each stage is
+one W&B run named after it, in a group named after the run directory.
 
 Re-running with the same run directory continues: finished stages are skipped (their
 checkpoint is complete), a stage cut short resumes from its latest checkpoint, and evaluations
@@ -43,12 +45,29 @@ def _for_stage(overrides, stage: str, tasks: int = 1) -> list[str]:
               or o.split(".", 1)[0] == stage)]
 
 
+def _wandb_names(cfg, run_dir: Path, stage: str) -> list[str]:
+    """A pipeline's stages as one W&B group, each run named after its stage (unless the
+    recipe or an override names them)."""
+    if not cfg.logging.wandb_project:
+        return []
+    return [*([f"logging.wandb_group={run_dir.resolve().name}"]
+              if cfg.logging.wandb_group is None else []),
+            *([f"logging.wandb_run_name={stage}"] if cfg.logging.wandb_run_name is None else [])]
+
+
+def _stage_overrides(path: Path, stage: str, overrides, tasks: int, run_dir: Path) -> list[str]:
+    """A stage's overrides, with its W&B names (which read the recipe they apply to)."""
+    mine = _for_stage(overrides, stage, tasks)
+    return [*mine, *_wandb_names(load_recipe(path, mine), run_dir, stage)]
+
+
 def run_pipeline(recipe_dir: str | Path, run_dir: str | Path, tasks: int = 32,
                  overrides: list[str] = ()) -> Path:
     """Train and evaluate every stage; returns the path of report.json. `overrides` apply to
     every stage's recipe (e.g. data.world=...), or, when they name a stage's section
     (fc_rl.group_size=2), to that stage's."""
     from megatron_foresight.eval.agent_eval import format_table
+    from megatron_foresight.eval.report import write_report
     from megatron_foresight.eval.run import EvalOptions, evaluate_checkpoint
     from megatron_foresight.runtime.dist import read_launch_env
     from megatron_foresight.training.loop import train
@@ -56,13 +75,14 @@ def run_pipeline(recipe_dir: str | Path, run_dir: str | Path, tasks: int = 32,
     recipe_dir, run_dir = Path(recipe_dir), Path(run_dir)
     recipes = stage_recipes(recipe_dir)
     # every recipe is checked before the first stage trains
-    configs = [load_recipe(p, _for_stage(overrides, s, tasks)) for s, p in recipes]
+    stage_overrides = {s: _stage_overrides(p, s, overrides, tasks, run_dir) for s, p in recipes}
+    configs = [load_recipe(p, stage_overrides[s]) for s, p in recipes]
     rank0 = read_launch_env().rank == 0
     report, previous = {}, None
     for (stage, path), cfg in zip(recipes, configs):
         stage_dir = run_dir / stage
         if previous is not None:
-            cfg = load_recipe(path, [*_for_stage(overrides, stage, tasks),
+            cfg = load_recipe(path, [*stage_overrides[stage],
                                      f"checkpoint.init_from={previous}"])
         log.info("stage %s: %s -> %s", stage, path, stage_dir)
         train(cfg, run_dir=str(stage_dir), resume=True)
@@ -70,8 +90,9 @@ def run_pipeline(recipe_dir: str | Path, run_dir: str | Path, tasks: int = 32,
         if out.is_file():
             metrics = json.loads(out.read_text())["metrics"]
         else:
+            # one report of every stage, below, instead of one per evaluation
             metrics = evaluate_checkpoint(cfg, EvalOptions(ckpt=str(stage_dir), tasks=tasks),
-                                          str(out))
+                                          str(out), report=False)
         report[stage] = {m: metrics.get(m) for m in REPORT_METRICS}
         previous = stage_dir
     path = run_dir / "report.json"
@@ -79,4 +100,5 @@ def run_pipeline(recipe_dir: str | Path, run_dir: str | Path, tasks: int = 32,
         path.write_text(json.dumps(report, indent=1) + "\n")
         print(format_table(report, REPORT_METRICS))
         print(f"report: {path}")
+        print(f"figures: {write_report([run_dir], run_dir / 'report').index}")
     return path

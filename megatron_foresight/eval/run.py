@@ -18,6 +18,7 @@ from megatron_foresight.configtree import ConfigError
 from megatron_foresight.tasksets import TaskSets
 from megatron_foresight.errors import UsageError
 from megatron_foresight.eval.agent_eval import score_episodes, scores_by_set
+from megatron_foresight.eval.report import write_report
 from megatron_foresight.inference.agent import run_episodes
 from megatron_foresight.inference.generate import Generator, Sampling
 from megatron_foresight.runtime.dist import shutdown
@@ -109,9 +110,10 @@ def play(run, cfg: RecipeConfig, tokenizer, task_sets: TaskSets, opts: EvalOptio
 
 
 def evaluate_checkpoint(cfg: RecipeConfig, opts: EvalOptions, out: str | None = None,
-                        task_sets: TaskSets | None = None) -> dict:
+                        task_sets: TaskSets | None = None, report: bool = True) -> dict:
     """Every metric of the checkpoint; written as JSON to `out` (with the episodes beside it,
-    as `<out>.episodes.jsonl`) when given."""
+    as `<out>.episodes.jsonl`, and with `report`, `foresight report`'s figures and page in
+    `<out without .json>.report/`) when given."""
     if opts.tasks and task_sets is None:
         task_sets = task_sets_for(cfg, opts)
     ctx = start_processes(cfg)
@@ -139,8 +141,11 @@ def evaluate_checkpoint(cfg: RecipeConfig, opts: EvalOptions, out: str | None = 
         if out and ctx.is_logging_rank:
             Path(out).write_text(json.dumps(
                 {"checkpoint": opts.ckpt, "stage": cfg.stage, "split": opts.split,
+                 "format": cfg.format.name,
                  "task_sets": [s.name for s in task_sets.sets] if opts.tasks else [],
                  "metrics": metrics}, indent=1) + "\n")
+            if report:
+                write_report([out], Path(out).with_suffix(".report"))
         return metrics
     finally:
         shutdown()
@@ -150,6 +155,7 @@ def _write_episodes(records, path: Path) -> None:
     with path.open("w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps({"task_id": r.task.id, "task_set": r.task.task_set,
-                                "success": r.success, "ended": r.ended,
+                                "prompt": r.prompt, "success": r.success,
+                                "reward": r.reward, "ended": r.ended,
                                 "turns": [{"agent": t.text, "env": t.observation, "stop": t.stop}
                                           for t in r.turns]}, ensure_ascii=False) + "\n")

@@ -13,6 +13,10 @@ Output:
     OUT/checkpoints/step_0000000/   the distributed checkpoint (weights only)
     OUT/model.yaml                  model, parallel and tokenizer sections: a recipe's `base:`,
                                     with checkpoint.init_from pointing at OUT
+
+The checkpoint is saved into a fresh hidden directory in OUT and swapped in for OUT/checkpoints
+only once every process has saved (convert/replace.py): a failed `--overwrite` leaves the old
+checkpoint as it was.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -28,6 +33,7 @@ import yaml
 from megatron_foresight.config import RecipeConfig, recipe_from_tree
 from megatron_foresight.convert import layout
 from megatron_foresight.convert.hf_config import model_fields_from_hf, read_hf_config
+from megatron_foresight.convert.replace import overlap, replace_dir, staging_dir
 from megatron_foresight.convert.safetensors_io import SafetensorsDir
 from megatron_foresight.data.tokenizer import HFTokenizer
 from megatron_foresight.errors import UsageError
@@ -80,7 +86,7 @@ def plan_conversion(hf_dir: Path, out: Path, tp: int, pp: int, tokenizer: str | 
     if tok.vocab_size > fields["vocab_size"]:
         raise UsageError(f"{tokenizer_dir}: the tokenizer has {tok.vocab_size} tokens, more than "
                          f"the model's vocab_size ({fields['vocab_size']})")
-    _check_names(SafetensorsDir(hf_dir), cfg.model)  # here, once, not in every worker
+    _check_tensors(SafetensorsDir(hf_dir), cfg.model)
     return cfg
 
 
@@ -96,11 +102,13 @@ def recipe_sections(cfg: RecipeConfig, hf_dir: Path) -> str:
             + yaml.safe_dump(keep, sort_keys=False))
 
 
-def convert_worker(hf_dir: str, out: str, cfg_tree: dict) -> None:
-    """One process of the conversion: build this rank's model shard, fill it, save."""
+def convert_worker(hf_dir: str, staged: str | None, cfg_tree: dict) -> None:
+    """One process of the conversion: build this rank's model shard, fill it, save it into the
+    staging directory; `staged` is rank 0's choice (the other ranks may pass None)."""
     from megatron_foresight.models.provider import build_model
     from megatron_foresight.runtime.dist import (
-        barrier, init_distributed, init_parallel_state, read_launch_env, shutdown,
+        barrier, broadcast_object, init_distributed, init_parallel_state, read_launch_env,
+        shutdown,
     )
     from megatron_foresight.runtime.log import setup_logging
     from megatron_foresight.training import checkpoint as ckpt
@@ -110,6 +118,7 @@ def convert_worker(hf_dir: str, out: str, cfg_tree: dict) -> None:
     setup_logging(launch.rank)
     device = init_distributed(launch)
     try:
+        staged = broadcast_object(staged)
         ctx = init_parallel_state(cfg.parallel, device)
         m = cfg.model
         padded = cfg.padded_vocab_size(m.vocab_size)
@@ -119,21 +128,22 @@ def convert_worker(hf_dir: str, out: str, cfg_tree: dict) -> None:
             for chunk in chunks:
                 fill_from_hf(chunk, source, m, padded, show_progress=ctx.rank == 0)
         barrier()
-        ckpt.save_checkpoint(Path(out) / "checkpoints", 0, chunks=chunks, optimizer=None,
-                             scheduler=None, ctx=ctx, consumed_samples=0, config=cfg.to_dict(),
-                             keep_last=1, save_optimizer=False)
+        ckpt.save_checkpoint(Path(staged), 0, chunks=chunks, optimizer=None, scheduler=None,
+                             ctx=ctx, consumed_samples=0, config=cfg.to_dict(), keep_last=1,
+                             save_optimizer=False)
     finally:
         shutdown()
 
 
-def _check_names(source: SafetensorsDir, m) -> None:
-    expected = {hf for hf in layout.hf_global_names(m).values()}
-    for i in range(m.num_layers):
-        expected |= {layout.hf_layer_prefix(i) + n for n in layout.hf_layer_names(m)}
+def _check_tensors(source: SafetensorsDir, m) -> None:
+    """Every tensor the config implies is there with its shape, and nothing else is: checked
+    from the file headers here, once, so a bad directory is one clear error, not a failure
+    inside every worker."""
+    expected = layout.hf_shapes(m)
     names = {n for n in source.names() if not n.endswith(_IGNORED_SUFFIXES)}
     if not m.untie_embeddings_and_output_weights:
         names.discard("lm_head.weight")  # tied: some checkpoints store the copy anyway
-    missing, unknown = sorted(expected - names), sorted(names - expected)
+    missing, unknown = sorted(set(expected) - names), sorted(names - set(expected))
     if missing:
         raise UsageError(f"{source.dir}: missing tensors {', '.join(missing[:8])}"
                          f"{' ...' if len(missing) > 8 else ''} (config.json says "
@@ -141,6 +151,13 @@ def _check_names(source: SafetensorsDir, m) -> None:
     if unknown:
         raise UsageError(f"{source.dir}: tensors with no place in a {m.family} GPTModel: "
                          f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
+    stored = source.shapes()
+    for name, shape in expected.items():
+        if stored[name] != shape:
+            raise UsageError(f"{source.dir / source.weight_map[name]}: tensor {name} has shape "
+                             f"{list(stored[name])}, config.json implies {list(shape)}; the "
+                             "weights do not belong to this config.json (check that both come "
+                             "from the same model)")
 
 
 def fill_from_hf(chunk, source: SafetensorsDir, m, padded_vocab: int,
@@ -211,28 +228,51 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int
                     overwrite: bool = False) -> Path:
     from megatron_foresight.runtime.dist import read_launch_env, spawn_local
 
-    hf_dir, out = Path(hf_dir).resolve(), Path(out)
-    existing = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
-    if existing:
-        if existing != ["step_0000000"]:
-            raise UsageError(f"--out {out} holds training checkpoints ({', '.join(existing)}); "
-                             "convert into another directory")
-        if not overwrite:
-            raise UsageError(f"--out {out} already holds a converted checkpoint; pass "
-                             "--overwrite to replace it")
-    cfg = plan_conversion(hf_dir, out, tp, pp, tokenizer, precision)
-    if existing:
-        shutil.rmtree(out / "checkpoints")
+    hf_dir, out = Path(hf_dir).resolve(), Path(out).resolve()
+    cfg = plan_conversion(hf_dir, out, tp, pp, tokenizer, precision)  # reads only
+    _check_out(hf_dir, out, overwrite)
     launch = read_launch_env()
-    args = (str(hf_dir), str(out), cfg.to_dict())
-    if launch.launcher == "single" and tp * pp > 1:
-        spawn_local(tp * pp, convert_worker, *args, cpu_only=True)
-    else:
-        if launch.world_size != tp * pp:
-            raise UsageError(f"launched on {launch.world_size} processes; the conversion to "
-                             f"--tp {tp} --pp {pp} runs on exactly {tp * pp}")
-        convert_worker(*args)
-    if launch.rank == 0:
-        (out / "model.yaml").write_text(recipe_sections(cfg, hf_dir))
-        log.info("wrote %s (TP=%d, PP=%d) and %s", out / "checkpoints", tp, pp, out / "model.yaml")
+    spawn = launch.launcher == "single" and tp * pp > 1
+    if not spawn and launch.world_size != tp * pp:
+        raise UsageError(f"launched on {launch.world_size} processes; the conversion to "
+                         f"--tp {tp} --pp {pp} runs on exactly {tp * pp}")
+    if launch.rank != 0:  # rank 0 chooses the staging directory and swaps it in
+        convert_worker(str(hf_dir), None, cfg.to_dict())
+        return out
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staged = staging_dir(out / "checkpoints")
+    try:
+        args = (str(hf_dir), str(staged), cfg.to_dict())
+        if spawn:
+            spawn_local(tp * pp, convert_worker, *args, cpu_only=True)
+        else:
+            convert_worker(*args)
+        replace_dir(staged, out / "checkpoints")
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        if created:
+            with suppress(OSError):  # only if empty: another process may have written there
+                out.rmdir()
+        raise
+    (out / "model.yaml").write_text(recipe_sections(cfg, hf_dir))
+    log.info("wrote %s (TP=%d, PP=%d) and %s", out / "checkpoints", tp, pp, out / "model.yaml")
     return out
+
+
+def _check_out(hf_dir: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an --out this conversion could not replace without harm: the model it reads, a
+    training run, or (without --overwrite) an earlier conversion."""
+    if overlap(hf_dir, out):
+        raise UsageError(f"--out {out} and --hf-dir {hf_dir} are the same directory or one is "
+                         "inside the other; write the checkpoint to a directory outside the "
+                         "Hugging Face model directory")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory; give a directory")
+    existing = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    if existing and existing != ["step_0000000"]:
+        raise UsageError(f"--out {out} holds training checkpoints ({', '.join(existing)}); "
+                         "convert into another directory")
+    if existing and not overwrite:
+        raise UsageError(f"--out {out} already holds a converted checkpoint; pass "
+                         "--overwrite to replace it")

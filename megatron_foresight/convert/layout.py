@@ -117,3 +117,22 @@ def hf_global_names(m: ModelConfig) -> dict[str, str]:
     if m.untie_embeddings_and_output_weights:
         names[OUTPUT] = "lm_head.weight"
     return names
+
+
+def hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face tensor of the model `m` describes (vocab_size unpadded), with the
+    shape transformers gives it: the names and shapes a model directory must hold."""
+    h, ffn, vocab = m.hidden_size, m.ffn_hidden_size, m.vocab_size
+    q, kv = m.num_attention_heads * m.head_dim, m.query_groups * m.head_dim
+    layer = {"input_layernorm.weight": (h,), "self_attn.q_proj.weight": (q, h),
+             "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+             "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+             "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.weight": (h, q),
+             "post_attention_layernorm.weight": (h,), "mlp.gate_proj.weight": (ffn, h),
+             "mlp.up_proj.weight": (ffn, h), "mlp.down_proj.weight": (h, ffn)}
+    shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,),
+              "lm_head.weight": (vocab, h)}
+    shapes = {hf: shapes[hf] for hf in hf_global_names(m).values()}
+    for i in range(m.num_layers):
+        shapes.update({hf_layer_prefix(i) + n: layer[n] for n in hf_layer_names(m)})
+    return shapes

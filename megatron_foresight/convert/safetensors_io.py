@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -69,9 +70,7 @@ class SafetensorsDir:
             except (json.JSONDecodeError, KeyError) as e:
                 raise UsageError(f"{index}: not a safetensors index ({e})") from None
         elif (self.dir / "model.safetensors").exists():
-            from safetensors import safe_open
-
-            with safe_open(self.dir / "model.safetensors", framework="pt") as f:
+            with _open(self.dir / "model.safetensors") as f:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
             pickles = sorted(p.name for p in self.dir.glob("*.bin"))
@@ -93,20 +92,61 @@ class SafetensorsDir:
         return self.dir / file
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(self._file(name), framework="pt") as f:
+        with self._tensor(name) as f:
             return f.get_tensor(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        from safetensors import safe_open
-
-        with safe_open(self._file(name), framework="pt") as f:
+        with self._tensor(name) as f:
             return tuple(f.get_slice(name).get_shape())
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the file headers alone, opening each file once: reading
+        them all up front finds an unreadable file, or a tensor the index places in a file
+        that lacks it, before any work starts."""
+        by_file: dict[str, list[str]] = {}
+        for name, file in self.weight_map.items():
+            by_file.setdefault(file, []).append(name)
+        shapes = {}
+        for file, names in by_file.items():
+            with _open(self.dir / file) as f:
+                stored = set(f.keys())
+                for name in names:
+                    _check_stored(name, stored, self.dir / file)
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        return shapes
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows start..stop of a tensor, reading only those bytes."""
-        from safetensors import safe_open
-
-        with safe_open(self._file(name), framework="pt") as f:
+        with self._tensor(name) as f:
             return f.get_slice(name)[start:stop]
+
+    @contextmanager
+    def _tensor(self, name: str):
+        """The open file that holds `name`, checked to hold it."""
+        path = self._file(name)
+        with _open(path) as f:
+            _check_stored(name, set(f.keys()), path)
+            yield f
+
+
+@contextmanager
+def _open(path: Path):
+    """safe_open, with a file that is not safetensors (damaged, truncated, or a download that
+    saved an error page) refused naming it; the library's own error says what is wrong."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        f = safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{path}: not a readable safetensors file ({e}); download it again or "
+                         "re-save the model with save_pretrained(..., safe_serialization=True)"
+                         ) from None
+    with f:
+        yield f
+
+
+def _check_stored(name: str, stored: set[str], path: Path) -> None:
+    if name not in stored:
+        raise UsageError(f"{path}: has no tensor {name}, which {INDEX} places in it; the index "
+                         "and the files disagree (an interrupted download or a mixed-up "
+                         "directory): download the model again")

@@ -4,7 +4,8 @@ that `transformers.AutoModelForCausalLM.from_pretrained` loads without custom co
 Streams: tensors are read from the checkpoint one layer at a time (a slice of each stacked
 tensor, so only those bytes are read) and written into safetensors shards of at most
 `max_shard_size` bytes; peak memory is about one shard plus one layer, not the model. Output is
-written to `OUT.tmp` and renamed when complete, so a crash never leaves a half-written OUT.
+written to a fresh hidden directory beside OUT and renamed when complete, so a crash never leaves
+a half-written OUT (see convert/replace.py).
 
 The Hugging Face `vocab_size` is the checkpoint's embedding size, padding rows included (as in
 many published models, e.g. Qwen2), so Megatron -> HF -> Megatron is exact on every tensor;
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -30,10 +32,12 @@ from tqdm import tqdm
 from megatron_foresight.config import recipe_from_tree
 from megatron_foresight.convert import layout
 from megatron_foresight.convert.hf_config import hf_config_from_model
+from megatron_foresight.convert.replace import replace_dir, staging_dir
 from megatron_foresight.convert.safetensors_io import ShardWriter
 from megatron_foresight.data.tokenizer import build_tokenizer
 from megatron_foresight.errors import UsageError
 from megatron_foresight.training import checkpoint as ckpt
+from megatron_foresight.training import integrity
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,13 @@ class CheckpointReader:
     def __init__(self, path: Path):
         self.path = path
         self.storage = dcp.FileSystemReader(str(path))
-        self.meta = {k: v for k, v in self.storage.read_metadata().state_dict_metadata.items()
+        try:
+            metadata = self.storage.read_metadata()
+        except (OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            raise UsageError(f"{path}: its .metadata cannot be read ({type(e).__name__}: {e}); "
+                             "the checkpoint is damaged: convert another step") from None
+        _check_files(path, metadata.storage_data)
+        self.meta = {k: v for k, v in metadata.state_dict_metadata.items()
                      if hasattr(v, "chunks")}
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -78,6 +88,24 @@ class CheckpointReader:
             dcp.load({}, storage_reader=self.storage, planner=_SlicePlanner(slices),
                      no_dist=True)
         return out
+
+
+def _check_files(path: Path, storage_data: dict) -> None:
+    """Every data file the metadata names is there and long enough to hold what it says it
+    holds: a copy or save that was cut short is named here, before anything is written (also
+    for a checkpoint saved before manifests, which `integrity.verify` cannot check)."""
+    needed: dict[str, int] = {}
+    for info in storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        have = file.stat().st_size if file.is_file() else None
+        if have is None or have < size:
+            state = "is missing" if have is None else f"has {have} bytes"
+            raise UsageError(f"{file}: {state}, the checkpoint's metadata says it holds {size}: "
+                             "truncated (a copy or save cut short); copy the checkpoint again "
+                             "or convert another step")
 
 
 class _SlicePlanner(DefaultLoadPlanner):
@@ -110,10 +138,11 @@ def convert_to_hf(ckpt_path: str | Path, out: str | Path, *, dtype: str | None =
         raise UsageError(f"--ckpt {ckpt_path}: no complete Megatron checkpoint there (give a run "
                          "directory, its checkpoints/ directory, or one step_N directory)")
     found = found.resolve()
-    out = _check_out(Path(out), found, overwrite)
+    out = _check_out(Path(out), found, Path(ckpt_path).resolve(), overwrite)
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
 
+    integrity.verify(found)  # a flipped byte would otherwise be exported without a word
     cfg = recipe_from_tree(ckpt.read_common(found)["config"])
     m = cfg.model
     reader = CheckpointReader(found)
@@ -124,9 +153,8 @@ def convert_to_hf(ckpt_path: str | Path, out: str | Path, *, dtype: str | None =
     ids = dict(bos=tokenizer.bos, eos=tokenizer.eod, pad=tokenizer.pad)
     config = hf_config_from_model(m, vocab, dtype=_dtype_name(target), **ids)  # refuses early
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(out)
     try:
         _write_weights(reader, m, tmp, target, max_shard_size)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -134,37 +162,44 @@ def convert_to_hf(ckpt_path: str | Path, out: str | Path, *, dtype: str | None =
                       "pad_token_id": ids["pad"]}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tokenizer.save_hf(tmp)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
     log.info("wrote %s (%s, %d layers, vocab %d, %s) from %s", out, m.family, m.num_layers, vocab,
              _dtype_name(target), found)
     return out
 
 
-def _check_out(out: Path, found: Path, overwrite: bool) -> Path:
+def _check_out(out: Path, found: Path, given: Path, overwrite: bool) -> Path:
+    """Refuse an --out whose replacement could harm what is read, or a training run."""
     out = out.resolve()
     if out == out.parent:
         raise UsageError(f"--out {out}: give a directory to create, not a filesystem root")
     if out == found or out in found.parents:
         raise UsageError(f"--out {out} contains the checkpoint being converted ({found}); "
                          "choose a directory outside it")
-    if found in out.parents:
-        raise UsageError(f"--out {out} is inside the checkpoint directory {found}; choose a "
-                         "directory outside it")
+    source = _source_root(found, given)
+    if source in out.parents:
+        raise UsageError(f"--out {out} is inside {source}, which holds the checkpoint being "
+                         f"converted ({found}); choose a directory outside {source}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    if ckpt.find_checkpoint(out) is not None or (out / "checkpoints").is_dir():
+        raise UsageError(f"--out {out} holds a Megatron checkpoint or training run, which "
+                         "--overwrite does not replace; choose another directory")
     return out
+
+
+def _source_root(found: Path, given: Path) -> Path:
+    """The outermost directory this conversion reads: the run directory when the checkpoint
+    sits in one (RUN/checkpoints/step_N), else what --ckpt named (a checkpoints directory or
+    the step itself)."""
+    if found.parent.name == "checkpoints":
+        return found.parent.parent
+    return given if given == found or given in found.parents else found
 
 
 def _write_weights(reader: CheckpointReader, m, tmp: Path, target: torch.dtype,

@@ -414,7 +414,8 @@ def _cmd_convert(args) -> int:
     setup_logging(rank)
     if rank == 0:  # converting from a run, or into one: nobody trains there meanwhile
         run_lock.hold_run_of(args.ckpt if args.direction == "to-hf" else args.out,
-                             f"foresight convert {args.direction}")
+                             f"foresight convert {args.direction}",
+                             reading=args.direction == "to-hf")
     if args.direction == "from-hf":
         from megatron_foresight.convert.from_hf import convert_from_hf
 

@@ -321,3 +321,21 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
     assert kills >= 2
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     assert losses(run_dir) == losses(baseline_run)
+
+
+def test_a_run_on_a_read_only_store_is_read_without_the_lock(tmp_path, monkeypatch, caplog):
+    """Converting from a read-only model store must not fail for want of a lock file; a
+    command that writes into the run still needs it."""
+    from megatron_foresight.runtime import run_lock
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+
+    def read_only(*_args, **_kw):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(run_lock.os, "open", read_only)
+    run_lock.hold_run_of(run_dir / "checkpoints", "foresight convert to-hf", reading=True)
+    assert "reading it without the lock" in caplog.text
+    with pytest.raises(OSError):
+        run_lock.hold_run_of(run_dir / "checkpoints", "foresight eval")

@@ -79,17 +79,25 @@ def _alive(holder: dict) -> bool | None:
     return True
 
 
-def acquire(run_dir: str | Path, command: str) -> RunLock:
+def acquire(run_dir: str | Path, command: str, reading: bool = False) -> RunLock | None:
     """Hold `run_dir` (created if needed) for this process, or raise RunDirBusy naming the
-    holder. Re-entrant within a process (a pipeline's stages, eval after train)."""
+    holder. Re-entrant within a process (a pipeline's stages, eval after train). `reading`: the
+    command only reads the run, so a run it cannot lock (a read-only model store) is read
+    without the lock, with a warning."""
     run_dir = Path(run_dir).resolve()
     if run_dir in _held:
         return _held[run_dir]
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"run directory {run_dir} is a file, not a directory; choose another "
                          "--run-dir (or move the file away)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if not reading:
+            raise
+        log.warning("cannot lock %s (%s): reading it without the lock", run_dir, e.strerror)
+        return None
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -127,8 +135,8 @@ def run_dir_of(path: str | Path) -> Path | None:
     return None
 
 
-def hold_run_of(path: str | Path | None, command: str) -> None:
+def hold_run_of(path: str | Path | None, command: str, reading: bool = False) -> None:
     """Hold the run directory `path` is in, if any (until release_all or exit)."""
     run_dir = run_dir_of(path) if path else None
     if run_dir is not None:
-        acquire(run_dir, command)
+        acquire(run_dir, command, reading)

@@ -162,6 +162,18 @@ def test_report_of_a_missing_run_is_one_line(tmp_path):
                                   "evaluation file"
 
 
+def test_pipeline_names_each_stage_a_wandb_run_in_one_group(tmp_path):
+    from megatron_foresight.pipeline import _stage_overrides
+
+    recipe = REPO / "recipes" / "tiny-cpu" / "fe_sft.yaml"
+    named = _stage_overrides(recipe, "fe_sft", ["logging.wandb_project=p"], 0, tmp_path / "abl")
+    assert named[-2:] == ["logging.wandb_group=abl", "logging.wandb_run_name=fe_sft"]
+    kept = _stage_overrides(recipe, "fe_sft", ["logging.wandb_project=p",
+                                               "logging.wandb_run_name=mine"], 0, tmp_path)
+    assert not any(o.startswith("logging.wandb_run_name=fe_sft") for o in kept)
+    assert _stage_overrides(recipe, "fe_sft", [], 0, tmp_path) == []
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

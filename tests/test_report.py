@@ -14,7 +14,7 @@ import pytest
 from megatron_foresight.eval.report import write_report
 from megatron_foresight.eval.report_figures import BINS, FC_RL_PANELS, value_pairs
 from megatron_foresight.foresight.scores import expected_calibration_error
-from helpers.run import REPO, foresight, metrics
+from helpers.run import REPO, foresight, metrics, train
 
 FE_SFT = REPO / "recipes" / "tiny-cpu" / "fe_sft.yaml"
 FC_RL = REPO / "recipes" / "tiny-cpu" / "fc_rl.yaml"
@@ -226,6 +226,24 @@ def test_wandb_offline_run_holds_the_scalars(medium_wm_amt, tmp_path, monkeypatc
     for logged, record in zip(history, records):
         scalars = {k: v for k, v in record.items() if k != "step"}
         assert "loss/observation" in scalars
+        assert {k: logged[k] for k in scalars} == pytest.approx(scalars)
+
+
+@pytest.mark.slow
+def test_training_logs_to_a_wandb_offline_run(data_cache, tmp_path):
+    """A tiny training with `logging.wandb_project` and WANDB_MODE=offline: its offline W&B
+    run holds every scalar of metrics.jsonl at its step, and the run's name and group."""
+    pytest.importorskip("wandb", reason="wandb not installed (pip install -e .[wandb])")
+    run_dir = tmp_path / "run"
+    train(run_dir, ["schedule.train_steps=2", "logging.tensorboard=false",
+                    "logging.wandb_project=foresight-test", "logging.wandb_group=tests"],
+          cache_dir=data_cache, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    records = metrics(run_dir)
+    history = _offline_history(offline)
+    assert [h["_step"] for h in history] == [r["step"] for r in records]
+    for logged, record in zip(history, records):
+        scalars = {k: v for k, v in record.items() if k != "step"}
         assert {k: logged[k] for k in scalars} == pytest.approx(scalars)
 
 

@@ -33,7 +33,7 @@ from megatron_foresight.runtime.dist import (
     read_launch_env, shutdown,
 )
 from megatron_foresight.runtime import run_lock
-from megatron_foresight.runtime.log import MetricsWriter, setup_logging
+from megatron_foresight.runtime.log import MetricsWriter, WandbSettings, setup_logging
 from megatron_foresight.runtime.seed import seed_all
 from megatron_foresight.training import checkpoint as ckpt
 from megatron_foresight.training.data import StepSampler, collate, loader, to_device
@@ -507,8 +507,8 @@ def train(cfg: RecipeConfig, run_dir: str | None = None, resume: bool = False,
                      cfg.schedule.train_steps)
             return path
         _install_stop_signals(run)
-        writer = MetricsWriter(path, cfg.logging.tensorboard, run.step) if ctx.is_logging_rank \
-            else None
+        writer = MetricsWriter(path, cfg.logging.tensorboard, run.step,
+                               WandbSettings.of(cfg.logging)) if ctx.is_logging_rank else None
         try:
             loop(run, writer, stop_at_step)
         finally:

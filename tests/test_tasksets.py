@@ -103,7 +103,7 @@ def test_ranks_waiting_for_the_index_hear_when_rank_0_failed(tmp_path, monkeypat
     _jsonl(corpus, [d.to_dict() for d in _corpus(5)])
     monkeypatch.setattr(bm25_index, "build_index",
                         lambda *a, **k: (_ for _ in ()).throw(OSError("disk on fire")))
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="disk on fire"):
         bm25_index.ensure_index(str(corpus), tmp_path / "cache", progress=False)
     import megatron_foresight.runtime.dist as dist_mod
 

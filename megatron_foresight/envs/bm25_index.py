@@ -346,6 +346,7 @@ def ensure_index(corpus, cache_dir: Path, skip_bad: bool = False, progress: bool
             try:
                 build_index(files, where, skip_bad=skip_bad, progress=progress)
             except BaseException as e:
+                failed.parent.mkdir(parents=True, exist_ok=True)
                 failed.write_text(f"{type(e).__name__}: {e}"[:2000])
                 raise
         return where

@@ -90,7 +90,7 @@ class _FullDisk:
         return written
 
     def close(self) -> None:
-        pass
+        """Nothing to release: this stand-in for a file on a full disk holds no descriptor."""
 
 
 @pytest.mark.parametrize("room", [0, 5])

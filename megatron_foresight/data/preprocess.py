@@ -30,10 +30,9 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from megatron_foresight.data.tokenizer import TokenizerConfig
 from megatron_foresight.data.records import DataFileError, RecordError, iter_raw, text_of
 from megatron_foresight.data.render import TEXT_RENDERER, Seg, get_renderer
-from megatron_foresight.data.tokenizer import build_tokenizer
+from megatron_foresight.data.tokenizer import TokenizerConfig, build_tokenizer, episode_prompt
 from megatron_foresight.data.trajectory import Trajectory
 from megatron_foresight.errors import UsageError
 
@@ -79,7 +78,16 @@ class _Encoder:
             raise RecordError(None, f"not valid JSON ({e.msg} at column {e.colno})") from None
         if self.render is None:
             return [(text_of(record), Seg.TEXT)]
-        return self.render(Trajectory.from_dict(record))
+        return [(self.prompt_text(text) if seg == Seg.PROMPT else text, seg)
+                for text, seg in self.render(Trajectory.from_dict(record))]
+
+    def prompt_text(self, text: str) -> str:
+        """A prompt segment is the task prompt and a newline (`render.transcript`): what
+        `episode_prompt` makes of the prompt without a chat template. With one, it is that
+        function's chat opening instead, as in the agent loop."""
+        if not getattr(self.tokenizer, "chat_template", False):
+            return text
+        return episode_prompt(self.tokenizer, text.removesuffix("\n"))
 
     def encode(self, batch: list[Item]):
         tokens, types, lengths = [], [], []

@@ -72,12 +72,17 @@ def agent_segments(text: str) -> list[Segment]:
 @register_renderer("transcript")
 def transcript(trajectory: Trajectory) -> list[Segment]:
     """The episode as the agent saw it: the prompt, then its turns (cut into think / plan /
-    rollout / value / action pieces) and the environment's, each turn ending in a newline."""
+    rollout / value / action pieces) and the environment's, each turn ending in a newline.
+
+    Segments are tokenized one by one, and split where the agent loop (`inference.agent`)
+    encodes separately, so a BPE tokenizer gives the tokens the model reads when it plays: the
+    prompt and its newline are one piece (with a chat template, preprocessing replaces it by
+    `tokenizer.episode_prompt`'s opening), an observation and its newline are two."""
     segments = [(trajectory.prompt + "\n", Seg.PROMPT)]
     for turn in trajectory.turns:
         if turn.role == "agent":
             segments += agent_segments(turn.text)
             segments.append(("\n", Seg.ACTION))
         else:
-            segments.append((turn.text + "\n", Seg.OBSERVATION))
+            segments += [(turn.text, Seg.OBSERVATION), ("\n", Seg.OBSERVATION)]
     return segments

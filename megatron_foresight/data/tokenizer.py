@@ -26,10 +26,28 @@ class TokenizerConfig:
     path: Optional[str] = None
     """Tokenizer file or directory, for types that load one. For sentencepiece, null means the
     tokenizer of the built-in world in data.world (<world>/tokenizer/spm.model)."""
+    chat_template: bool = False
+    """Open every episode with the tokenizer's chat template (type hf, an instruct model's):
+    the task prompt is the user message, and the agent's turns and the observations follow
+    inside the assistant message (Search-R1's layout). Training data and the agent loop both
+    take the prompt from `episode_prompt`, so the model trains on the prompt tokens it plays
+    with. False: the prompt and a newline, as plain text."""
 
     def __post_init__(self):
         check(self.type != "hf" or bool(self.path), "path",
               "type hf needs the path of a local Hugging Face tokenizer directory")
+        check(not self.chat_template or self.type == "hf", "chat_template",
+              f"needs type hf (a Hugging Face tokenizer with a chat template), not {self.type}")
+
+
+def episode_prompt(tokenizer, prompt: str) -> str:
+    """The text that opens an episode before the agent's first turn: the task prompt and a
+    newline, or, with `chat_template`, the chat's opening (`HFTokenizer.chat_prompt`). The
+    agent loop encodes it whole, and preprocessing encodes the prompt segment of a rendered
+    trajectory through it, so what the model reads when it plays is what it trained on."""
+    if getattr(tokenizer, "chat_template", False):
+        return tokenizer.chat_prompt(prompt)
+    return prompt + "\n"
 
 
 
@@ -93,13 +111,17 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer from a local directory."""
+    """A Hugging Face tokenizer from a local directory. The foresight and environment tags stay
+    text: in a BPE vocabulary each is several tokens (SmolLM2: "</search>" is "</", "search",
+    ">"), so the embedding and the exported model keep their size, and a tag's last token may
+    merge with what follows (">." ); the generator and the reward credit work on decoded text
+    for that reason."""
 
     FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
              "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
              "chat_template.jinja")
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, chat_template: bool = False):
         from transformers import AutoTokenizer
 
         self.path = Path(path)
@@ -117,16 +139,31 @@ class HFTokenizer:
         self.eod = tok.eos_token_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.bos = tok.bos_token_id
-        self.vocab_size = len(tok)
+        # The ids run to the largest one, added tokens included (len() would miss a gap); the
+        # model's embedding is padded past it and the generator masks the rest.
+        self.vocab_size = max(len(tok), max(tok.get_vocab().values()) + 1)
+        if chat_template and not tok.chat_template:
+            raise UsageError(f"data.tokenizer.chat_template: the tokenizer in {path} has no "
+                             "chat template; set chat_template: false")
+        self.chat_template = chat_template
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat_prompt(self, prompt: str) -> str:
+        """`prompt` as the user message of the chat template, then the assistant's header (the
+        generation prompt): the turns that follow are the assistant's message."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                  tokenize=False, add_generation_prompt=True)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids)
 
     def describe(self) -> dict:
-        return {"type": "hf", "path": str(self.path.resolve()), "vocab_size": self.vocab_size}
+        """What identifies the token streams it writes (cache keys, PREFIX.json): the chat
+        template changes the prompt's tokens."""
+        out = {"type": "hf", "path": str(self.path.resolve()), "vocab_size": self.vocab_size}
+        return {**out, "chat_template": True} if self.chat_template else out
 
     @property
     def unique_identifiers(self) -> dict:
@@ -242,7 +279,7 @@ def build_tokenizer(cfg: TokenizerConfig):
     if cfg.type == "byte":
         return ByteTokenizer()
     if cfg.type == "hf":
-        return HFTokenizer(cfg.path)
+        return HFTokenizer(cfg.path, cfg.chat_template)
     if cfg.type == "sentencepiece":
         return SentencePieceTokenizer(cfg.path)
     raise ValueError(f"data.tokenizer.type: unsupported {cfg.type!r}")

@@ -161,7 +161,13 @@ class Generator:
 
     def stop_condition(self, stop_texts: tuple[str, ...]):
         """Stop tokens for the stop strings that are one token in this tokenizer (the tags of
-        the built-in world's tokenizer), and the strings that need a look at the decoded tail."""
+        the built-in world's tokenizer), and the strings that need a look at the decoded tail.
+
+        In a BPE vocabulary a tag is several tokens, and its last one may carry more text
+        (SmolLM2's "></" after "</search"): the completion then ends with that token as
+        sampled, never cut or re-tokenized (the ids trained on are the ids sampled), and the
+        environment reads the action up to its closing tag (`parse_action`); text after it is
+        the model's own, which the strict format check counts unless it is whitespace."""
         ids, texts = set(), []
         for text in stop_texts:
             encoded = self.tokenizer.encode(text)
@@ -172,6 +178,9 @@ class Generator:
         return frozenset(ids), tuple(texts)
 
     def _ends_with_stop_text(self, ids: list[int], texts: tuple[str, ...]) -> bool:
+        """Whether the decoded tail holds one of `texts`: each token of a tag spells at least
+        one of its characters, so the last len(text) tokens hold a tag completed by the last
+        token, whatever that token merged with (two more: margin)."""
         if not texts:
             return False
         tail = self.tokenizer.decode(ids[-max(len(t) for t in texts) - 2:])

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_foresight.training.sources import WORLD_PREFIX, world_file
+from megatron_foresight.data.indexed import file_fingerprint
+from megatron_foresight.data.records import record_files
 from megatron_foresight.data.trajectory import read_trajectories, write_jsonl
 from megatron_foresight.foresight.formats import FORMATS, ForesightFormat
 from megatron_foresight.runtime.dist import barrier, is_rank0
@@ -46,11 +48,11 @@ class Config(BlendConfig):
 
 def cached_foresight_traces(source: Path, cache_dir: Path,
                             fmt: ForesightFormat = FORMATS["v1"]) -> Path:
-    """`source` trajectories as foresight traces in the format version `fmt`, in the cache,
-    written once per content."""
-    stat = source.stat()
-    key = json.dumps({"hindsight": 2, "path": str(source.resolve()), "size": stat.st_size,
-                      "mtime_ns": stat.st_mtime_ns,
+    """`source` trajectories (a file, or a directory of parts such as `foresight data
+    collect`'s output) as foresight traces in the format version `fmt`, in the cache, written
+    once per content: a new or grown part is new content."""
+    files = [file_fingerprint(f) for f in record_files(source)]
+    key = json.dumps({"hindsight": 2, "files": files,
                       **({"format": fmt.name} if fmt.name != "v1" else {})}, sort_keys=True)
     out = cache_dir / f"foresight-{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
     if is_rank0() and not out.exists():

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 from tqdm import tqdm
 
 from megatron_foresight.tasks import Task
+from megatron_foresight.data.tokenizer import episode_prompt
 from megatron_foresight.envs.base import Episode
 from megatron_foresight.foresight.format import final_observation, observation_content
 from megatron_foresight.foresight.formats import FORMATS, ForesightFormat
@@ -81,7 +82,8 @@ def run_episodes(generator: Generator, tasks: Sequence[Task], make_env: Callable
         env = make_env(task)
         prompt = env.reset(task)
         prompt = fmt.prompt(prompt) if fmt is not None else prompt
-        records.append(EpisodeRecord(task, prompt, ids=_encode(tok, prompt) + newline))
+        # the opening training renders for this prompt (`data.preprocess`), chat template or not
+        records.append(EpisodeRecord(task, prompt, ids=_encode(tok, episode_prompt(tok, prompt))))
         envs.append(env)
     active = list(range(len(tasks)))
     bar = tqdm(total=len(tasks), desc="episodes", unit=" ep", disable=None if progress else True)

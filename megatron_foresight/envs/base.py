@@ -4,12 +4,53 @@ reward."""
 
 from __future__ import annotations
 
+import string
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
+from megatron_foresight.errors import UsageError
 from megatron_foresight.tasks import Task
 from megatron_foresight.foresight.action import Action, FormatError, parse_action
 from megatron_foresight.foresight.tags import ANSWER
+
+PROMPTS = Path(__file__).parent / "prompts"
+"""The built-in environments' default prompt templates, <env>.txt (package data)."""
+
+
+@dataclass
+class PromptOptions:
+    """The task-set option every built-in environment shares (its options derive from it)."""
+
+    prompt_template: Optional[str] = None
+    """A text file with the instruction that opens each episode: which action tags exist and
+    how to answer, with {question} where the task's question goes ({{ and }} for literal
+    braces; a final newline is dropped). Null: the environment's default,
+    megatron_foresight/envs/prompts/<env>.txt, a starting point to copy and edit."""
+
+
+def load_prompt_template(path: str | None, env: str) -> str:
+    """The template `path` names, or `env`'s default; one line of error naming the file when it
+    does not read or has a placeholder other than {question}, or none."""
+    file = Path(path) if path else PROMPTS / f"{env}.txt"
+    try:
+        text = file.read_text(encoding="utf-8").removesuffix("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"prompt template {file}: cannot read it ({e})") from None
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+    except ValueError as e:
+        raise UsageError(f"prompt template {file}: {e} (write {{{{ and }}}} for a literal "
+                         "brace)") from None
+    if names - {"question"}:
+        unknown = ", ".join("{" + n + "}" for n in sorted(names - {"question"}))
+        raise UsageError(f"prompt template {file}: unknown placeholder {unknown}; the only one "
+                         "is {question} (write {{ and }} for a literal brace)")
+    if "question" not in names:
+        raise UsageError(f"prompt template {file}: no {{question}} placeholder, where each "
+                         "task's question goes")
+    return text
 
 
 @dataclass(frozen=True)

@@ -8,16 +8,14 @@ from dataclasses import dataclass
 
 from megatron_foresight.configtree import check
 from megatron_foresight.tasks import Task
-from megatron_foresight.envs.base import Episode
+from megatron_foresight.envs.base import Episode, PromptOptions, load_prompt_template
 from megatron_foresight.envs.calculator import CalcError, evaluate
 from megatron_foresight.envs.registry import EnvContext, EnvSpec, register
 from megatron_foresight.envs.verify import answers_match, numbers_match
 from megatron_foresight.foresight.tags import CALC, RESULT
 
-PROMPT = ("Solve the problem. You can use a calculator: write <calc> expression </calc> "
-          "(numbers, + - * / ^, parentheses) and the value comes back between <result> and "
-          "</result>. Give the final answer as <answer> ... </answer>.\n"
-          "Problem: {question}")
+PROMPT = load_prompt_template(None, "math")
+"""The default instruction (prompts/math.txt); a task set's `prompt_template` replaces it."""
 
 
 class MathEnv(Episode):
@@ -25,12 +23,12 @@ class MathEnv(Episode):
     tools = (CALC,)
     observation_tag = RESULT
 
-    def __init__(self, max_turns: int = 8, symbolic: bool = True):
+    def __init__(self, max_turns: int = 8, symbolic: bool = True, template: str = PROMPT):
         super().__init__(max_turns)
-        self.symbolic = symbolic
+        self.symbolic, self.template = symbolic, template
 
     def prompt(self, task: Task) -> str:
-        return PROMPT.format(question=task.question)
+        return self.template.format(question=task.question)
 
     def tool(self, expression: str) -> str:
         try:
@@ -45,7 +43,7 @@ class MathEnv(Episode):
 
 
 @dataclass
-class MathOptions:
+class MathOptions(PromptOptions):
     """A calculator and a verifier of final answers."""
 
     max_turns: int = 8
@@ -58,10 +56,16 @@ class MathOptions:
         check(self.max_turns >= 1, "max_turns", "must be at least 1")
 
 
+def check_files(options: MathOptions) -> None:
+    """The prompt template reads."""
+    load_prompt_template(options.prompt_template, "math")
+
+
 def make_math(options: MathOptions, ctx: EnvContext):
-    return lambda: MathEnv(options.max_turns, options.symbolic)
+    template = load_prompt_template(options.prompt_template, "math")
+    return lambda: MathEnv(options.max_turns, options.symbolic, template)
 
 
 SPEC = register(EnvSpec(
-    name="math", episode=MathEnv, options=MathOptions, make=make_math,
+    name="math", episode=MathEnv, options=MathOptions, make=make_math, check=check_files,
     description="problems with a calculator tool and a symbolic verifier (accuracy)"))

@@ -13,7 +13,7 @@ from megatron_foresight.configtree import check
 from megatron_foresight.data.records import check_first_records
 from megatron_foresight.tasks import Task
 from megatron_foresight.data.task_files import parse_document
-from megatron_foresight.envs.base import Episode
+from megatron_foresight.envs.base import Episode, PromptOptions, load_prompt_template
 from megatron_foresight.envs.bm25_index import MANIFEST, corpus_files, ensure_index, matches
 from megatron_foresight.answers import exact_match, token_f1
 from megatron_foresight.envs.registry import EnvContext, EnvSpec, register
@@ -21,10 +21,8 @@ from megatron_foresight.envs.retriever import BM25Retriever
 from megatron_foresight.errors import UsageError
 from megatron_foresight.foresight.tags import INFORMATION, SEARCH
 
-PROMPT = ("Answer the question. You can search a knowledge base: write <search> query </search> "
-          "and the best passages come back between <information> and </information>. "
-          "Search as often as you need, then give the final answer as <answer> ... </answer>.\n"
-          "Question: {question}")
+PROMPT = load_prompt_template(None, "search")
+"""The default instruction (prompts/search.txt); a task set's `prompt_template` replaces it."""
 
 
 def _clip(text: str, limit: int | None) -> str:
@@ -47,12 +45,13 @@ class SearchEnv(Episode):
     observation_tag = INFORMATION
 
     def __init__(self, retriever: BM25Retriever, top_k: int = 3, max_turns: int = 6,
-                 max_passage_chars: int | None = None):
+                 max_passage_chars: int | None = None, template: str = PROMPT):
         super().__init__(max_turns)
         self.retriever, self.top_k, self.max_passage_chars = retriever, top_k, max_passage_chars
+        self.template = template
 
     def prompt(self, task: Task) -> str:
-        return PROMPT.format(question=task.question)
+        return self.template.format(question=task.question)
 
     def tool(self, query: str) -> str:
         return format_passages(self.retriever.search(query, self.top_k), self.max_passage_chars)
@@ -63,7 +62,7 @@ class SearchEnv(Episode):
 
 
 @dataclass
-class SearchOptions:
+class SearchOptions(PromptOptions):
     """A retriever over a passage corpus."""
 
     corpus: Optional[Union[str, list[str]]] = None
@@ -103,7 +102,9 @@ class SearchOptions:
 
 
 def check_files(options: SearchOptions) -> None:
-    """The corpus exists and its first records read as passages; an index is an index."""
+    """The corpus exists and its first records read as passages; an index is an index; the
+    prompt template reads."""
+    load_prompt_template(options.prompt_template, "search")
     if options.index is not None and not (Path(options.index) / MANIFEST).is_file():
         raise UsageError(f"index {options.index}: not a corpus index (no {MANIFEST}); build it "
                          "with `foresight data index CORPUS --out DIR`")
@@ -122,8 +123,9 @@ def make_search(options: SearchOptions, ctx: EnvContext):
         index = ensure_index(options.corpus_paths, ctx.cache_dir, options.skip_bad,
                              ctx.progress)
     retriever = BM25Retriever.open(index)
+    template = load_prompt_template(options.prompt_template, "search")
     return lambda: SearchEnv(retriever, options.top_k, options.max_turns,
-                             options.max_passage_chars)
+                             options.max_passage_chars, template)
 
 
 def search_metrics(records: Sequence) -> dict[str, float]:

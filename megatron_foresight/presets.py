@@ -17,6 +17,12 @@ PRESETS: dict[str, dict] = {
     "tiny-qwen2": dict(_QWEN2, num_layers=4, hidden_size=256, ffn_hidden_size=704,
                        num_attention_heads=8, num_query_groups=2, max_position_embeddings=1024,
                        untie_embeddings_and_output_weights=True),
+    # SmolLM2-135M (`tools/build_smollm2.py`): Llama-shaped, 9 query heads over 3 KV heads
+    # (TP 1, 3 or 9), tied embeddings, a 49152-token BPE vocabulary.
+    "smollm2-135m": dict(_LLAMA, num_layers=30, hidden_size=576, ffn_hidden_size=1536,
+                         num_attention_heads=9, num_query_groups=3, vocab_size=49_152,
+                         max_position_embeddings=8192, rotary_base=100_000,
+                         untie_embeddings_and_output_weights=False),
     # Llama 3.2 1B: tied embeddings, llama3 RoPE scaling with factor 32.
     "llama3-1b": dict(_LLAMA, num_layers=16, hidden_size=2048, ffn_hidden_size=8192,
                       num_attention_heads=32, num_query_groups=8, vocab_size=128_256,

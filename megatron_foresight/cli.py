@@ -6,7 +6,7 @@
     foresight plan RECIPE --nodes N --gpus-per-node G [section.key=value ...]
     foresight convert from-hf --hf-dir DIR --out CKPT_DIR [--tp N] [--pp M]
     foresight convert to-hf --ckpt CKPT_DIR --out DIR
-    foresight data validate|build-world|import|preprocess ...
+    foresight data validate|build-world|import|preprocess|index|collect ...
 
 `train` runs one stage on however many processes launched it: plain `foresight train` is one
 process; `torchrun --nproc_per_node N -m megatron_foresight train ...` is N; `srun foresight
@@ -223,14 +223,23 @@ example:
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    _add_recipe_args(p)
+    add_play_args(p)
     p.add_argument("--ckpt", help="run directory or checkpoint to evaluate (default: the "
                                   "recipe's checkpoint.init_from, else its initial weights)")
     p.add_argument("--tasks", type=int, default=64,
                    help="tasks to play, taken from the task sets in turn; 0 reports the stage's "
                         "validation metrics only (default 64)")
-    p.add_argument("--split", default="validation",
-                   help="which split of the task sets to play (default validation)")
+    p.add_argument("--out", help="write the metrics as JSON here (episodes beside it)")
+
+
+def add_play_args(p: argparse.ArgumentParser, split: str = "validation",
+                  temperature: float = 0.0) -> None:
+    """The flags every command that plays a policy on tasks shares (`eval`, `data collect`):
+    the recipe, which tasks, and how the turns are generated. The policy (--ckpt) and how
+    many tasks are each command's own."""
+    _add_recipe_args(p)
+    p.add_argument("--split", default=split,
+                   help=f"which split of the task sets to play (default {split})")
     p.add_argument("--set", action="append", default=[], dest="task_sets", metavar="NAME",
                    help="play only this task set of the recipe (repeatable; default: all)")
     p.add_argument("--tasks-file", metavar="F",
@@ -244,9 +253,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=320,
                    help="token budget of one agent turn (default 320)")
     p.add_argument("--batch-size", type=int, default=16, help="episodes generated together")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 is greedy (default); the seed is the recipe's")
-    p.add_argument("--out", help="write the metrics as JSON here (episodes beside it)")
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"sampling temperature, 0 is greedy (default {temperature:g}); the "
+                        "seed is the recipe's")
 
 
 def add_convert_from_hf_args(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,5 @@
-"""The `foresight data` subcommands: validate, build-world, import, preprocess, index."""
+"""The `foresight data` subcommands: validate, build-world, import, preprocess, index,
+collect."""
 
 from __future__ import annotations
 
@@ -41,6 +42,30 @@ Without this command the index is built on first use into the data cache.
 examples:
   foresight data index data/wiki/psgs_w100.jsonl.gz --out data/wiki/index
   foresight data index data/wiki/shards/ --out data/wiki/index --skip-bad"""
+
+COLLECT_DESCRIPTION = """\
+Play a policy (any checkpoint: a training run, or `foresight convert from-hf`'s output) on the
+recipe's task sets (or a one-off --tasks-file) and write its episodes as trajectories
+(foresight.trajectory/1): --samples episodes per task at --temperature, and with --mc M the
+Monte-Carlo success estimate of every state before an agent turn (M continuations of the same
+policy from that state; the state before the first turn pools M fresh episodes with the task's
+other samples). WM-AMT and FE-SFT train on the output: name OUT (or one of its files) in
+their `sources`.
+
+OUT holds collect-RRRRR-of-DDDDD.jsonl per data-parallel rank (under torchrun or srun each
+rank plays every D-th task, on the recipe's TP/PP layout) and collect.json (recipe,
+checkpoint, options, counts, episodes/s and tokens/s). Each record's id and random seed follow
+from the recipe's seed and its task, so the same command gives the same records, and run again
+after a stop it plays only the tasks not yet written. --drop-failed leaves out unsuccessful
+episodes (counted); by default they are kept, as WM-AMT learns from failures too.
+
+examples:
+  foresight data collect recipes/tiny-cpu/fe_sft.yaml --ckpt runs/fe_sft --out data/collect \\
+      --samples 4 --mc 4 --tasks 200
+  torchrun --nproc_per_node 8 -m megatron_foresight data collect recipes/8b/wm_amt.yaml \\
+      --ckpt ckpt/llama8b --tasks-file nq_train.jsonl --env search --corpus psgs.jsonl \\
+      --out data/nq_collect --samples 8 --mc 8
+  foresight train recipes/tiny-cpu/wm_amt.yaml 'wm_amt.sources=[data/collect]'"""
 
 
 SIZE_HELP = {
@@ -116,6 +141,27 @@ def add_data_parser(sub) -> None:
     index.add_argument("--force", action="store_true",
                        help="build again even when OUT already indexes exactly this corpus")
 
+    add_collect_args(cmd.add_parser(
+        "collect", help="play a policy on tasks and write trajectories with MC estimates",
+        description=COLLECT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def add_collect_args(p: argparse.ArgumentParser) -> None:
+    from megatron_foresight.cli import add_play_args
+
+    add_play_args(p, split="train", temperature=1.0)
+    p.add_argument("--ckpt", help="run directory or checkpoint of the policy (default: the "
+                                  "recipe's checkpoint.init_from)")
+    p.add_argument("--out", required=True, help="output directory (run again to resume)")
+    p.add_argument("--tasks", type=int, help="tasks to play, taken from the task sets in turn "
+                                             "(default: every task of the split)")
+    p.add_argument("--samples", type=int, default=4, help="episodes per task (default 4)")
+    p.add_argument("--mc", type=int, default=4,
+                   help="continuations per state for its Monte-Carlo success estimate; 0 for "
+                        "none (default 4)")
+    p.add_argument("--drop-failed", action="store_true",
+                   help="leave out unsuccessful episodes (default: keep them)")
+
 
 def add_preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
@@ -178,7 +224,41 @@ def run_data(args) -> int:
         return 0
     if args.data_command == "index":
         return run_index(args)
+    if args.data_command == "collect":
+        return run_collect(args)
     return run_preprocess(args)
+
+
+def run_collect(args) -> int:
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.data.collect import (
+        CollectOptions, check_resumable, collect, find_policy,
+    )
+    from megatron_foresight.eval.run import task_sets_for
+    from megatron_foresight.runtime import run_lock
+    from megatron_foresight.runtime.dist import read_launch_env
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    opts = CollectOptions(
+        ckpt=args.ckpt, out=args.out, tasks=args.tasks, split=args.split,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        temperature=args.temperature, task_sets=args.task_sets, tasks_file=args.tasks_file,
+        env=args.env, corpus=args.corpus, samples=args.samples, mc=args.mc,
+        drop_failed=args.drop_failed)
+    checkpoint = find_policy(cfg, opts.ckpt)
+    check_resumable(Path(opts.out), opts.identity(cfg, checkpoint))
+    task_sets = task_sets_for(cfg, opts)
+    rank = read_launch_env().rank
+    if rank == 0:  # two collections appending to one directory would interleave
+        run_lock.acquire(opts.out, "foresight data collect")
+    totals = collect(cfg, opts, task_sets, checkpoint, args.recipe)
+    if rank == 0:
+        counts, speed = totals["counts"], totals["throughput"]
+        print(f"{counts['written']} trajectories ({counts['dropped']} dropped) of "
+              f"{counts['tasks']} tasks, {counts['continuations']} continuations: "
+              f"{speed['episodes_per_s']} episodes/s, {speed['tokens_per_s']} tokens/s")
+        print(args.out)
+    return 0
 
 
 def run_index(args) -> int:

@@ -86,13 +86,18 @@ def _load(run, path: str | None) -> None:
     if path is None:
         log.info("no checkpoint given: evaluating the recipe's initial weights")
         return
+    # a stage's own modules (PPO's value head) play no part in evaluation: not read
+    log.info("evaluating %s", load_weights(run.chunks, run.ctx, path, run.fresh_modules))
+
+
+def load_weights(chunks: list, ctx, path: str, fresh: tuple[str, ...] = ()) -> Path:
+    """The model weights of the checkpoint `path` names (a run directory or a checkpoint) into
+    `chunks`, except the modules under the prefixes `fresh`; returns the checkpoint read."""
     found = ckpt.find_checkpoint(path)
     if found is None:
         raise UsageError(f"--ckpt {path}: no complete checkpoint there")
-    # a stage's own modules (PPO's value head) play no part in evaluation: not read
-    ckpt.load_checkpoint(found, chunks=run.chunks, ctx=run.ctx,
-                         fresh=run.fresh_modules)
-    log.info("evaluating %s", found)
+    ckpt.load_checkpoint(found, chunks=chunks, ctx=ctx, fresh=fresh)
+    return found
 
 
 def play(run, cfg: RecipeConfig, tokenizer, task_sets: TaskSets, opts: EvalOptions):

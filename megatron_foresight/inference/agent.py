@@ -74,9 +74,18 @@ def run_episodes(generator: Generator, tasks: Sequence[Task], make_env: Callable
     """Play every task once; returns one record per task, in order. The prompt asks for the
     foresight format `fmt` (as FE-SFT's traces of that version do), and a turn ends where that
     version's action ends; `fmt=None` asks for none (turns end at any action's closing tag)."""
-    stops = (fmt or V1).stop_texts()
-    tok = generator.tokenizer
-    newline = _encode(tok, "\n")
+    records, envs = start_episodes(generator.tokenizer, tasks, make_env, fmt)
+    bar = tqdm(total=len(tasks), desc="episodes", unit=" ep", disable=None if progress else True)
+    play_episodes(generator, records, envs, sampling, batch_size, fmt,
+                  on_end=lambda record: bar.update(1))
+    bar.close()
+    return records
+
+
+def start_episodes(tok, tasks: Sequence[Task], make_env: Callable[[Task], Episode],
+                   fmt: ForesightFormat | None = V1) -> tuple[list[EpisodeRecord], list[Episode]]:
+    """Each task's episode before its first turn: a fresh environment, reset, and the record
+    holding the prompt (with `fmt`'s instruction) as ids."""
     records, envs = [], []
     for task in tasks:
         env = make_env(task)
@@ -85,8 +94,20 @@ def run_episodes(generator: Generator, tasks: Sequence[Task], make_env: Callable
         # the opening training renders for this prompt (`data.preprocess`), chat template or not
         records.append(EpisodeRecord(task, prompt, ids=_encode(tok, episode_prompt(tok, prompt))))
         envs.append(env)
-    active = list(range(len(tasks)))
-    bar = tqdm(total=len(tasks), desc="episodes", unit=" ep", disable=None if progress else True)
+    return records, envs
+
+
+def play_episodes(generator: Generator, records: list[EpisodeRecord], envs: list[Episode],
+                  sampling: Sampling, batch_size: int = 16, fmt: ForesightFormat | None = V1,
+                  on_end: Callable[[EpisodeRecord], None] | None = None) -> None:
+    """Play started episodes to their end, in place: each record's `ids` are the context so far
+    and its env is in the state that follows them (`start_episodes`, or a state partway through
+    an episode, which `data collect`'s Monte-Carlo continuations start from). `on_end` is
+    called with each record as its episode ends."""
+    stops = (fmt or V1).stop_texts()
+    tok = generator.tokenizer
+    newline = _encode(tok, "\n")
+    active = [i for i, r in enumerate(records) if not r.ended]
     calls = 0
     while active:
         for start in range(0, len(active), batch_size):
@@ -96,11 +117,9 @@ def run_episodes(generator: Generator, tasks: Sequence[Task], make_env: Callable
             calls += 1
             outs = generator.generate([records[i].ids for i in chunk], seeded, stops)
             for i, out in zip(chunk, outs):
-                if _advance(records[i], envs[i], out, tok, newline):
-                    bar.update(1)
+                if _advance(records[i], envs[i], out, tok, newline) and on_end is not None:
+                    on_end(records[i])
         active = [i for i in active if not records[i].ended]
-    bar.close()
-    return records
 
 
 def _advance(record: EpisodeRecord, env: Episode, out, tok, newline: list[int]) -> bool:

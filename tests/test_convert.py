@@ -177,27 +177,20 @@ def test_trained_checkpoint_to_hf_and_back_is_identity_and_generates_the_same(ba
     assert np.abs(logits - hf_logits(model, batch)).max() < 2e-5
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from helpers.smollm2 import build_hf_dir
-
-    return build_hf_dir(tmp_path_factory.mktemp("smollm2") / "hf")
-
-
 @pytest.mark.slow
-def test_smollm2_round_trip_through_tp3(smollm2, tmp_path):
+def test_smollm2_round_trip_through_tp3(smollm2_hf, tmp_path):
     """The real model: Llama with tied embeddings and 9 heads / 3 key-value heads (so TP=3, the
     smallest TP>1 its heads divide by)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    convert("from-hf", "--hf-dir", smollm2, "--out", tmp_path / "mg", "--tp", 3)
+    convert("from-hf", "--hf-dir", smollm2_hf, "--out", tmp_path / "mg", "--tp", 3)
     convert("to-hf", "--ckpt", tmp_path / "mg", "--out", tmp_path / "back",
             "--max-shard-size", "200MB")
     index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 3  # 538 MB in shards of at most 200 MB
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "back")
-    original = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    original = AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32).eval()
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
     prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
     for prompt in prompts:

@@ -190,6 +190,22 @@ def test_generation_stops_on_a_closing_tag_whose_last_token_merges(tok, generato
     assert env.step("<calc> 6*7 </calc></").observation == "<result>42</result>"
 
 
+def test_an_instruct_models_end_of_message_ends_the_turn_and_the_episode(smollm2_dir, tok,
+                                                                         generator_for):
+    """SmolLM2 answers in prose and closes its message with <|im_end|> (its eos): the turn ends
+    there (the token kept, as sampled) and so does the episode, instead of decoding to
+    max_new_tokens and handing the environment a turn without an action."""
+    chat = HFTokenizer(str(smollm2_dir), chat_template=True)
+    prose = tok.encode("The answer is 42.") + [tok.eod] + tok.encode(" never sampled")
+    gen = generator_for([prose], chat)
+    task = Task("m0", "math", "What is 6*7?", ("42",))
+    (record,) = run_episodes(gen, [task], lambda t: MathEnv(), Sampling(max_new_tokens=64),
+                             progress=False)
+    assert [(t.ids, t.stop, t.observation) for t in record.turns] == [
+        (prose[:prose.index(tok.eod) + 1], "eos", None)]
+    assert record.ended == "eos" and not record.success
+
+
 def test_episode_ids_are_the_prompt_the_samples_and_the_observations(smollm2_dir, tok,
                                                                       generator_for):
     """The agent loop on the scripted model, with the chat template: the episode opens with

@@ -60,7 +60,8 @@ disk, more on NFS), a kill loses at most this much work, which a resume plays ag
 IDENTITY = {"checkpoint": "--ckpt", "split": "--split", "samples": "--samples", "mc": "--mc",
             "temperature": "--temperature", "max_new_tokens": "--max-new-tokens",
             "drop_failed": "--drop-failed", "seed": "the recipe's seed",
-            "format": "the recipe's foresight_format"}
+            "format": "the recipe's foresight_format", "foresight": "--foresight",
+            "top_p": "--top-p"}
 """What a collection's records depend on (beyond the task), with the flag that sets it: a
 resume must keep them all."""
 
@@ -81,6 +82,13 @@ class CollectOptions(EvalOptions):
     """Continuations per state for its Monte-Carlo success estimate; 0 for none."""
     drop_failed: bool = False
     """Leave out unsuccessful episodes (WM-AMT learns from failures too: kept by default)."""
+    foresight: bool = False
+    """Ask the policy for foresight (the recipe's format) and keep what it writes. Off: the
+    environment's bare prompt, turns end at any action's closing tag, and FE-SFT's hindsight
+    adds the instruction and foresight blocks built from the real observations and these
+    Monte-Carlo estimates (a policy's own guessed values would be kept instead)."""
+    top_p: float = 1.0
+    """Nucleus sampling: draw from the smallest set of tokens with this much probability."""
 
     def __post_init__(self):
         if self.samples < 1:
@@ -93,6 +101,8 @@ class CollectOptions(EvalOptions):
             raise UsageError("--temperature 0 is greedy: every sample of a task and every "
                              "continuation of a state would be the same episode; sample "
                              "(--temperature 1), or pass --samples 1 --mc 0")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p {self.top_p:g}: must be in (0, 1]")
         if self.tasks is not None and self.tasks < 1:
             raise UsageError(f"--tasks {self.tasks}: give at least 1 (default: all tasks)")
         for flag, value in (("--max-new-tokens", self.max_new_tokens),
@@ -107,7 +117,8 @@ class CollectOptions(EvalOptions):
         return {"checkpoint": str(checkpoint.resolve()), "split": self.split,
                 "samples": self.samples, "mc": self.mc, "temperature": self.temperature,
                 "max_new_tokens": self.max_new_tokens, "drop_failed": self.drop_failed,
-                "seed": cfg.seed, "format": cfg.foresight_format}
+                "seed": cfg.seed, "format": cfg.foresight_format, "foresight": self.foresight,
+                "top_p": self.top_p}
 
 
 def find_policy(cfg, ckpt: str | None) -> Path:
@@ -422,7 +433,9 @@ def _play_all(generator, cfg, opts: CollectOptions, task_sets, todo, done: set[s
               checkpoint: Path, progress: bool) -> Counter:
     from tqdm import tqdm
 
-    sampling = Sampling(temperature=opts.temperature, max_new_tokens=opts.max_new_tokens)
+    sampling = Sampling(temperature=opts.temperature, top_p=opts.top_p,
+                        max_new_tokens=opts.max_new_tokens)
+    fmt = cfg.format if opts.foresight else None
     meta = {"split": opts.split, "temperature": opts.temperature,
             "checkpoint": str(checkpoint.resolve())}
     stats, start = Counter(), time.monotonic()
@@ -430,7 +443,7 @@ def _play_all(generator, cfg, opts: CollectOptions, task_sets, todo, done: set[s
                disable=None if progress else True)
     for task in todo:
         played = play_task(generator, task, task_sets.make_env, sampling, opts.samples, opts.mc,
-                           opts.batch_size, cfg.format, cfg.seed)
+                           opts.batch_size, fmt, cfg.seed)
         stats.update(tasks=1, episodes=len(played.records), tokens=played.tokens,
                      continuations=played.continuations,
                      successes=sum(r.success for r in played.records))

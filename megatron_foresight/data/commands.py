@@ -49,7 +49,9 @@ recipe's task sets (or a one-off --tasks-file) and write its episodes as traject
 (foresight.trajectory/1): --samples episodes per task at --temperature, and with --mc M the
 Monte-Carlo success estimate of every state before an agent turn (M continuations of the same
 policy from that state; the state before the first turn pools M fresh episodes with the task's
-other samples). WM-AMT and FE-SFT train on the output: name OUT (or one of its files) in
+other samples). The policy sees the environment's bare task prompt and a turn ends at an
+action's closing tag; FE-SFT's hindsight adds the foresight blocks (--foresight asks the policy
+for them instead). WM-AMT and FE-SFT train on the output: name OUT (or one of its files) in
 their `sources`.
 
 OUT holds collect-RRRRR-of-DDDDD.jsonl per data-parallel rank (under torchrun or srun each
@@ -161,6 +163,13 @@ def add_collect_args(p: argparse.ArgumentParser) -> None:
                         "none (default 4)")
     p.add_argument("--drop-failed", action="store_true",
                    help="leave out unsuccessful episodes (default: keep them)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: draw from the smallest set of tokens with this much "
+                        "probability (default 1: all)")
+    p.add_argument("--foresight", action="store_true",
+                   help="ask the policy for foresight in the recipe's format and keep what it "
+                        "writes (default: the bare task prompt; FE-SFT's hindsight adds "
+                        "foresight built from the real observations and the MC estimates)")
 
 
 def add_preprocess_args(p: argparse.ArgumentParser) -> None:
@@ -244,7 +253,7 @@ def run_collect(args) -> int:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         temperature=args.temperature, task_sets=args.task_sets, tasks_file=args.tasks_file,
         env=args.env, corpus=args.corpus, samples=args.samples, mc=args.mc,
-        drop_failed=args.drop_failed)
+        drop_failed=args.drop_failed, foresight=args.foresight, top_p=args.top_p)
     checkpoint = find_policy(cfg, opts.ckpt)
     check_resumable(Path(opts.out), opts.identity(cfg, checkpoint))
     task_sets = task_sets_for(cfg, opts)

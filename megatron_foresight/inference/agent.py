@@ -36,7 +36,7 @@ class AgentTurnRecord:
     observation: str | None
     """The environment's reply; None when the turn ended the episode."""
     stop: str
-    """Why generation ended: stop (an action tag), length, or context."""
+    """Why generation ended: stop (an action tag), eos, length, or context."""
     start: int = 0
     """Where `ids` begin in the episode's `ids` (the context the model read)."""
 
@@ -49,7 +49,8 @@ class EpisodeRecord:
     success: bool = False
     reward: float = 0.0
     ended: str = ""
-    """How it ended: answer, max_turns, context (the sequence limit), or no_action."""
+    """How it ended: answer, max_turns, context (the sequence limit), eos (the model ended its
+    message without an action), or no_action."""
     ids: list[int] = field(default_factory=list)
     """The whole episode as the model read and wrote it."""
     info: dict = field(default_factory=dict)
@@ -127,9 +128,9 @@ def _advance(record: EpisodeRecord, env: Episode, out, tok, newline: list[int]) 
     text = tok.decode(out.ids)
     start = len(record.ids)
     record.ids += out.ids + newline
-    if out.stop == "context":
+    if out.stop in ("context", "eos"):  # out of room, or the model ended its message
         record.turns.append(AgentTurnRecord(text, out.ids, out.logprobs, None, out.stop, start))
-        record.ended = "context"
+        record.ended = out.stop
         return True
     step = env.step(text)
     record.turns.append(AgentTurnRecord(text, out.ids, out.logprobs, step.observation, out.stop,

@@ -55,7 +55,9 @@ class Sampling:
 class Completion:
     """One row's generated tokens. `logprobs[i]` is log p(ids[i]) under the distribution it was
     drawn from (temperature-scaled logits; plain logits when greedy). `stop` says why it ended:
-    `stop` (a stop token), `length` (max_new_tokens) or `context` (the sequence limit)."""
+    `stop` (a stop string), `eos` (the tokenizer's end-of-sequence token: an instruct model ends
+    its message with it; kept in `ids` as sampled), `length` (max_new_tokens) or `context` (the
+    sequence limit)."""
 
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -242,7 +244,9 @@ class Generator:
                 c = out[live[b]]
                 c.ids.append(tok)
                 c.logprobs.append(lp)
-                if tok in stop_ids or self._ends_with_stop_text(c.ids, stop_tail):
+                if tok == self.tokenizer.eod:
+                    c.stop = "eos"
+                elif tok in stop_ids or self._ends_with_stop_text(c.ids, stop_tail):
                     c.stop = "stop"
                 elif len(c.ids) >= limit[b]:
                     c.stop = "length" if limit[b] == sampling.max_new_tokens else "context"

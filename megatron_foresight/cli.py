@@ -307,10 +307,12 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     from megatron_foresight.config import load_recipe
     from megatron_foresight.eval.agent_eval import format_table
-    from megatron_foresight.eval.run import EvalOptions, evaluate_checkpoint, task_sets_for
+    from megatron_foresight.eval.run import (
+        EvalOptions, evaluate_checkpoint, policy_path, task_sets_for,
+    )
 
     cfg = load_recipe(args.recipe, args.overrides)
-    ckpt = args.ckpt or cfg.checkpoint.init_from
+    ckpt = policy_path(cfg, args.ckpt)
     opts = EvalOptions(ckpt=ckpt, tasks=args.tasks, split=args.split,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        temperature=args.temperature, task_sets=args.task_sets,

@@ -149,6 +149,77 @@ def test_a_directory_source_is_fingerprinted_by_its_jsonl_parts(tmp_path):
     assert _fingerprint(tmp_path) != before  # a new part: the source is tokenized again
 
 
+def _identity(tmp_path, tokenizer=None, **changes) -> dict:
+    """What a command with `changes` to its options records, on a one-off math set."""
+    from types import SimpleNamespace
+
+    from megatron_foresight.eval.run import one_off_task_set
+    from megatron_foresight.tasksets import TaskSets
+
+    cfg = SimpleNamespace(seed=1, foresight_format="v1",
+                          data=SimpleNamespace(seq_length=changes.pop("seq_length", 512)))
+    sets = TaskSets([one_off_task_set(str(tmp_path / "sums.jsonl"), "math", "train", None)])
+    if "max_turns" in changes:
+        sets.sets[0].cfg.env_options.max_turns = changes.pop("max_turns")
+    opts = collect.CollectOptions(ckpt=None, out=str(tmp_path / "out"), **changes)
+    return opts.identity(cfg, tmp_path, sets, tokenizer)
+
+
+def test_a_resume_must_keep_every_option_its_records_depend_on(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    recorded = _identity(tmp_path, ByteTokenizer())
+    collect.write_manifest(out, {"options": recorded})
+    assert not (out / "collect.json.tmp").exists()
+    collect.check_resumable(out, recorded)
+    collect.check_resumable(out, _identity(tmp_path))  # the tokenizer: checked once built
+    cases = [({"batch_size": 8}, "--batch-size 16 (this command: --batch-size 8)"),
+             ({"seq_length": 1024}, "data.seq_length 512 (this command: data.seq_length 1024)"),
+             ({"max_turns": 2}, "the task sets' options {'sums': {"),
+             ({"samples": 3, "top_p": 0.9},
+              "--samples 4, --top-p 1.0 (this command: --samples 3, --top-p 0.9)")]
+    for changes, message in cases:
+        with pytest.raises(UsageError) as e:
+            collect.check_resumable(out, _identity(tmp_path, **changes))
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    other = {**recorded, "tokenizer": {"type": "hf", "path": "/m", "vocab_size": 9}}
+    with pytest.raises(UsageError, match="made with data.tokenizer {'type': 'byte'"):
+        collect.check_resumable(out, other)
+    # a resume may play fewer or other sets: only the sets both play are compared
+    collect.check_resumable(out, {**recorded, "env_options": {"other": {"max_turns": 1}}})
+
+
+@pytest.mark.parametrize("text", ["", "{not json", '{"status": "running"}', "[1]"])
+def test_a_manifest_that_does_not_read_is_one_line_naming_it(tmp_path, text):
+    (tmp_path / "collect.json").write_text(text)
+    with pytest.raises(UsageError) as e:
+        collect.check_resumable(tmp_path, _identity(tmp_path))
+    message = str(e.value)
+    assert str(tmp_path / "collect.json") in message and "delete it" in message
+    assert "another --out" in message and "\n" not in message
+
+
+def test_context_parallel_layouts_are_refused(capsys):
+    from types import SimpleNamespace
+
+    collect.check_parallel(SimpleNamespace(parallel=SimpleNamespace(context_parallel_size=1)))
+    with pytest.raises(UsageError, match="context_parallel_size=2: collect does not split"):
+        collect.check_parallel(SimpleNamespace(parallel=SimpleNamespace(
+            context_parallel_size=2)))
+
+
+def test_rendered_sources_are_cached_per_render_version(tmp_path, monkeypatch):
+    from megatron_foresight.training import sources
+
+    (tmp_path / "t.jsonl").write_text("{}\n")
+    monkeypatch.setattr(sources, "preprocess", lambda *args: None)
+    sc = sources.SourceContext(seed=1, tokenizer=ByteTokenizer(), tokenizer_cfg=None,
+                               cache_dir=tmp_path / "cache", world=None)
+    before = sources.cached_trajectories(tmp_path / "t.jsonl", "transcript", sc)
+    monkeypatch.setattr(sources, "RENDER_VERSION", sources.RENDER_VERSION + 1)
+    assert sources.cached_trajectories(tmp_path / "t.jsonl", "transcript", sc) != before
+
+
 # --------------------------------------------------------------------------------------------
 # the command, on the real model
 
@@ -216,8 +287,8 @@ def test_resume_after_a_torn_line_writes_exactly_what_is_missing(collected, poli
 
 def test_other_options_or_bad_flags_are_refused_in_one_line(collected, policy, small_world,
                                                              data_cache, capsys):
-    cases = [(["--tasks", "3", "--samples", "3"], "made with --samples 2 (this command: 3); "
-                                                 "use another --out"),
+    cases = [(["--tasks", "3", "--samples", "3"], "made with --samples 2 (this command: "
+                                                 "--samples 3); use another --out"),
              (["--temperature", "0.5"], "made with --temperature 1.0"),
              (["--mc", "-1"], "--mc -1"),
              (["--samples", "0"], "--samples 0"),

@@ -38,6 +38,10 @@ def test_build_world_validate_preprocess_and_import(tmp_path):
     unknown = foresight(["data", "preprocess", "--input", str(bad), "--output-prefix",
                          str(tmp_path / "x"), "--renderer", "nope"], check=False)
     assert unknown.returncode == 2 and "known renderers: text, transcript" in unknown.stderr
+    chat = foresight(["data", "preprocess", "--input", str(bad), "--output-prefix",
+                      str(tmp_path / "x"), "--chat-template"], check=False)
+    assert chat.returncode == 2 and "--chat-template needs a Hugging Face tokenizer " \
+        "directory as --tokenizer" in chat.stderr and chat.stderr.count("\n") == 1
 
     tasks = tmp_path / "gsm.jsonl"
     imported = foresight(["data", "import", "reasoning-gym", "gsm_symbolic", "--n", "4",

@@ -127,6 +127,30 @@ def test_the_chat_template_needs_an_hf_tokenizer_that_has_one(smollm2_dir, tmp_p
                                                  "path": str(bare.resolve())}
 
 
+def test_an_edited_chat_template_is_another_tokenizer(smollm2_dir, tmp_path):
+    """Caches and PREFIX.json key on describe(): editing the template must tokenize again."""
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(smollm2_dir, edited)
+    jinja, config = edited / "chat_template.jinja", edited / "tokenizer_config.json"
+    if jinja.is_file():
+        jinja.write_text(jinja.read_text().replace("<|im_start|>", "<|im_start|> "))
+    else:
+        data = json.loads(config.read_text())
+        data["chat_template"] = data["chat_template"].replace("<|im_start|>", "<|im_start|> ")
+        config.write_text(json.dumps(data))
+    chat, other = (HFTokenizer(str(d), chat_template=True).describe()
+                   for d in (smollm2_dir, edited))
+    assert chat["chat_template"] is True and len(chat["chat_template_sha256"]) == 16
+    assert chat["chat_template_sha256"] != other["chat_template_sha256"]
+    assert chat == HFTokenizer(str(smollm2_dir), chat_template=True).describe()
+    assert "chat_template_sha256" not in HFTokenizer(str(edited)).describe()
+    from megatron_foresight.data.commands import tokenizer_config
+
+    assert tokenizer_config(str(smollm2_dir), chat_template=True).chat_template  # --chat-template
+
+
 def test_the_vocabulary_is_the_models_and_tags_stay_text(tok):
     """No token is added: the tags are several tokens, and the vocabulary is the 49152 rows
     of SmolLM2's embedding, which Megatron pads no further (a multiple of 128)."""

@@ -20,7 +20,7 @@ Determinism: a task is the unit of work. Its samples are drawn in one batch seed
 recipe's seed, the task set and the task id, and its continuations in batches seeded likewise,
 so a task's records do not depend on which other tasks a process plays: a resumed run, or one
 over another number of data-parallel ranks, writes the same records (with the same
---batch-size, which decides how rows share a batch's random stream).
+--batch-size, which decides how rows share a batch's random stream, so a resume keeps it).
 
 Output, in DIR: `collect-RRRRR-of-DDDDD.jsonl` per data-parallel rank (task i is played by
 rank i % D), one canonical line per trajectory, flushed as written and fsynced every
@@ -33,6 +33,7 @@ dropped); a last line torn by a kill is cut off with a warning.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -61,9 +62,14 @@ IDENTITY = {"checkpoint": "--ckpt", "split": "--split", "samples": "--samples", 
             "temperature": "--temperature", "max_new_tokens": "--max-new-tokens",
             "drop_failed": "--drop-failed", "seed": "the recipe's seed",
             "format": "the recipe's foresight_format", "foresight": "--foresight",
-            "top_p": "--top-p"}
+            "top_p": "--top-p", "batch_size": "--batch-size", "tokenizer": "data.tokenizer",
+            "seq_length": "data.seq_length", "env_options": "the task sets' options"}
 """What a collection's records depend on (beyond the task), with the flag that sets it: a
-resume must keep them all."""
+resume must keep them all. --batch-size decides how rows share a batch's random stream;
+data.tokenizer and data.seq_length what the model reads (and where a context is cut); each
+played set's environment options (prompt template, top-k, corpus, turn budget) what it is
+asked and answered."""
+NOT_RECORDED = "(not recorded)"
 
 
 @dataclass
@@ -112,42 +118,73 @@ class CollectOptions(EvalOptions):
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise UsageError(f"--out {self.out} is a file; give a directory")
 
-    def identity(self, cfg, checkpoint: Path) -> dict:
-        """The values of IDENTITY's keys for this command."""
-        return {"checkpoint": str(checkpoint.resolve()), "split": self.split,
-                "samples": self.samples, "mc": self.mc, "temperature": self.temperature,
-                "max_new_tokens": self.max_new_tokens, "drop_failed": self.drop_failed,
-                "seed": cfg.seed, "format": cfg.foresight_format, "foresight": self.foresight,
-                "top_p": self.top_p}
+    def identity(self, cfg, checkpoint: Path, task_sets, tokenizer=None) -> dict:
+        """The values of IDENTITY's keys for this command, as collect.json reads back (JSON
+        has no tuples). Without `tokenizer` (before the processes start: the world's tokenizer
+        may not be built yet) its key is left out, and checked once it is built."""
+        values = {"checkpoint": str(checkpoint.resolve()), "split": self.split,
+                  "samples": self.samples, "mc": self.mc, "temperature": self.temperature,
+                  "max_new_tokens": self.max_new_tokens, "drop_failed": self.drop_failed,
+                  "seed": cfg.seed, "format": cfg.foresight_format, "foresight": self.foresight,
+                  "top_p": self.top_p, "batch_size": self.batch_size,
+                  "seq_length": cfg.data.seq_length,
+                  "env_options": {s.name: dataclasses.asdict(s.cfg.env_options)
+                                  for s in task_sets.with_split(self.split)}}
+        if tokenizer is not None:
+            values["tokenizer"] = tokenizer.describe()
+        return json.loads(json.dumps(values, default=str))
 
 
-def find_policy(cfg, ckpt: str | None) -> Path:
-    """The checkpoint to play: --ckpt, else the recipe's checkpoint.init_from."""
-    from megatron_foresight.training.checkpoint import find_checkpoint
+def check_parallel(cfg) -> None:
+    """Collect writes one shard per data-parallel rank from the first rank of each TP x PP
+    group; context-parallel ranks of a group would each write the same episodes again."""
+    cp = cfg.parallel.context_parallel_size
+    if cp > 1:
+        raise UsageError(f"parallel.context_parallel_size={cp}: collect does not split "
+                         "episodes over context-parallel ranks (each would write the same "
+                         "shard); collect with parallel.context_parallel_size=1")
 
-    path = ckpt or cfg.checkpoint.init_from
-    if not path:
-        raise UsageError("--ckpt: give the policy to play (a run directory or checkpoint, e.g. "
-                         "the output of `foresight convert from-hf`)")
-    found = find_checkpoint(path)
-    if found is None:
-        raise UsageError(f"--ckpt {path}: no complete checkpoint there")
-    return found
+
+def read_manifest(out: Path) -> dict | None:
+    """OUT's collect.json, or None when there is none; one that does not read (empty after a
+    crash on a file system that lost it, or edited) is a one-line error, not a traceback."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        body = json.loads(path.read_text())
+        if not isinstance(body.get("options"), dict):
+            raise ValueError
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        raise UsageError(f"{path} does not read as a collection manifest (JSON with "
+                         "\"options\"); delete it to keep the shards and resume (their options "
+                         "are then not checked), or use another --out") from None
+    return body
 
 
 def check_resumable(out: Path, identity: dict) -> None:
     """Refuse to add records to a collection made with other options (mixed records would
-    pass as one policy's)."""
-    manifest = out / MANIFEST
-    if not manifest.is_file():
+    pass as one policy's). Keys missing from `identity` are not checked (see `identity`)."""
+    manifest = read_manifest(out)
+    if manifest is None:
         return
-    recorded = json.loads(manifest.read_text())["options"]
-    differ = [k for k in IDENTITY if recorded.get(k) != identity[k]]
-    if differ:
-        was = ", ".join(f"{IDENTITY[k]} {recorded.get(k)}" for k in differ)
-        now = ", ".join(f"{identity[k]}" for k in differ)
-        raise UsageError(f"--out {out} holds a collection made with {was} (this command: "
-                         f"{now}); use another --out, or the same options to resume it")
+    recorded, was, now = manifest["options"], [], []
+    for key, flag in IDENTITY.items():
+        if key not in identity:
+            continue
+        old, new = recorded.get(key, NOT_RECORDED), identity[key]
+        if key == "env_options" and isinstance(old, dict):
+            # a resume may play fewer or other sets (`_selection`): only the sets both play
+            # must have the same options
+            old = {name: o for name, o in old.items() if name in new and o != new[name]}
+            new = {name: new[name] for name in old}
+        if old != new:
+            was.append(f"{flag} {old}")
+            now.append(f"{flag} {new}")
+    if was:
+        raise UsageError(f"--out {out} holds a collection made with {', '.join(was)} (this "
+                         f"command: {', '.join(now)}); use another --out, or the same options "
+                         "to resume it")
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +388,11 @@ class ShardWriter:
 
 def write_manifest(out: Path, body: dict) -> None:
     tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(body, indent=1) + "\n")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(json.dumps(body, indent=1) + "\n")
+        f.flush()
+        # on disk before the rename: a crash must not leave an empty collect.json in its place
+        os.fsync(f.fileno())
     os.replace(tmp, out / MANIFEST)
 
 
@@ -371,6 +412,10 @@ def collect(cfg, opts: CollectOptions, task_sets, checkpoint: Path, recipe: str)
     ctx = start_processes(cfg)
     try:
         generator = _generator(cfg, ctx, checkpoint)
+        identity = opts.identity(cfg, checkpoint, task_sets, generator.tokenizer)
+        # every rank reads collect.json before the barrier below, after which it is rewritten
+        previous = read_manifest(out)
+        check_resumable(out, identity)  # now with the tokenizer, built on every rank
         task_sets.prepare(cache_dir(cfg), progress=ctx.is_logging_rank)
         if ctx.rank == 0:
             repair_torn_lines(out)
@@ -379,8 +424,12 @@ def collect(cfg, opts: CollectOptions, task_sets, checkpoint: Path, recipe: str)
         done = done_ids(out)
         todo = [t for t in mine
                 if not all(trajectory_id(t, s) in done for s in range(opts.samples))]
+        if previous and isinstance(previous["options"].get("env_options"), dict):
+            # keep the options of sets an earlier run played and this one does not
+            identity["env_options"] = {**previous["options"]["env_options"],
+                                       **identity["env_options"]}
         manifest = {"recipe": str(recipe), "stage": cfg.stage, "checkpoint": str(checkpoint),
-                    "options": {**opts.identity(cfg, checkpoint), **_selection(opts, task_sets)},
+                    "options": {**identity, **_selection(opts, task_sets)},
                     "layout": ctx.layout, "status": "running"}
         if ctx.is_logging_rank:
             out.mkdir(parents=True, exist_ok=True)
@@ -392,11 +441,13 @@ def collect(cfg, opts: CollectOptions, task_sets, checkpoint: Path, recipe: str)
         log.info("%d of this rank's %d tasks to play (%d already in %s), %d sample(s) each, "
                  "%d continuation(s) per state", len(todo), len(mine), len(mine) - len(todo),
                  out, opts.samples, opts.mc)
-        with torch.no_grad():
-            stats = _play_all(generator, cfg, opts, task_sets, todo, done, writer, checkpoint,
-                              ctx.is_logging_rank)
-        if writer is not None:
-            writer.close()
+        try:
+            with torch.no_grad():
+                stats = _play_all(generator, cfg, opts, task_sets, todo, done, writer,
+                                  checkpoint, ctx.is_logging_rank)
+        finally:  # the last fsync also on an error or Ctrl-C: what was written stays written
+            if writer is not None:
+                writer.close()
         totals = _sum_over_ranks(ctx, stats)
         if ctx.is_logging_rank:
             write_manifest(out, {**manifest, "status": "complete", **totals,
@@ -423,10 +474,9 @@ def _generator(cfg, ctx, checkpoint: Path):
 
 
 def _selection(opts: CollectOptions, task_sets) -> dict:
-    """The options a resume may change: which tasks, and how many rows share a batch."""
+    """The options a resume may change: which tasks."""
     return {"task_sets": [s.name for s in task_sets.sets], "tasks": opts.tasks,
-            "tasks_file": opts.tasks_file, "env": opts.env, "corpus": opts.corpus,
-            "batch_size": opts.batch_size}
+            "tasks_file": opts.tasks_file, "env": opts.env, "corpus": opts.corpus}
 
 
 def _play_all(generator, cfg, opts: CollectOptions, task_sets, todo, done: set[str], writer,

@@ -182,19 +182,26 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default="byte",
                    help="byte, a sentencepiece .model file, or a Hugging Face tokenizer "
                         "directory (default byte)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="with a Hugging Face tokenizer directory: open each trajectory with its "
+                        "chat template, as data.tokenizer.chat_template: true plays (the "
+                        "recipe's setting must match)")
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1)")
     p.add_argument("--batch-size", type=int, default=256,
                    help="records per task sent to a worker (default 256)")
 
 
-def tokenizer_config(spec: str):
+def tokenizer_config(spec: str, chat_template: bool = False):
     from megatron_foresight.data.tokenizer import TokenizerConfig
 
+    path = Path(spec)
+    if chat_template and not path.is_dir():
+        raise UsageError(f"--chat-template needs a Hugging Face tokenizer directory as "
+                         f"--tokenizer (one with a chat template), not {spec}")
     if spec == "byte":
         return TokenizerConfig("byte")
-    path = Path(spec)
     if path.is_dir():
-        return TokenizerConfig("hf", spec)
+        return TokenizerConfig("hf", spec, chat_template=chat_template)
     if path.is_file():
         return TokenizerConfig("sentencepiece", spec)
     raise UsageError(f"--tokenizer {spec}: not 'byte', a .model file or a tokenizer directory")
@@ -241,9 +248,9 @@ def run_data(args) -> int:
 def run_collect(args) -> int:
     from megatron_foresight.config import load_recipe
     from megatron_foresight.data.collect import (
-        CollectOptions, check_resumable, collect, find_policy,
+        CollectOptions, check_parallel, check_resumable, collect,
     )
-    from megatron_foresight.eval.run import task_sets_for
+    from megatron_foresight.eval.run import find_weights, policy_path, task_sets_for
     from megatron_foresight.runtime import run_lock
     from megatron_foresight.runtime.dist import read_launch_env
 
@@ -254,12 +261,14 @@ def run_collect(args) -> int:
         temperature=args.temperature, task_sets=args.task_sets, tasks_file=args.tasks_file,
         env=args.env, corpus=args.corpus, samples=args.samples, mc=args.mc,
         drop_failed=args.drop_failed, foresight=args.foresight, top_p=args.top_p)
-    checkpoint = find_policy(cfg, opts.ckpt)
-    check_resumable(Path(opts.out), opts.identity(cfg, checkpoint))
+    check_parallel(cfg)
+    checkpoint = find_weights(policy_path(cfg, opts.ckpt, required=True))
     task_sets = task_sets_for(cfg, opts)
+    # refused before any process starts; the tokenizer is checked once they have built it
+    check_resumable(Path(opts.out), opts.identity(cfg, checkpoint, task_sets))
     rank = read_launch_env().rank
     if rank == 0:  # two collections appending to one directory would interleave
-        run_lock.acquire(opts.out, "foresight data collect")
+        run_lock.acquire(opts.out, "foresight data collect", flag="--out")
     totals = collect(cfg, opts, task_sets, checkpoint, args.recipe)
     if rank == 0:
         counts, speed = totals["counts"], totals["throughput"]
@@ -290,7 +299,8 @@ def run_preprocess(args) -> int:
     from megatron_foresight.data.preprocess import preprocess
 
     meta = preprocess(args.input, args.output_prefix, args.renderer,
-                      tokenizer_config(args.tokenizer), workers=args.workers,
+                      tokenizer_config(args.tokenizer, args.chat_template),
+                      workers=args.workers,
                       batch_size=args.batch_size)
     print(f"{meta['documents']} documents, {meta['tokens']} tokens -> {args.output_prefix}")
     return 0

@@ -32,6 +32,12 @@ class Seg(IntEnum):
 Segment = tuple[str, Seg]
 Renderer = Callable[[Trajectory], list[Segment]]
 
+RENDER_VERSION = 2
+"""Part of the cache key of every rendered and tokenized trajectory source: bump it when a
+renderer's text or the way its segments are tokenized changes (2: an observation and its
+newline are tokenized apart, the prompt through `episode_prompt`), so caches of the old tokens
+are not reused."""
+
 RENDERERS: dict[str, Renderer] = {}
 TEXT_RENDERER = "text"
 """The renderer of plain-text documents (a `text` field per line); not a trajectory renderer."""

@@ -4,7 +4,9 @@ plus `encode` / `decode`, and can write itself as a Hugging Face tokenizer direc
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -161,9 +163,15 @@ class HFTokenizer:
 
     def describe(self) -> dict:
         """What identifies the token streams it writes (cache keys, PREFIX.json): the chat
-        template changes the prompt's tokens."""
+        template changes the prompt's tokens, and so does an edit of the template's text
+        (hence its hash, not just that it is on)."""
         out = {"type": "hf", "path": str(self.path.resolve()), "vocab_size": self.vocab_size}
-        return {**out, "chat_template": True} if self.chat_template else out
+        if not self.chat_template:
+            return out
+        template = self.tokenizer.chat_template
+        text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+        return {**out, "chat_template": True,
+                "chat_template_sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
 
     @property
     def unique_identifiers(self) -> dict:

@@ -90,12 +90,29 @@ def _load(run, path: str | None) -> None:
     log.info("evaluating %s", load_weights(run.chunks, run.ctx, path, run.fresh_modules))
 
 
-def load_weights(chunks: list, ctx, path: str, fresh: tuple[str, ...] = ()) -> Path:
-    """The model weights of the checkpoint `path` names (a run directory or a checkpoint) into
-    `chunks`, except the modules under the prefixes `fresh`; returns the checkpoint read."""
+def policy_path(cfg: RecipeConfig, given: str | None, required: bool = False) -> str | None:
+    """The checkpoint a command plays (`eval`, `data collect`): --ckpt, else the recipe's
+    checkpoint.init_from (e.g. `convert from-hf`'s output); None when neither names one (eval
+    then plays the initial weights), a one-line error with `required`."""
+    path = given or cfg.checkpoint.init_from or None
+    if path is None and required:
+        raise UsageError("--ckpt: give the policy to play (a run directory or checkpoint, e.g. "
+                         "the output of `foresight convert from-hf`)")
+    return path
+
+
+def find_weights(path: str) -> Path:
+    """The complete checkpoint `path` names (a run directory or a checkpoint)."""
     found = ckpt.find_checkpoint(path)
     if found is None:
         raise UsageError(f"--ckpt {path}: no complete checkpoint there")
+    return found
+
+
+def load_weights(chunks: list, ctx, path: str, fresh: tuple[str, ...] = ()) -> Path:
+    """The model weights of the checkpoint `path` names (a run directory or a checkpoint) into
+    `chunks`, except the modules under the prefixes `fresh`; returns the checkpoint read."""
+    found = find_weights(path)
     ckpt.load_checkpoint(found, chunks=chunks, ctx=ctx, fresh=fresh)
     return found
 

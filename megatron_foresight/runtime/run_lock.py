@@ -79,17 +79,19 @@ def _alive(holder: dict) -> bool | None:
     return True
 
 
-def acquire(run_dir: str | Path, command: str, reading: bool = False) -> RunLock | None:
+def acquire(run_dir: str | Path, command: str, reading: bool = False,
+            flag: str = "--run-dir") -> RunLock | None:
     """Hold `run_dir` (created if needed) for this process, or raise RunDirBusy naming the
     holder. Re-entrant within a process (a pipeline's stages, eval after train). `reading`: the
     command only reads the run, so a run it cannot lock (a read-only model store) is read
-    without the lock, with a warning."""
+    without the lock, with a warning. `flag`: the command's flag that names the directory
+    (collect's is --out), which the errors tell the user to change."""
     run_dir = Path(run_dir).resolve()
     if run_dir in _held:
         return _held[run_dir]
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"run directory {run_dir} is a file, not a directory; choose another "
-                         "--run-dir (or move the file away)")
+                         f"{flag} (or move the file away)")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -104,7 +106,7 @@ def acquire(run_dir: str | Path, command: str, reading: bool = False) -> RunLock
         holder = _read_holder(fd)
         os.close(fd)
         raise RunDirBusy(f"run directory {run_dir} is in use by {_describe(holder)}; wait for "
-                         "it to finish (or stop it), or choose another --run-dir") from None
+                         f"it to finish (or stop it), or choose another {flag}") from None
     previous = _read_holder(fd)
     if previous:
         state = {False: "no longer running", None: "on another host, lock released"}.get(

@@ -22,6 +22,7 @@ from megatron_foresight.data.indexed import (
     cached_indexed_dataset, file_fingerprint, read_text_documents,
 )
 from megatron_foresight.data.preprocess import preprocess
+from megatron_foresight.data.render import RENDER_VERSION
 from megatron_foresight.data.records import iter_raw, record_files
 from megatron_foresight.world.synthetic import synthetic_documents
 from megatron_foresight.errors import UsageError
@@ -93,7 +94,7 @@ def _fingerprint(path: Path) -> list[dict]:
 def cached_trajectories(path: Path, renderer: str, sc: SourceContext) -> str:
     """`path` rendered by `renderer` and tokenized, once per content; rank 0 writes it."""
     key = {"trajectories": _fingerprint(path), "renderer": renderer,
-           "tokenizer": sc.tokenizer.describe()}
+           "render_version": RENDER_VERSION, "tokenizer": sc.tokenizer.describe()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     prefix = sc.cache_dir / f"{path.stem}-{renderer}-{digest}"
     if is_rank0() and not Path(f"{prefix}.idx").exists():

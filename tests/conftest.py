@@ -11,36 +11,54 @@ def pytest_configure(config):
                                        "(several processes); CI runs them too")
 
 
-SHARED = ("medium_fe_sft", "smollm2_hf")
+SHARED = {"medium_fe_sft": ("test_real_tasks_e2e.py", "test_report.py", "test_stages_e2e.py"),
+          "smollm2_hf": ("test_convert.py", "test_smollm2_e2e.py")}
 """Session fixtures that cost minutes (the medium world's trained policy; the SmolLM2 directory
-with the runs that start from it): the modules that use one run in one xdist worker, so it is
-built once."""
+with the runs that start from it), with the test modules that use them: those modules are one
+xdist work unit, so the fixture is built once. The controller schedules by node id alone, so
+the modules are listed here; collection checks the list against the fixtures the tests ask for."""
+
+
+def _unit(nodeid: str) -> str:
+    """The work unit of a test: its module, or the shared fixture its module uses."""
+    module = nodeid.split("::", 1)[0]
+    name = Path(module).name
+    return next((fixture for fixture, modules in SHARED.items() if name in modules), module)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s two workers take whole units (`_unit`) in collection order: a module's
+    fixtures are built once, and one worker trains each shared fixture. (xdist's own
+    `--dist loadgroup` marks are ignored under pytest 9.2, whose node ids no longer take the
+    group suffix xdist writes.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    return ByUnit(config, log)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Work units for `make test`'s two xdist workers (`--dist loadgroup`): a module is one unit
-    (its module-scoped fixtures are built once), the modules that share one of `SHARED` are one
-    unit, and units with slow tests are handed out first, the shared ones first of all, so the
-    longest units do not start last and leave one worker idle. Without xdist the marks do
-    nothing and only the order changes."""
-    modules: dict[str, list] = {}
+    """Units with slow tests first, the shared ones first of all, so the longest do not start
+    last and leave one worker idle; without xdist only the order changes. A module that uses a
+    shared fixture but is not listed in `SHARED` is an error (it would train it again)."""
     for item in items:
-        modules.setdefault(item.module.__name__, []).append(item)
+        for fixture, modules in SHARED.items():
+            if fixture in item.fixturenames and item.path.name not in modules:
+                raise pytest.UsageError(f"{item.nodeid} uses {fixture}: add "
+                                        f"{item.path.name} to SHARED in tests/conftest.py")
+    units: dict[str, list] = {}
+    for item in items:
+        units.setdefault(_unit(item.nodeid), []).append(item)
 
-    def group(tests) -> str:
-        used = [name for name in SHARED if any(name in t.fixturenames for t in tests)]
-        return used[0] if used else tests[0].module.__name__
+    def cost(unit: str) -> int:
+        return 0 if unit in SHARED else \
+            1 if any(t.get_closest_marker("slow") for t in units[unit]) else 2
 
-    def cost(tests) -> int:
-        return 0 if group(tests) in SHARED else \
-            1 if any(t.get_closest_marker("slow") for t in tests) else 2
-
-    ordered = sorted(modules.values(), key=cost)  # stable: collection order within a class
-    for tests in ordered:
-        for t in tests:
-            t.add_marker(pytest.mark.xdist_group(group(tests)))
-    items[:] = [t for tests in ordered for t in tests]
+    items[:] = [t for unit in sorted(units, key=cost) for t in units[unit]]
 
 
 @pytest.fixture(scope="session")

@@ -177,7 +177,7 @@ def test_task_sets_play_every_set_in_turn_and_draw_by_weight(tmp_path):
      "tasks[1].name: two task sets are named 'math'"),
     ("- {env: math, splits: {train: x.jsonl}, options: {top_k: 3}}", [],
      "tasks[0].options.top_k: unknown key in section 'options'; valid keys: max_turns, "
-     "symbolic"),
+     "prompt_template, symbolic"),
     ("- {env: math}", [], "tasks[0].splits: give the task file of each split"),
     ("- {env: math, splits: {validation: x.jsonl}}", [],
      "tasks: FC-RL trains on the 'train' split of every task set; math has none"),

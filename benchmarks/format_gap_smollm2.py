@@ -90,6 +90,10 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=128, help="per agent turn")
     p.add_argument("--max-turns", type=int, default=2, help="the math environment's budget")
     p.add_argument("--seq-length", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature of collection and FC-RL (1.0 makes a 135M model "
+                        "write noise)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling of collection")
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args()
     args.work = args.work.resolve()
@@ -99,12 +103,13 @@ def main() -> int:
     hf, base = args.work / "SmolLM2-135M-Instruct", args.work / "base"
     run([sys.executable, REPO / "tools" / "build_smollm2.py", hf], hf / "config.json", timings,
         "build_smollm2")
-    run(foresight("convert", "from-hf", "--hf-dir", hf, "--out", base), base / "metadata.json",
-        timings, "from-hf")
+    run(foresight("convert", "from-hf", "--hf-dir", hf, "--out", base),
+        base / "checkpoints" / "latest", timings, "from-hf")
     train, val = tasks(args.work, args.train_tasks, args.val_tasks, timings)
     common = overrides(args, hf, train, val)
     collected = args.work / "collect"
-    gen = ["--max-new-tokens", args.max_new_tokens, "--temperature", "1.0"]
+    gen = ["--max-new-tokens", args.max_new_tokens, "--temperature", args.temperature,
+           "--top-p", args.top_p]
     run(foresight("data", "collect", RECIPES / "wm_amt.yaml", *common, "--ckpt", base, "--out",
                   collected / "train", "--split", "train", "--samples", args.samples, "--mc",
                   args.mc, *gen, "--tasks", args.train_tasks),
@@ -130,6 +135,7 @@ def main() -> int:
         run(foresight("train", RECIPES / "fc_rl.yaml", *common, *schedule(args.rl_steps),
                       "schedule.eval_at_start=false", f"checkpoint.init_from={fe}",
                       "fc_rl.prompts_per_step=2", "fc_rl.group_size=2",
+                      f"fc_rl.temperature={args.temperature}",
                       f"fc_rl.max_new_tokens={args.max_new_tokens}", "fc_rl.validation_tasks=0",
                       "--run-dir", rl), rl / "checkpoints" / "latest", timings, f"fc_rl/{tag}")
         for stage, ckpt in (("fe_sft", fe), ("fc_rl", rl)):

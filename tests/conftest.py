@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs of the real command line "
                                        "(several processes); CI runs them too")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # `make test`'s two workers share the cores: one thread each (and in every process a
+        # test starts). Two 2-thread trainings on 2 cores ran 5x slower than one, their OpenMP
+        # threads spinning against each other.
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 SHARED = {"medium_fe_sft": ("test_real_tasks_e2e.py", "test_report.py", "test_stages_e2e.py"),
@@ -169,5 +178,5 @@ def medium_fe_sft(medium_world, medium_cache, medium_wm_amt, tmp_path_factory) -
                f"data.world={medium_world}", f"data.cache_dir={medium_cache}",
                "data.seq_length=768", "schedule.eval_interval=0", "schedule.eval_steps=0",
                "checkpoint.save_interval=0", "logging.tensorboard=false",
-               f"checkpoint.init_from={medium_wm_amt}", "--run-dir", str(run_dir)], timeout=900)
+               f"checkpoint.init_from={medium_wm_amt}", "--run-dir", str(run_dir)], timeout=1800)
     return run_dir

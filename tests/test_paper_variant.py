@@ -215,7 +215,7 @@ def test_fc_rl_in_the_paper_tag_set_from_a_v2_fe_sft_policy(medium_world, medium
     fe = tmp_path / "fe"
     foresight(["train", str(recipes / "fe_sft.yaml"), *common, "schedule.train_steps=200",
                "schedule.eval_interval=0", "schedule.eval_steps=2",
-               f"checkpoint.init_from={medium_wm_amt}", "--run-dir", str(fe)], timeout=900)
+               f"checkpoint.init_from={medium_wm_amt}", "--run-dir", str(fe)], timeout=1800)
     final = json.loads((fe / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["val/loss/keyword"] < 1.5 and final["val/loss/value"] < 1.0
     rl = tmp_path / "rl"

@@ -14,7 +14,7 @@ import pytest
 
 from helpers.run import REPO, TEST_RECIPE, foresight, train
 from megatron_foresight.cli import main
-from megatron_foresight.data import collect
+from megatron_foresight import collect
 from megatron_foresight.data.tokenizer import ByteTokenizer
 from megatron_foresight.data.trajectory import read_trajectories
 from megatron_foresight.envs.math import MathEnv

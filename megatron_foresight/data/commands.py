@@ -247,7 +247,7 @@ def run_data(args) -> int:
 
 def run_collect(args) -> int:
     from megatron_foresight.config import load_recipe
-    from megatron_foresight.data.collect import (
+    from megatron_foresight.collect import (
         CollectOptions, check_parallel, check_resumable, collect,
     )
     from megatron_foresight.eval.run import find_weights, policy_path, task_sets_for

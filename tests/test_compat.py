@@ -31,6 +31,28 @@ def test_cuda_device_arguments_land_on_the_cpu():
         "cpu cpu cpu cpu", "torch.cuda.FloatTensor torch.cuda.BFloat16Tensor"]
 
 
+def test_device_mode_off_suspends_the_mode_for_a_block_and_restores_it():
+    out = run_python("""
+        import torch
+        from megatron_foresight.runtime import compat
+        compat.install()
+        with compat.device_mode_off():
+            try:
+                torch.zeros(1, device="cuda")
+                print("allocated")
+            except (AssertionError, RuntimeError):
+                print("refused")  # loud: no silent CUDA literal inside the block
+        print(torch.zeros(1, device="cuda").device)
+        class Through(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+        with Through():  # a mode above ours (a profiler's) is never popped
+            with compat.device_mode_off():
+                print(torch.zeros(1, device="cuda").device)
+    """)
+    assert out.splitlines() == ["refused", "cpu", "cpu"]
+
+
 def test_cuda_seed_really_seeds_the_cpu_generator_and_tracker_forks_it():
     out = run_python("""
         import torch

@@ -77,3 +77,44 @@ def test_sequence_limit_ends_rows_with_context(megatron_cpu):
     out = gen.generate([[1] * 10, [1] * 7], Sampling(max_new_tokens=8))
     assert out[0].ids == [] and out[0].stop == "context"
     assert len(out[1].ids) == 3 and out[1].stop == "context"
+
+
+def _both(prompts, sampling, **variants):
+    """The same generation with the default engine and with `variants` switched."""
+    model = _model()
+    fast = Generator(model, ByteTokenizer(), max_sequence_length=64).generate(prompts, sampling)
+    plain = Generator(model, ByteTokenizer(), max_sequence_length=64, **variants)
+    return fast, plain.generate(prompts, sampling)
+
+
+def _close_logprobs(xs, ys):
+    """Equal up to float rounding: a matmul over fewer rows (shared prefill) or attention as two
+    matmuls (lean decode) sums in another order (differences seen: 4e-7 to 1e-5, the latter
+    where `_model`'s 30x output layer scales a logit's rounding)."""
+    for x, y in zip(xs, ys):
+        assert len(x.logprobs) == len(y.logprobs)
+        assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=5e-5,
+                              rtol=0)
+
+
+def test_shared_prefill_gives_the_rows_of_separate_prefills(megatron_cpu):
+    # a GRPO-like batch: repeated prompts of different lengths (left padding), sampled
+    a, b, c = [5, 6, 7, 8, 9, 10, 11], [40, 41], [100, 101, 102, 103]
+    prompts = [a, b, a, a, c, b]
+    for sampling in (Sampling(max_new_tokens=10), Sampling(temperature=1.0, max_new_tokens=10,
+                                                           seed=3)):
+        shared, separate = _both(prompts, sampling, shared_prefill=False)
+        assert [o.ids for o in shared] == [o.ids for o in separate]
+        _close_logprobs(shared, separate)
+    # sampled rows of one prompt still draw different continuations
+    assert len({tuple(shared[i].ids) for i in (0, 2, 3)}) > 1
+
+
+def test_lean_decode_gives_the_plain_decoders_tokens(megatron_cpu):
+    # same-length rows (no mask in decode) and different lengths (the masked two-matmul path)
+    for prompts in ([[5, 6, 7], [40, 41, 42], [7, 7, 9]], [[5, 6, 7, 8, 9], [40, 41]]):
+        for sampling in (Sampling(max_new_tokens=12),
+                         Sampling(temperature=1.0, max_new_tokens=12, seed=5)):
+            lean, plain = _both(prompts, sampling, lean_decode=False, shared_prefill=False)
+            assert [o.ids for o in lean] == [o.ids for o in plain]
+            _close_logprobs(lean, plain)

@@ -24,11 +24,13 @@ stop decisions and the agent loop above runs identically on all ranks.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
 from megatron_foresight.errors import UsageError
+from megatron_foresight.runtime.compat import device_mode_off
 
 
 @dataclass(frozen=True)
@@ -81,14 +83,38 @@ def _draw(logits_BV: torch.Tensor, sampling: Sampling, gen: torch.Generator):
     return ids_B, logp_BV.gather(-1, ids_B[:, None])[:, 0]
 
 
+def _distinct(rows: list[list[int]]) -> tuple[list[int], list[int] | None]:
+    """The first row of each distinct prompt, and for every row the position of its prompt in
+    that list; None instead when all rows differ (nothing to share)."""
+    first: dict[tuple, int] = {}
+    firsts, source = [], []
+    for b, row in enumerate(rows):
+        u = first.setdefault(tuple(row), len(first))
+        if u == len(firsts):
+            firsts.append(b)
+        source.append(u)
+    if len(firsts) == len(rows):
+        return firsts, None
+    return firsts, source
+
+
 class Generator:
     """Batched generation from one model chunk per pipeline stage (TP and PP allowed; an
     interleaved pipeline is not).
 
     `max_sequence_length` bounds prompt + completion per row (the KV cache is allocated for it);
-    rows whose prompt leaves no room end with stop="context" and no tokens."""
+    rows whose prompt leaves no room end with stop="context" and no tokens.
 
-    def __init__(self, model, tokenizer, *, max_sequence_length: int, pad_id: int = 0):
+    Two speed-ups, each switchable (benchmarks, tests): the tokens are those of the plain
+    path, the log-probabilities equal to float rounding (sums in another order, ~1e-7):
+    `shared_prefill`: rows with the same prompt (a GRPO group's G samples, `data collect`'s M
+    continuations of a state) are prefilled once; the KV cache rows and last logits are copied
+    to the others. `lean_decode`: decode steps run without the attention mask when no row is
+    padded (a query at the end sees every key) and outside the CPU compatibility layer's
+    device mode (a decode step allocates nothing; the mode costs a Python call per op)."""
+
+    def __init__(self, model, tokenizer, *, max_sequence_length: int, pad_id: int = 0,
+                 shared_prefill: bool = True, lean_decode: bool = True):
         from megatron.core import parallel_state
 
         ps = parallel_state
@@ -108,16 +134,19 @@ class Generator:
         self.tokenizer = tokenizer
         self.max_sequence_length = max_sequence_length
         self.pad_id = pad_id
+        self.shared_prefill = shared_prefill
+        self.lean_decode = lean_decode
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _forward(self, tokens_BS, positions_BS, hidden_BQT, context):
+    def _forward(self, tokens_BS, positions_BS, hide_BQT, context):
         """The last position's logits [B, V]; None on a pipeline stage before the last."""
         if self.pipelined and not self.first:
             self.model.set_input_tensor(self._receive())
-        out = self.model(tokens_BS, positions_BS, hidden_BQT[:, None],
+        hide = None if hide_BQT is None else hide_BQT[:, None]  # [B, 1 (heads), Q, T]
+        out = self.model(tokens_BS, positions_BS, hide,
                          inference_context=context, runtime_gather_output=True)
         if self.pipelined and not self.last:
             self._send(out)  # hidden states [S, B, H]
@@ -230,12 +259,23 @@ class Generator:
         hide_BLL = future_LL | pad_BT[:, None, :L]
         hide_BLL &= ~torch.eye(L, dtype=torch.bool, device=dev)
         context = StaticInferenceContext(B, L + new)
-        logits_BV = self._forward(tokens_BL, positions_BL, hide_BLL, context)
+        firsts, source = _distinct(rows) if self.shared_prefill else (list(range(B)), None)
+        if source is None:
+            logits_BV = self._forward(tokens_BL, positions_BL, hide_BLL, context)
+        else:
+            index = torch.tensor(firsts, device=dev)
+            logits_UV = self._forward(tokens_BL[index], positions_BL[index], hide_BLL[index],
+                                      context)
+            # cache row b := the prefilled row of b's prompt (rows past U were never written)
+            context.swap_key_value_dict(source)
+            logits_BV = None if logits_UV is None else logits_UV[torch.tensor(source,
+                                                                              device=dev)]
         context.sequence_len_offset = L
         gen = torch.Generator().manual_seed(sampling.seed)
         limit = [min(new, self.max_sequence_length - len(p)) for p in rows]
         positions_B = positions_BL[:, -1]
         rows_now = list(range(B))  # the batch rows still decoding, in the cache's row order
+        padded = bool(pad_BT.any())
         for t in range(new):
             ids_B, logp_B = self._next_tokens(logits_BV, len(rows_now), sampling, gen)
             keep = []
@@ -262,8 +302,11 @@ class Generator:
                 rows_now = [rows_now[j] for j in keep]
                 index = torch.tensor(keep, device=dev)
                 ids_B, positions_B, pad_BT = ids_B[index], positions_B[index], pad_BT[index]
+                padded = bool(pad_BT.any())
             positions_B = positions_B + 1
-            hide_B1T = pad_BT[:, None, :L + t + 1]
-            logits_BV = self._forward(ids_B[:, None], positions_B[:, None], hide_B1T, context)
+            hide_B1T = pad_BT[:, None, :L + t + 1] if padded or not self.lean_decode else None
+            with device_mode_off() if self.lean_decode else contextlib.nullcontext():
+                logits_BV = self._forward(ids_B[:, None], positions_B[:, None], hide_B1T,
+                                          context)
             context.sequence_len_offset += 1
         return out

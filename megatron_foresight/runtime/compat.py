@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _CPU = torch.device("cpu")
 _installed = False
+_mode: "_CpuDeviceMode | None" = None
 
 
 def _is_cuda_device(device) -> bool:
@@ -156,7 +157,7 @@ def _patch_megatron() -> None:
 
 def install() -> None:
     """Install the CPU compatibility layer (idempotent). Refuses when CUDA is available."""
-    global _installed
+    global _installed, _mode
     if _installed:
         return
     if torch.cuda.is_available():
@@ -166,10 +167,32 @@ def install() -> None:
         )
     _patch_torch_cuda()
     _patch_megatron()
-    _CpuDeviceMode().__enter__()  # stays active for the life of the process
+    _mode = _CpuDeviceMode()
+    _mode.__enter__()  # stays active for the life of the process
     _installed = True
     log.debug("CPU compatibility layer for Megatron-Core installed")
 
 
 def is_installed() -> bool:
     return _installed
+
+
+@contextlib.contextmanager
+def device_mode_off():
+    """Run a block without the device-rewriting mode: one Python call less per torch function.
+
+    For hot loops that allocate nothing on a device (a decode step writes into a KV cache that
+    the prefill allocated): there the mode is pure overhead (about 3 us per op, most of a
+    small model's decode step). A CUDA device argument inside the block fails loudly ("Torch
+    not compiled with CUDA"), never silently. Does nothing when the layer is not installed, or
+    when another mode was pushed above ours (a profiler's), which must not be popped."""
+    from torch.overrides import _get_current_function_mode
+
+    if _mode is None or _get_current_function_mode() is not _mode:
+        yield
+        return
+    _mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _mode.__enter__()

@@ -140,7 +140,9 @@ def main() -> int:
                       "--run-dir", rl), rl / "checkpoints" / "latest", timings, f"fc_rl/{tag}")
         for stage, ckpt in (("fe_sft", fe), ("fc_rl", rl)):
             out = args.work / "eval" / f"{stage}_{tag}.json"
-            run(foresight("eval", RECIPES / f"{stage}.yaml", *common, "--ckpt", ckpt,
+            # an SFT stage's evaluation also scores its validation loss: on the same data
+            data_for = fe_data if stage == "fe_sft" else []
+            run(foresight("eval", RECIPES / f"{stage}.yaml", *common, *data_for, "--ckpt", ckpt,
                           "--tasks", args.val_tasks, "--max-new-tokens", args.max_new_tokens,
                           "--out", out), out, timings, f"eval/{stage}_{tag}")
             metrics = json.loads(out.read_text())["metrics"]

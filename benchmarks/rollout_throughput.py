@@ -1,11 +1,18 @@
 """Rollout throughput: the rollout engine's generated tokens/s (our KV-cache decoder over the
 Megatron `GPTModel`, `inference.generate.Generator`) against Hugging Face `generate()` on a
 `LlamaForCausalLM` of the same shape, same batch, same prompt length, same number of new
-tokens (greedy, no early stop), in one run; then the split of an FC-RL step's time between
+tokens (no early stop), in one run; then the split of an FC-RL step's time between
 generation, log-prob recomputation and training (the real `on_policy_step` of `foresight train`).
 
     python benchmarks/rollout_throughput.py [--batch 16] [--prompt 256] [--new 128] \
-        [--repeats 3] [--rl-steps 2] [--recipe recipes/tiny-cpu/fc_rl.yaml]
+        [--group 8] [--repeats 3] [--rl-steps 2] [--recipe recipes/tiny-cpu/fc_rl.yaml]
+
+Two tables. Single-turn decode: --batch distinct prompts, greedy. GRPO groups: --batch rows
+made of batch/group prompts repeated --group times, sampled at temperature 1 (a group's first
+turn). The engine runs as `plain` (both speed-ups off), `lean` (lean decode: no mask when
+nothing is padded, a two-matmul attention for one query, decode outside the CPU
+compatibility mode) and `lean+shared` (and a group's prompt prefilled once), so each gain is
+attributed; HF is the baseline of both tables.
 
 Each side runs in its own process (the Megatron side installs the CPU compatibility layer), the
 two alternate `--repeats` times, and medians and their ratio are printed. Weights are random:
@@ -28,28 +35,46 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+VARIANTS = ("plain", "lean", "lean+shared")
+
+
 def _prompts(args, vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     return torch.randint(3, vocab, (args.batch, args.prompt), generator=g).tolist()
 
 
-def run_megatron(args) -> dict:
+def _group_prompts(args, vocab: int) -> list[list[int]]:
+    distinct = _prompts(args, vocab)[:args.batch // args.group]
+    return [p for p in distinct for _ in range(args.group)]
+
+
+def _recipe(args):
     from megatron_foresight.config import load_recipe
+
+    return load_recipe(args.recipe, ["data.tokenizer.type=byte"])
+
+
+def run_megatron(args) -> dict:
     from megatron_foresight.data.tokenizer import ByteTokenizer
     from megatron_foresight.inference.generate import Generator, Sampling
     from megatron_foresight.models.provider import build_model
     from megatron_foresight.training import loop
 
-    cfg = load_recipe(args.recipe, ["data.tokenizer.type=byte", "data.world=null"])
+    cfg = _recipe(args)
     loop.start_processes(cfg)
     tok = ByteTokenizer()
+    tok.eod = -1  # every row generates exactly --new tokens, as HF's min_new_tokens makes it
     (model,) = build_model(cfg, cfg.padded_vocab_size(tok.vocab_size))
-    gen = Generator(model.eval(), tok, max_sequence_length=args.prompt + args.new)
-    prompts = _prompts(args, tok.vocab_size)
+    lean, shared = args.variant != "plain", args.variant == "lean+shared"
+    gen = Generator(model.eval(), tok, max_sequence_length=args.prompt + args.new,
+                    lean_decode=lean, shared_prefill=shared)
+    grouped = args.table == "group"
+    prompts = (_group_prompts if grouped else _prompts)(args, tok.vocab_size)
+    sampling = Sampling(temperature=1.0 if grouped else 0.0, max_new_tokens=args.new, seed=1)
     times = []
     for i in range(args.warmup + args.timed):
         started = time.perf_counter()
-        out = gen.generate(prompts, Sampling(max_new_tokens=args.new))
+        out = gen.generate(prompts, sampling)
         if i >= args.warmup:
             times.append(time.perf_counter() - started)
     assert all(len(c.ids) == args.new for c in out)
@@ -59,10 +84,9 @@ def run_megatron(args) -> dict:
 def run_hf(args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_foresight.config import load_recipe
     from megatron_foresight.data.tokenizer import ByteTokenizer
 
-    cfg = load_recipe(args.recipe, ["data.tokenizer.type=byte", "data.world=null"])
+    cfg = _recipe(args)
     m, tok = cfg.model, ByteTokenizer()
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(LlamaConfig(
@@ -71,12 +95,15 @@ def run_hf(args) -> dict:
         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.query_groups,
         max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.norm_epsilon,
         rope_theta=m.rotary_base, tie_word_embeddings=False)).eval()
-    ids = torch.tensor(_prompts(args, tok.vocab_size))
+    grouped = args.table == "group"
+    ids = torch.tensor((_group_prompts if grouped else _prompts)(args, tok.vocab_size))
     times = []
     for i in range(args.warmup + args.timed):
         started = time.perf_counter()
+        torch.manual_seed(1)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=grouped,
+                                 temperature=1.0, top_p=1.0, top_k=0,
                                  max_new_tokens=args.new, min_new_tokens=args.new,
                                  use_cache=True, pad_token_id=0, eos_token_id=None)
         if i >= args.warmup:
@@ -100,8 +127,9 @@ def run_rl(args) -> dict:
     return {k: [s[k] for s in steps] for k in keys}
 
 
-def _child(impl: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--impl", impl, "--batch", str(args.batch), "--prompt",
+def _child(impl: str, args, variant: str = "lean+shared", table: str = "single") -> dict:
+    cmd = [sys.executable, __file__, "--impl", impl, "--variant", variant, "--table", table,
+           "--group", str(args.group), "--batch", str(args.batch), "--prompt",
            str(args.prompt), "--new", str(args.new), "--timed", str(args.timed), "--warmup",
            str(args.warmup), "--rl-steps", str(args.rl_steps), "--recipe", str(args.recipe),
            "--scratch", args.scratch]
@@ -123,26 +151,40 @@ def main() -> None:
     parser.add_argument("--rl-steps", type=int, default=2,
                         help="FC-RL steps timed for the split (0: skip)")
     parser.add_argument("--recipe", default=str(REPO / "recipes/tiny-cpu/fc_rl.yaml"))
+    parser.add_argument("--group", type=int, default=8,
+                        help="GRPO group size of the second table (divides --batch)")
     parser.add_argument("--impl", choices=["megatron", "hf", "rl"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS, default="lean+shared",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--table", choices=["single", "group"], default="single",
+                        help=argparse.SUPPRESS)
     parser.add_argument("--scratch", default=str(REPO / "runs" / "benchmark"),
                         help="where the FC-RL steps may write (nothing is saved)")
     args = parser.parse_args()
+    if args.batch % args.group:
+        parser.error(f"--group {args.group} must divide --batch {args.batch}")
     if args.impl:
         print(json.dumps({"megatron": run_megatron, "hf": run_hf, "rl": run_rl}[args.impl](args)))
         return
     tokens = args.batch * args.new
-    rates = {"megatron": [], "hf": []}
-    for _ in range(args.repeats):
-        for impl in rates:
-            rates[impl].append(tokens / statistics.median(_child(impl, args)["seconds"]))
     print(f"rollout throughput, {args.recipe}: batch {args.batch}, prompt {args.prompt}, "
-          f"{args.new} new tokens per row, greedy, {args.repeats} runs each, "
-          f"{torch.get_num_threads()} threads")
-    for name, impl in (("Megatron rollout engine", "megatron"), ("HF generate()", "hf")):
-        runs = ", ".join(f"{r:.0f}" for r in rates[impl])
-        print(f"  {name:24}{statistics.median(rates[impl]):>8.0f} generated tokens/s  [{runs}]")
-    ratio = statistics.median(rates["megatron"]) / statistics.median(rates["hf"])
-    print(f"  ratio engine / HF: {ratio:.2f}")
+          f"{args.new} new tokens per row, {args.repeats} alternating runs each, medians")
+    for table, variants in (("single", ("plain", "lean")), ("group", VARIANTS)):
+        sides = [("hf", "HF generate()")] + [(v, f"engine, {v}") for v in variants]
+        rates = {side: [] for side, _ in sides}
+        for _ in range(args.repeats):
+            for side, _ in sides:
+                impl, variant = ("hf", "plain") if side == "hf" else ("megatron", side)
+                seconds = _child(impl, args, variant, table)["seconds"]
+                rates[side].append(tokens / statistics.median(seconds))
+        print("single-turn decode: distinct prompts, greedy" if table == "single" else
+              f"GRPO groups: {args.batch // args.group} prompts x {args.group} samples, "
+              "temperature 1")
+        hf = statistics.median(rates["hf"])
+        for side, name in sides:
+            med = statistics.median(rates[side])
+            runs = ", ".join(f"{r:.0f}" for r in rates[side])
+            print(f"  {name:24}{med:>8.0f} tokens/s  {med / hf:>5.2f}x HF  [{runs}]")
     if args.rl_steps:
         rl = _child("rl", args)
         med = {k: statistics.median(v) for k, v in rl.items()}

@@ -79,8 +79,12 @@ class ModelConfig:
     """Dropout after attention and MLP."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Parameter and compute precision; the optimizer keeps fp32 master weights for bf16/fp16."""
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """Parameter and compute precision; the optimizer keeps fp32 master weights for bf16/fp16.
+    auto: bf16 on CUDA; on a CPU, bf16 only if a short probe of this model's matmuls runs at
+    least 1.1x faster in it than in fp32 (it depends on the chip), else fp32. The probe's result
+    is cached per machine (FORESIGHT_CACHE_DIR, else ~/.cache/megatron-foresight) and the choice
+    is written to the run's config.yaml and checkpoints (runtime/precision.py)."""
     fp8: Optional[Literal["hybrid", "e4m3"]] = None
     """Transformer Engine FP8 format (CUDA only); hybrid = E4M3 forward, E5M2 backward."""
     fp8_amax_history_len: int = 1024
@@ -99,6 +103,9 @@ class ModelConfig:
     init_on_cpu: Optional[bool] = None
     """Initialize weights on the CPU, full-size then split, so the initial model does not depend
     on the TP/PP layout; null means yes without CUDA, no with CUDA (faster on GPUs)."""
+    precision_choice: object = field(default=None, init=False, repr=False, compare=False)
+    """How `precision: auto` was resolved on this machine (runtime/precision.py sets it, and
+    `precision` to the choice); None when the recipe named a precision."""
 
     def __post_init__(self):
         check_at_least(self, 1, "num_layers", "hidden_size", "ffn_hidden_size",
@@ -125,7 +132,8 @@ class ModelConfig:
         check(self.fp8 is None or self.transformer_impl != "local", "fp8",
               "FP8 needs transformer_impl: transformer_engine (or auto on a CUDA machine)")
         check(self.fp8 is None or self.precision != "fp32", "fp8",
-              "FP8 runs inside a bf16 (or fp16) model: set model.precision: bf16")
+              "FP8 runs inside a bf16 (or fp16) model: set model.precision: bf16 (auto is "
+              "bf16 on CUDA, where FP8 runs)")
 
     @property
     def query_groups(self) -> int:

@@ -148,7 +148,7 @@ def describe_precision(cfg: RecipeConfig) -> str:
     layers = {"auto": "Transformer Engine layers on CUDA (local layers without it)",
               "transformer_engine": "Transformer Engine layers (CUDA only)",
               "local": "Megatron-Core local layers"}[m.transformer_impl]
-    text = f"{m.precision}, {layers}"
+    text = f"{'auto (bf16 on CUDA)' if m.precision == 'auto' else m.precision}, {layers}"
     if m.fp8:
         text += (f"; FP8 {m.fp8} (delayed scaling, amax history {m.fp8_amax_history_len}, "
                  f"{m.fp8_amax_compute_algo}; CUDA + Transformer Engine only)")

@@ -70,6 +70,21 @@ def pytest_collection_modifyitems(config, items):
     items[:] = [t for unit in sorted(units, key=cost) for t in units[unit]]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def foresight_cache_dir(tmp_path_factory) -> Path:
+    """FORESIGHT_CACHE_DIR (the per-machine cache of `model.precision: auto`'s probe) in a tmp
+    dir of this session, for this process and every process a test starts: the suite never
+    reads or writes the user's ~/.cache/megatron-foresight."""
+    path = tmp_path_factory.mktemp("foresight-cache")
+    saved = os.environ.get("FORESIGHT_CACHE_DIR")
+    os.environ["FORESIGHT_CACHE_DIR"] = str(path)
+    yield path
+    if saved is None:
+        os.environ.pop("FORESIGHT_CACHE_DIR", None)
+    else:
+        os.environ["FORESIGHT_CACHE_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """One tokenized-data cache for the whole session, so the corpus is tokenized once."""

@@ -272,12 +272,28 @@ def _check_optimizer_kind(path: Path, common: dict, distributed_optimizer: bool)
             "optimizer: checkpoint.init_from=<that run dir> in a new run directory.")
 
 
+def _check_precision(path: Path, common: dict, precision: str | None) -> None:
+    # bf16/fp16 optimizers keep fp32 master copies of the weights, an fp32 one does not: their
+    # states have other structures (resuming across them failed with a KeyError in Megatron).
+    saved = common.get("config", {}).get("model", {}).get("precision")
+    if precision is None or saved not in ("fp32", "bf16", "fp16") or saved == precision:
+        return
+    raise CheckpointError(
+        f"{path} was saved with model.precision={saved} and this run has {precision}: optimizer "
+        f"state does not convert between the two. Resume with model.precision={saved} (auto "
+        "keeps the saved one on --resume), or start from its weights with a fresh optimizer: "
+        "checkpoint.init_from=<that run dir> in a new run directory.")
+
+
 def load_checkpoint(path: Path, *, chunks: list, ctx: ParallelContext, optimizer=None,
                     scheduler=None, optimizer_sharding: str = "fully_reshardable",
-                    distributed_optimizer: bool = False, fresh: tuple[str, ...] = ()) -> dict:
+                    distributed_optimizer: bool = False, fresh: tuple[str, ...] = (),
+                    precision: str | None = None) -> dict:
     """Load model weights, and when `optimizer` is given the optimizer, schedule and RNG too.
     `fresh`: prefixes of model state this run adds to the checkpoint's model (a stage's new
     module, such as PPO's value head), which are not read and keep their initial values.
+    `precision`: the run's model.precision, which must be the checkpoint's to load its
+    optimizer (weights alone load into any precision).
     Returns the checkpoint's common state (progress, layout, config).
     Raises CheckpointDamaged, before anything is loaded, if the files differ from the
     checkpoint's manifest."""
@@ -295,6 +311,7 @@ def load_checkpoint(path: Path, *, chunks: list, ctx: ParallelContext, optimizer
                                "(checkpoint.save_optimizer=false); it cannot be resumed exactly. "
                                "Start from it with checkpoint.init_from instead.")
         _check_optimizer_kind(path, common, distributed_optimizer)
+        _check_precision(path, common, precision)
         ensure_adam_state(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(template, is_loading=True,
                                                              metadata=metadata)

@@ -32,7 +32,7 @@ from megatron_foresight.runtime.dist import (
     ParallelContext, barrier, broadcast_object, init_distributed, init_parallel_state,
     read_launch_env, shutdown,
 )
-from megatron_foresight.runtime import run_lock
+from megatron_foresight.runtime import precision, run_lock
 from megatron_foresight.runtime.log import MetricsWriter, WandbSettings, setup_logging
 from megatron_foresight.runtime.seed import seed_all
 from megatron_foresight.training import checkpoint as ckpt
@@ -81,11 +81,20 @@ class Run:
 
 
 def start_processes(cfg: RecipeConfig, verbose: bool = False) -> ParallelContext:
+    """torch.distributed and Megatron's parallel state for `cfg`; resolves its
+    `model.precision: auto` to fp32 or bf16, the same on every rank, before any model exists."""
     launch = read_launch_env()
     cfg.check_world_size(launch.world_size)
-    use_transformer_engine(cfg)  # refuses what this machine cannot run, before any process group
+    if cfg.model.precision != "auto":
+        use_transformer_engine(cfg)  # refuses what this machine cannot run, before any group
     setup_logging(launch.rank, verbose)
     device = init_distributed(launch, cfg.parallel.distributed_timeout_minutes)
+    if precision.resolve(cfg):  # rank 0 decides (probe or cache) and tells the others
+        try:
+            use_transformer_engine(cfg)  # the same refusals, now for the precision chosen
+        except Exception:
+            shutdown()
+            raise
     ctx = init_parallel_state(cfg.parallel, device)
     seed_all(cfg.seed)
     log.info("%d process(es) on %s: TP=%d PP=%d DP=%d CP=%d (%s)", ctx.world_size, device,
@@ -105,16 +114,41 @@ def resolve_run_dir(cfg: RecipeConfig, run_dir: str | None, resume: bool) -> Pat
         try:
             path = _pick_run_dir(cfg, run_dir, resume)
             run_lock.acquire(path, "foresight train")
+            saved = _saved_precision(cfg, path) if resume else None
+            precision.adopt_checkpoint_precision(cfg, saved, path)
             (path / "config.yaml").write_text(
                 f"# resolved recipe of stage {cfg.stage!r} ({cfg.name}); every key, defaults "
-                "included\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            chosen = str(path)
+                f"included\n{_precision_note(cfg)}"
+                + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            chosen = (str(path), saved)
         except UsageError as e:
             chosen = e  # every rank raises it, rather than waiting on rank 0
     chosen = broadcast_object(chosen)
     if isinstance(chosen, UsageError):
         raise chosen
-    return Path(chosen)
+    path, saved = chosen
+    precision.adopt_checkpoint_precision(cfg, saved, path)
+    return Path(path)
+
+
+def _saved_precision(cfg: RecipeConfig, path: Path) -> str | None:
+    """The model.precision the run's newest checkpoint was saved in, when this recipe's was
+    auto (so a resume keeps it); None if there is none or it cannot be read (loading it will
+    say why)."""
+    if cfg.model.precision_choice is None:
+        return None
+    found = next(iter(ckpt.resume_candidates(path)), None)
+    if found is None:
+        return None
+    try:
+        return ckpt.read_common(found).get("config", {}).get("model", {}).get("precision")
+    except (UsageError, AttributeError):  # a damaged checkpoint; a config that is not a dict
+        return None
+
+
+def _precision_note(cfg: RecipeConfig) -> str:
+    choice = cfg.model.precision_choice
+    return "" if choice is None else f"# {choice.note()}\n"
 
 
 def _pick_run_dir(cfg: RecipeConfig, run_dir: str | None, resume: bool) -> Path:
@@ -194,7 +228,8 @@ def _resume(run: Run) -> bool:
             common = ckpt.load_checkpoint(
                 found, chunks=run.chunks, ctx=run.ctx, optimizer=run.optimizer,
                 scheduler=run.scheduler, optimizer_sharding=run.cfg.checkpoint.optimizer_sharding,
-                distributed_optimizer=run.cfg.parallel.use_distributed_optimizer)
+                distributed_optimizer=run.cfg.parallel.use_distributed_optimizer,
+                precision=run.cfg.model.precision)
         except ckpt.CheckpointDamaged as e:
             aside = found.with_name(found.name + ".damaged")
             if run.ctx.rank == 0:

@@ -9,7 +9,9 @@ on the distance between positions, so the shift that left-padding gives a row ch
 Shapes: B rows, L padded prompt length, T = L + generated so far, V vocabulary.
 
 Tensor parallelism: logits are gathered over the TP group and every TP rank draws from a
-generator seeded the same way, so all ranks sample the same tokens.
+generator seeded the same way, so all ranks sample the same tokens. By default one generator
+serves the whole batch; `row_seeds` gives each row its own, so a row's draws do not depend on
+which rows share its batch (the continuous engine, `inference.continuous`, draws that way).
 
 Sequence parallelism is switched off for the duration of `generate` (a decode step is one
 token, which cannot be split over the TP ranks; Megatron's own inference refuses it): the layers
@@ -66,8 +68,22 @@ class Completion:
     stop: str = "length"
 
 
-def _draw(logits_BV: torch.Tensor, sampling: Sampling, gen: torch.Generator):
-    """Next token per row and its log-probability."""
+@dataclass
+class DecodeStats:
+    """Decode forwards run and the rows they carried (how full the batch stayed)."""
+
+    steps: int = 0
+    rows: int = 0
+
+    def add(self, rows: int) -> None:
+        self.steps += 1
+        self.rows += rows
+
+
+def _draw(logits_BV: torch.Tensor, sampling: Sampling,
+          gen: torch.Generator | list[torch.Generator]):
+    """Next token per row and its log-probability; `gen` one generator for the batch, or one
+    per row."""
     logits_BV = logits_BV.float()
     if sampling.temperature == 0:
         ids_B = logits_BV.argmax(-1)
@@ -79,7 +95,11 @@ def _draw(logits_BV: torch.Tensor, sampling: Sampling, gen: torch.Generator):
         outside = sorted_p.cumsum(-1) - sorted_p >= sampling.top_p  # keep the first token always
         sorted_p = sorted_p.masked_fill(outside, 0)
         probs_BV = torch.zeros_like(probs_BV).scatter(-1, order, sorted_p)
-    ids_B = torch.multinomial(probs_BV.cpu(), 1, generator=gen)[:, 0].to(logits_BV.device)
+    if isinstance(gen, list):
+        ids_B = torch.cat([torch.multinomial(p[None], 1, generator=g)[0]
+                           for p, g in zip(probs_BV.cpu(), gen)]).to(logits_BV.device)
+    else:
+        ids_B = torch.multinomial(probs_BV.cpu(), 1, generator=gen)[:, 0].to(logits_BV.device)
     return ids_B, logp_BV.gather(-1, ids_B[:, None])[:, 0]
 
 
@@ -110,8 +130,9 @@ class Generator:
     `shared_prefill`: rows with the same prompt (a GRPO group's G samples, `data collect`'s M
     continuations of a state) are prefilled once; the KV cache rows and last logits are copied
     to the others. `lean_decode`: decode steps run without the attention mask when no row is
-    padded (a query at the end sees every key) and outside the CPU compatibility layer's
-    device mode (a decode step allocates nothing; the mode costs a Python call per op)."""
+    padded (a query at the end sees every key) and, with TP = 1, outside the CPU compatibility
+    layer's device mode (a decode step allocates nothing then; the mode costs a Python call
+    per op)."""
 
     def __init__(self, model, tokenizer, *, max_sequence_length: int, pad_id: int = 0,
                  shared_prefill: bool = True, lean_decode: bool = True):
@@ -136,6 +157,10 @@ class Generator:
         self.pad_id = pad_id
         self.shared_prefill = shared_prefill
         self.lean_decode = lean_decode
+        # Megatron's tensor-parallel gathers allocate on `torch.cuda.current_device()`, which
+        # only the compatibility mode maps to the CPU: with TP > 1 decode keeps the mode.
+        self.mode_off = lean_decode and ps.get_tensor_model_parallel_world_size() == 1
+        self.stats = DecodeStats()
 
     @property
     def device(self) -> torch.device:
@@ -174,7 +199,7 @@ class Generator:
         dist.recv(hidden, self.prev_rank)
         return hidden
 
-    def _next_tokens(self, logits_BV, rows: int, sampling: Sampling, gen: torch.Generator):
+    def _next_tokens(self, logits_BV, rows: int, sampling: Sampling, gen):
         """Each row's next token and its log-probability, the same on every rank: drawn on the
         last pipeline stage, broadcast to the others."""
         if not self.pipelined:
@@ -217,23 +242,46 @@ class Generator:
         tail = self.tokenizer.decode(ids[-max(len(t) for t in texts) - 2:])
         return any(t in tail for t in texts)
 
+    def _ends(self, c: Completion, limit: int, sampling: Sampling, stop_ids, stop_tail) -> bool:
+        """Whether the token just appended to `c` ends it (and why, in `c.stop`); `limit` is the
+        row's room for new tokens."""
+        tok = c.ids[-1]
+        if tok == self.tokenizer.eod:
+            c.stop = "eos"
+        elif tok in stop_ids or self._ends_with_stop_text(c.ids, stop_tail):
+            c.stop = "stop"
+        elif len(c.ids) >= limit:
+            c.stop = "length" if limit == sampling.max_new_tokens else "context"
+        else:
+            return False
+        return True
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: Sampling,
-                 stop_texts: tuple[str, ...] = ()) -> list[Completion]:
+                 stop_texts: tuple[str, ...] = (),
+                 row_seeds: list[int] | None = None) -> list[Completion]:
         """Continue each prompt (token ids) until a stop string is generated (it ends the
-        completion, included), max_new_tokens, or the sequence limit."""
+        completion, included), max_new_tokens, or the sequence limit. `row_seeds`: row b
+        draws from its own generator seeded with row_seeds[b] (instead of one seeded with
+        sampling.seed for the batch)."""
+        with self.without_sequence_parallel():
+            return self._generate(prompts, sampling, stop_texts, row_seeds)
+
+    @contextlib.contextmanager
+    def without_sequence_parallel(self):
         inner = getattr(self.model, "module", self.model)
         if not inner.config.sequence_parallel:
-            return self._generate(prompts, sampling, stop_texts)
+            yield
+            return
         from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
         set_model_to_sequence_parallel(inner, False)
         try:
-            return self._generate(prompts, sampling, stop_texts)
+            yield
         finally:
             set_model_to_sequence_parallel(inner, True)
 
-    def _generate(self, prompts, sampling, stop_texts) -> list[Completion]:
+    def _generate(self, prompts, sampling, stop_texts, row_seeds) -> list[Completion]:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         stop_ids, stop_tail = self.stop_condition(stop_texts)
@@ -271,7 +319,10 @@ class Generator:
             logits_BV = None if logits_UV is None else logits_UV[torch.tensor(source,
                                                                               device=dev)]
         context.sequence_len_offset = L
-        gen = torch.Generator().manual_seed(sampling.seed)
+        if row_seeds is None:
+            gen = torch.Generator().manual_seed(sampling.seed)
+        else:
+            gen = [torch.Generator().manual_seed(row_seeds[i]) for i in live]
         limit = [min(new, self.max_sequence_length - len(p)) for p in rows]
         positions_B = positions_BL[:, -1]
         rows_now = list(range(B))  # the batch rows still decoding, in the cache's row order
@@ -284,13 +335,7 @@ class Generator:
                 c = out[live[b]]
                 c.ids.append(tok)
                 c.logprobs.append(lp)
-                if tok == self.tokenizer.eod:
-                    c.stop = "eos"
-                elif tok in stop_ids or self._ends_with_stop_text(c.ids, stop_tail):
-                    c.stop = "stop"
-                elif len(c.ids) >= limit[b]:
-                    c.stop = "length" if limit[b] == sampling.max_new_tokens else "context"
-                else:
+                if not self._ends(c, limit[b], sampling, stop_ids, stop_tail):
                     keep.append(j)
             if not keep or t == new - 1:
                 break
@@ -300,13 +345,16 @@ class Generator:
                 gone = [j for j in range(B) if j not in keep]
                 context.swap_key_value_dict(keep + gone)
                 rows_now = [rows_now[j] for j in keep]
+                if row_seeds is not None:
+                    gen = [gen[j] for j in keep]
                 index = torch.tensor(keep, device=dev)
                 ids_B, positions_B, pad_BT = ids_B[index], positions_B[index], pad_BT[index]
                 padded = bool(pad_BT.any())
             positions_B = positions_B + 1
             hide_B1T = pad_BT[:, None, :L + t + 1] if padded or not self.lean_decode else None
-            with device_mode_off() if self.lean_decode else contextlib.nullcontext():
+            with device_mode_off() if self.mode_off else contextlib.nullcontext():
                 logits_BV = self._forward(ids_B[:, None], positions_B[:, None], hide_B1T,
                                           context)
+            self.stats.add(len(rows_now))
             context.sequence_len_offset += 1
         return out

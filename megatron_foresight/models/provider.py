@@ -140,6 +140,7 @@ def transformer_config(cfg: RecipeConfig, use_te: bool):
 def layer_spec(cfg: RecipeConfig, use_te: bool):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    from megatron_foresight.inference.slots import SlotSelfAttention
     from megatron_foresight.models.attention import SDPADotProductAttention
 
     if use_te:
@@ -148,6 +149,10 @@ def layer_spec(cfg: RecipeConfig, use_te: bool):
         spec = specs.get_gpt_layer_local_spec(normalization=cfg.model.normalization)
         if cfg.model.local_core_attention == "sdpa":
             spec = _with_core_attention(spec, SDPADotProductAttention)
+    # Megatron's SelfAttention unless the inference context is a slot KV cache (continuous
+    # batching); same weights and keys. With the Transformer Engine spec this was not run on a
+    # GPU yet (its core attention is bypassed on that path, its linear layers are used as is).
+    spec = _with_self_attention(spec, SlotSelfAttention)
     return dataclasses.replace(spec, module=_seeded_layer_class(),
                                params={**spec.params, "init_seed": cfg.seed})
 
@@ -157,6 +162,12 @@ def _with_core_attention(spec, core_attention):
     submodules = dataclasses.replace(attention.submodules, core_attention=core_attention)
     layer = dataclasses.replace(spec.submodules,
                                 self_attention=dataclasses.replace(attention, submodules=submodules))
+    return dataclasses.replace(spec, submodules=layer)
+
+
+def _with_self_attention(spec, module):
+    layer = dataclasses.replace(spec.submodules, self_attention=dataclasses.replace(
+        spec.submodules.self_attention, module=module))
     return dataclasses.replace(spec, submodules=layer)
 
 

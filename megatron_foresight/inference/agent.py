@@ -6,12 +6,26 @@ decoded only to hand it to the environment); each observation is encoded once an
 appended. The context is laid out as training renders a transcript (`data.render.transcript`):
 prompt, newline, then each turn followed by a newline.
 
-Every episode in a batch advances one turn per round; each round re-reads the episode's context
-(prefill) and decodes the new turn with the KV cache. The RL rollout builds on this loop.
+Two schedules play the same episodes. By rounds (the default): every episode in a batch
+advances one turn per round; each round re-reads the episode's context (prefill) and decodes the
+new turn with the KV cache, and rows that end their turn early idle until the batch's longest
+turn ends. Continuously (`continuous=True`, `inference.continuous`): each episode holds a KV-cache
+slot for its whole life; a turn that ends hands its text to the environment (on a thread, so
+the environment runs while the other slots decode), the observation is appended to the
+episode's own cache (only the new tokens are prefilled) and it decodes on; a finished episode's
+slot goes to the next queued one. The decode batch stays full.
+
+The continuous schedule depends only on the drawn tokens and step counts, never on thread
+timing: observations are collected at fixed points (a refill, which waits for the environment
+if it is not done), so every rank takes the same decisions. Its rows draw from per-row streams
+seeded by (seed, episode, turn) (`row_seed`); the round schedule draws that way with
+`row_streams=True` and then samples the same tokens. The RL rollout builds on this loop.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -22,7 +36,8 @@ from megatron_foresight.data.tokenizer import episode_prompt
 from megatron_foresight.envs.base import Episode
 from megatron_foresight.foresight.format import final_observation, observation_content
 from megatron_foresight.foresight.formats import FORMATS, ForesightFormat
-from megatron_foresight.inference.generate import Generator, Sampling
+from megatron_foresight.inference.continuous import SlotEngine
+from megatron_foresight.inference.generate import Completion, Generator, Sampling
 
 V1 = FORMATS["v1"]
 
@@ -69,16 +84,24 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text))
 
 
+def row_seed(seed: int, episode: int, turn: int) -> int:
+    """The seed of episode `episode`'s turn `turn` when every row draws from its own stream."""
+    return ((seed * 1_000_003 + episode) * 1_009 + turn) % 2**63
+
+
 def run_episodes(generator: Generator, tasks: Sequence[Task], make_env: Callable[[Task], Episode],
                  sampling: Sampling, batch_size: int = 16, progress: bool = True,
-                 fmt: ForesightFormat | None = V1) -> list[EpisodeRecord]:
+                 fmt: ForesightFormat | None = V1, continuous: bool = False,
+                 row_streams: bool = False) -> list[EpisodeRecord]:
     """Play every task once; returns one record per task, in order. The prompt asks for the
     foresight format `fmt` (as FE-SFT's traces of that version do), and a turn ends where that
-    version's action ends; `fmt=None` asks for none (turns end at any action's closing tag)."""
+    version's action ends; `fmt=None` asks for none (turns end at any action's closing tag).
+    `continuous`, `row_streams`: as `play_episodes`."""
     records, envs = start_episodes(generator.tokenizer, tasks, make_env, fmt)
     bar = tqdm(total=len(tasks), desc="episodes", unit=" ep", disable=None if progress else True)
     play_episodes(generator, records, envs, sampling, batch_size, fmt,
-                  on_end=lambda record: bar.update(1))
+                  on_end=lambda record: bar.update(1), continuous=continuous,
+                  row_streams=row_streams)
     bar.close()
     return records
 
@@ -100,14 +123,21 @@ def start_episodes(tok, tasks: Sequence[Task], make_env: Callable[[Task], Episod
 
 def play_episodes(generator: Generator, records: list[EpisodeRecord], envs: list[Episode],
                   sampling: Sampling, batch_size: int = 16, fmt: ForesightFormat | None = V1,
-                  on_end: Callable[[EpisodeRecord], None] | None = None) -> None:
+                  on_end: Callable[[EpisodeRecord], None] | None = None,
+                  continuous: bool = False, row_streams: bool = False) -> None:
     """Play started episodes to their end, in place: each record's `ids` are the context so far
     and its env is in the state that follows them (`start_episodes`, or a state partway through
     an episode, which `data collect`'s Monte-Carlo continuations start from). `on_end` is
-    called with each record as its episode ends."""
+    called with each record as its episode ends. `continuous`: the slot schedule, with
+    `batch_size` slots (per-row streams always). `row_streams`: the round schedule draws from
+    per-row streams too (one stream per batch otherwise)."""
     stops = (fmt or V1).stop_texts()
     tok = generator.tokenizer
     newline = _encode(tok, "\n")
+    if continuous:
+        with generator.without_sequence_parallel():
+            _Continuous(generator, records, envs, sampling, batch_size, stops, on_end).run()
+        return
     active = [i for i, r in enumerate(records) if not r.ended]
     calls = 0
     while active:
@@ -116,7 +146,12 @@ def play_episodes(generator: Generator, records: list[EpisodeRecord], envs: list
             # a new seed per call: turns must not replay the same random draws
             seeded = replace(sampling, seed=sampling.seed + 7_919 * calls)
             calls += 1
-            outs = generator.generate([records[i].ids for i in chunk], seeded, stops)
+            prompts = [records[i].ids for i in chunk]
+            if row_streams:
+                outs = generator.generate(prompts, sampling, stops, row_seeds=[
+                    row_seed(sampling.seed, i, len(records[i].turns)) for i in chunk])
+            else:
+                outs = generator.generate(prompts, seeded, stops)
             for i, out in zip(chunk, outs):
                 if _advance(records[i], envs[i], out, tok, newline) and on_end is not None:
                     on_end(records[i])
@@ -125,14 +160,24 @@ def play_episodes(generator: Generator, records: list[EpisodeRecord], envs: list
 
 def _advance(record: EpisodeRecord, env: Episode, out, tok, newline: list[int]) -> bool:
     """Give one generated turn to the environment; True when the episode ended."""
+    return _apply(record, out, _env_step(env, out, tok), tok, newline)
+
+
+def _env_step(env: Episode, out: Completion, tok):
+    """The environment's reply to a turn; None when the turn ends the episode without one
+    (out of room, or the model ended its message)."""
+    return None if out.stop in ("context", "eos") else env.step(tok.decode(out.ids))
+
+
+def _apply(record: EpisodeRecord, out: Completion, step, tok, newline: list[int]) -> bool:
+    """Record one turn and the environment's reply to it; True when the episode ended."""
     text = tok.decode(out.ids)
     start = len(record.ids)
     record.ids += out.ids + newline
-    if out.stop in ("context", "eos"):  # out of room, or the model ended its message
+    if step is None:
         record.turns.append(AgentTurnRecord(text, out.ids, out.logprobs, None, out.stop, start))
         record.ended = out.stop
         return True
-    step = env.step(text)
     record.turns.append(AgentTurnRecord(text, out.ids, out.logprobs, step.observation, out.stop,
                                         start))
     if step.done:
@@ -142,3 +187,58 @@ def _advance(record: EpisodeRecord, env: Episode, out, tok, newline: list[int]) 
         return True
     record.ids += _encode(tok, step.observation) + newline
     return False
+
+
+class _Continuous:
+    """The continuous schedule (module docstring). A slot is free, running a turn (in the
+    engine) or waiting: its turn ended and the environment's reply is pending."""
+
+    def __init__(self, generator, records, envs, sampling, slots, stops, on_end):
+        self.records, self.envs, self.sampling, self.on_end = records, envs, sampling, on_end
+        self.tok = generator.tokenizer
+        self.newline = _encode(self.tok, "\n")
+        self.engine = SlotEngine(generator, slots, sampling, stops)
+        self.queue = deque(i for i, r in enumerate(records) if not r.ended)
+        self.held: list[int | None] = [None] * slots
+        self.waiting: dict[int, tuple[Completion, Future | None]] = {}
+        # Refilling costs a prefill forward and may wait for an environment: gather a few
+        # slots' worth before doing it, unless nothing is left to decode.
+        self.refill_at = max(1, slots // 4)
+
+    def run(self) -> None:
+        with ThreadPoolExecutor(max_workers=min(len(self.held), 8)) as pool:
+            self.pool = pool
+            while self.queue or any(i is not None for i in self.held):
+                claimable = len(self.waiting) + (self.held.count(None) if self.queue else 0)
+                if claimable and (not self.engine.turns or claimable >= self.refill_at):
+                    self._refill()
+                for slot, out in self.engine.step() if self.engine.turns else ():
+                    env = self.envs[self.held[slot]]
+                    self.waiting[slot] = (out, pool.submit(_env_step, env, out, self.tok))
+
+    def _refill(self) -> None:
+        """In slot order: waiting episodes take their observation and run on (or end and free
+        their slot), then queued episodes take the free slots."""
+        for slot in sorted(self.waiting):
+            out, reply = self.waiting.pop(slot)
+            i = self.held[slot]
+            if _apply(self.records[i], out, reply and reply.result(), self.tok, self.newline):
+                self.held[slot] = None
+                if self.on_end is not None:
+                    self.on_end(self.records[i])
+            else:
+                self._begin(slot)
+        for slot in range(len(self.held)):
+            if self.held[slot] is None and self.queue:
+                self.held[slot] = self.queue.popleft()
+                self.engine.free(slot)
+                self._begin(slot)
+
+    def _begin(self, slot: int) -> None:
+        """Start the held episode's next turn: prefill what its slot does not hold yet."""
+        i = self.held[slot]
+        record = self.records[i]
+        out = self.engine.start(slot, record.ids[self.engine.cached(slot):],
+                                row_seed(self.sampling.seed, i, len(record.turns)))
+        if out is not None:  # no room for a turn
+            self.waiting[slot] = (out, None)

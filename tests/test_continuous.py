@@ -1,0 +1,127 @@
+"""Continuous batching (`inference.continuous`, `inference.slots`) against the engine it
+replaces: the slot KV cache gives `Generator.generate`'s completions, and the continuous agent
+schedule plays the same episodes as the round schedule while its decode batch stays fuller.
+Real Megatron GPTModel on the CPU; one process, and TP=2 / PP=2 under torchrun."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from megatron_foresight.config import load_recipe
+from megatron_foresight.data.tokenizer import ByteTokenizer
+from megatron_foresight.envs.math import MathEnv
+from megatron_foresight.inference.agent import run_episodes
+from megatron_foresight.inference.continuous import SlotEngine
+from megatron_foresight.inference.generate import Generator, Sampling
+from megatron_foresight.models.provider import build_model
+from megatron_foresight.tasks import Task
+from helpers.run import REPO, python
+from test_generate import RECIPE, _close_logprobs
+
+TURNS = [1, 3, 2, 4, 1, 2, 3, 1, 4, 2]
+"""Each episode's turn budget (MathEnv.max_turns): episodes of different lengths."""
+
+
+def _model(overrides=()):
+    torch.manual_seed(7)
+    (model,) = build_model(load_recipe(RECIPE, ["seed=7", *overrides]), 384)
+    with torch.no_grad():  # a random init is nearly uniform; sharpen it so argmax is stable
+        if getattr(model, "output_layer", None) is not None:
+            model.output_layer.weight.mul_(30)
+    return model.eval()
+
+
+class _Bytes:
+    """A format with no instruction whose turns end at bytes the random model writes often, so
+    that its turns end after different numbers of tokens."""
+
+    @staticmethod
+    def prompt(text):
+        return text
+
+    @staticmethod
+    def stop_texts():
+        return tuple("_x2")
+
+
+def episodes(continuous: bool, sampling=Sampling(max_new_tokens=12), slots=4,
+             row_streams=False, overrides=(), generator=None):
+    """The records of len(TURNS) math episodes (more than `slots`), as plain data."""
+    tasks = [Task(f"m{k}", "math", f"{k + 2} * {k + 3} = ?", (str((k + 2) * (k + 3)),),
+                  meta={"turns": t}) for k, t in enumerate(TURNS)]
+    generator = generator or Generator(_model(overrides), ByteTokenizer(),
+                                       max_sequence_length=512)
+    records = run_episodes(
+        generator, tasks, lambda task: MathEnv(task.meta["turns"], template="Q: {question}\n"),
+        sampling, batch_size=slots, progress=False, fmt=_Bytes(), continuous=continuous,
+        row_streams=row_streams)
+    return [{**asdict(r), "task": r.task.id} for r in records]
+
+
+def _same_records(a, b):
+    """Equal but for log-probabilities, which may differ by float rounding (the rows of a
+    forward differ between the schedules)."""
+    for x, y in zip(a, b, strict=True):
+        turns_x, turns_y = x.pop("turns"), y.pop("turns")
+        assert x == y
+        for tx, ty in zip(turns_x, turns_y, strict=True):
+            lx, ly = tx.pop("logprobs"), ty.pop("logprobs")
+            assert tx == ty
+            assert torch.allclose(torch.tensor(lx), torch.tensor(ly), atol=5e-5, rtol=0)
+
+
+def test_slot_engine_gives_the_generators_completions(megatron_cpu):
+    tok = ByteTokenizer()
+    gen = Generator(_model(), tok, max_sequence_length=64)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [100, 101, 102, 103], [40, 41]]
+    free = gen.generate(prompts, Sampling(max_new_tokens=12))
+    stop = tok.decode([free[0].ids[3]])  # one row meets it early, others maybe not
+    for sampling, stops in ((Sampling(max_new_tokens=12), ()),
+                            (Sampling(max_new_tokens=12), (stop, "zz"))):
+        want = gen.generate(prompts, sampling, stops)
+        engine = SlotEngine(gen, 6, sampling, stops)
+        for slot, prompt in zip((5, 0, 2, 3), prompts):  # slots out of order, one left idle
+            engine.start(slot, prompt, seed=0)
+        got = {}
+        while engine.turns:
+            got.update(engine.step())
+        got = [got[s] for s in (5, 0, 2, 3)]
+        assert [(c.ids, c.stop) for c in got] == [(c.ids, c.stop) for c in want]
+        _close_logprobs(got, want)
+    assert want[0].stop == "stop" and len(want[0].ids) <= 4
+
+
+def test_continuous_plays_the_round_schedules_episodes(megatron_cpu):
+    gen = Generator(_model(), ByteTokenizer(), max_sequence_length=512)
+    greedy = episodes(False, generator=gen)
+    assert {r["ended"] for r in greedy} >= {"max_turns"}
+    assert len({len(t["ids"]) for r in greedy for t in r["turns"]}) > 3  # turns differ in length
+    _same_records(episodes(True, generator=gen), greedy)
+    sampled = Sampling(temperature=1.0, max_new_tokens=12, seed=11)
+    by_rounds = episodes(False, sampled, row_streams=True, generator=gen)
+    assert by_rounds != greedy
+    _same_records(episodes(True, sampled, generator=gen), by_rounds)
+
+
+def test_the_continuous_decode_batch_stays_fuller(megatron_cpu):
+    gen = Generator(_model(), ByteTokenizer(), max_sequence_length=512)
+    counts = {}
+    for continuous in (False, True):
+        gen.stats.steps = gen.stats.rows = 0
+        episodes(continuous, generator=gen)
+        counts[continuous] = (gen.stats.steps, gen.stats.rows)
+    (round_steps, round_rows), (steps, rows) = counts[False], counts[True]
+    assert steps < round_steps
+    assert rows / steps > round_rows / round_steps
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_continuous_is_the_same_under_model_parallelism(tmp_path, tp, pp):
+    out = {}
+    for n, layout in ((1, (1, 1)), (2, (tp, pp))):
+        path = tmp_path / f"{n}.json"
+        python(["tests/helpers/continuous_episodes.py", str(path), *map(str, layout)], nproc=n)
+        out[n] = json.loads(path.read_text())
+    _same_records(out[2], out[1])

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 
 VARIANTS = ("plain", "lean", "lean+shared")
+EPISODE_VARIANTS = ("plain", "rounds", "continuous")
 
 
 def _prompts(args, vocab: int) -> list[list[int]]:
@@ -48,10 +49,10 @@ def _group_prompts(args, vocab: int) -> list[list[int]]:
     return [p for p in distinct for _ in range(args.group)]
 
 
-def _recipe(args):
+def _recipe(args, byte: bool = True):
     from megatron_foresight.config import load_recipe
 
-    return load_recipe(args.recipe, ["data.tokenizer.type=byte"])
+    return load_recipe(args.recipe, ["data.tokenizer.type=byte"] if byte else [])
 
 
 def run_megatron(args) -> dict:
@@ -79,6 +80,44 @@ def run_megatron(args) -> dict:
             times.append(time.perf_counter() - started)
     assert all(len(c.ids) == args.new for c in out)
     return {"seconds": times}
+
+
+def run_episodes_table(args) -> dict:
+    """GRPO groups of real multi-turn episodes: the recipe's validation tasks (the built-in
+    world's search and math), each played --group times, with the policy of --policy."""
+    from megatron_foresight.eval.run import load_weights
+    from megatron_foresight.inference.agent import run_episodes
+    from megatron_foresight.inference.generate import Generator, Sampling
+    from megatron_foresight.models.provider import build_model
+    from megatron_foresight.tasksets import TaskSets
+    from megatron_foresight.training import loop
+
+    cfg = _recipe(args, byte=False)
+    ctx = loop.start_processes(cfg)
+    tok = loop.recipe_tokenizer(cfg)
+    chunks = build_model(cfg, cfg.padded_vocab_size(tok.vocab_size), ctx.pg_collection,
+                         initialize=False)
+    load_weights(chunks, ctx, args.policy)
+    task_sets = TaskSets.of(cfg)
+    task_sets.prepare(loop.cache_dir(cfg), progress=False)
+    tasks = task_sets.tasks("validation", args.batch // args.group)
+    lean, shared = args.variant != "plain", args.variant != "plain"
+    gen = Generator(chunks[0].eval(), tok, max_sequence_length=cfg.data.seq_length,
+                    pad_id=tok.eod, lean_decode=lean, shared_prefill=shared)
+    group = [t for t in tasks for _ in range(args.group)]
+    times, tokens = [], 0
+    for i in range(args.warmup + args.timed):
+        started = time.perf_counter()
+        records = run_episodes(gen, group, task_sets.make_env,
+                               Sampling(temperature=1.0, max_new_tokens=args.turn_tokens,
+                                        seed=1), batch_size=args.batch, progress=False,
+                               fmt=cfg.format, continuous=args.variant == "continuous",
+                               row_streams=True)  # all variants sample the same episodes
+        if i >= args.warmup:
+            times.append(time.perf_counter() - started)
+            tokens = sum(len(t.ids) for r in records for t in r.turns)
+    return {"seconds": times, "tokens": tokens,
+            "turns": sum(len(r.turns) for r in records) / len(records)}
 
 
 def run_hf(args) -> dict:
@@ -132,7 +171,8 @@ def _child(impl: str, args, variant: str = "lean+shared", table: str = "single")
            "--group", str(args.group), "--batch", str(args.batch), "--prompt",
            str(args.prompt), "--new", str(args.new), "--timed", str(args.timed), "--warmup",
            str(args.warmup), "--rl-steps", str(args.rl_steps), "--recipe", str(args.recipe),
-           "--scratch", args.scratch]
+           "--scratch", args.scratch, "--policy", args.policy, "--turn-tokens",
+           str(args.turn_tokens)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"{impl} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -153,8 +193,15 @@ def main() -> None:
     parser.add_argument("--recipe", default=str(REPO / "recipes/tiny-cpu/fc_rl.yaml"))
     parser.add_argument("--group", type=int, default=8,
                         help="GRPO group size of the second table (divides --batch)")
-    parser.add_argument("--impl", choices=["megatron", "hf", "rl"], help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=VARIANTS, default="lean+shared",
+    parser.add_argument("--impl", choices=["megatron", "hf", "rl", "episodes"],
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--policy", default=str(REPO / "runs" / "demo" / "fc_rl"),
+                        help="checkpoint that plays the episodes table (make demo's FC-RL run); "
+                             "the table is skipped when it does not exist")
+    parser.add_argument("--turn-tokens", type=int, default=64,
+                        help="max new tokens per agent turn in the episodes table")
+    parser.add_argument("--variant", choices=VARIANTS + EPISODE_VARIANTS[1:],
+                        default="lean+shared",
                         help=argparse.SUPPRESS)
     parser.add_argument("--table", choices=["single", "group"], default="single",
                         help=argparse.SUPPRESS)
@@ -164,7 +211,8 @@ def main() -> None:
     if args.batch % args.group:
         parser.error(f"--group {args.group} must divide --batch {args.batch}")
     if args.impl:
-        print(json.dumps({"megatron": run_megatron, "hf": run_hf, "rl": run_rl}[args.impl](args)))
+        print(json.dumps({"megatron": run_megatron, "hf": run_hf, "rl": run_rl,
+                          "episodes": run_episodes_table}[args.impl](args)))
         return
     tokens = args.batch * args.new
     print(f"rollout throughput, {args.recipe}: batch {args.batch}, prompt {args.prompt}, "
@@ -185,6 +233,24 @@ def main() -> None:
             med = statistics.median(rates[side])
             runs = ", ".join(f"{r:.0f}" for r in rates[side])
             print(f"  {name:24}{med:>8.0f} tokens/s  {med / hf:>5.2f}x HF  [{runs}]")
+    if Path(args.policy).exists():
+        rates = {v: [] for v in EPISODE_VARIANTS}
+        for _ in range(args.repeats):
+            for variant in EPISODE_VARIANTS:
+                out = _child("episodes", args, variant)
+                rates[variant].append((out["tokens"] / statistics.median(out["seconds"]), out))
+        print(f"agent episodes: {args.batch // args.group} validation tasks x {args.group} "
+              f"samples (GRPO groups), {args.batch} rows or slots, temperature 1, "
+              f"<= {args.turn_tokens} tokens per turn, policy {args.policy}")
+        base = statistics.median(r for r, _ in rates["plain"])
+        for variant, name in (("plain", "rounds, plain"), ("rounds", "rounds, lean+shared"),
+                              ("continuous", "continuous, lean+shared")):
+            med = statistics.median(r for r, _ in rates[variant])
+            out = rates[variant][0][1]
+            print(f"  {name:26}{med:>8.0f} tokens/s  {med / base:>5.2f}x plain  "
+                  f"({out['tokens']} tokens, {out['turns']:.2f} turns/episode)")
+    else:
+        print(f"agent episodes: skipped, no policy at {args.policy} (run make demo first)")
     if args.rl_steps:
         rl = _child("rl", args)
         med = {k: statistics.median(v) for k, v in rl.items()}

@@ -101,9 +101,9 @@ def run_episodes_table(args) -> dict:
     task_sets = TaskSets.of(cfg)
     task_sets.prepare(loop.cache_dir(cfg), progress=False)
     tasks = task_sets.tasks("validation", args.batch // args.group)
-    fast = args.variant != "plain"  # rounds and continuous: lean decode and shared prefill
+    lean, shared = args.variant != "plain", args.variant != "plain"
     gen = Generator(chunks[0].eval(), tok, max_sequence_length=cfg.data.seq_length,
-                    pad_id=tok.eod, lean_decode=fast, shared_prefill=fast)
+                    pad_id=tok.eod, lean_decode=lean, shared_prefill=shared)
     group = [t for t in tasks for _ in range(args.group)]
     times, tokens = [], 0
     for i in range(args.warmup + args.timed):

@@ -25,7 +25,6 @@ from megatron.core.inference.contexts import BaseInferenceContext
 from megatron.core.transformer.attention import SelfAttention
 
 from megatron_foresight.errors import UsageError
-from megatron_foresight.models.attention import one_query_attention
 
 
 class SlotContext(BaseInferenceContext):
@@ -198,13 +197,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def _attend(q_NBHD, k_BGTD, v_BGTD, keep_BNT, scale: float) -> torch.Tensor:
     """Each row's queries over its own slot's keys, [N, B, H * D]. One query per row: two
-    matmuls over the cache as it lies (`models.attention.one_query_attention`);
+    matmuls over the cache as it lies (see `models.attention.SDPADotProductAttention._decode`);
     several: SDPA with the mask (grouped-query attention passed through, not expanded)."""
     N, B, H, D = q_NBHD.shape
     G = k_BGTD.size(1)
     if N == 1:
-        hide = None if keep_BNT is None else ~keep_BNT[:, None]  # [B, 1, 1, T]
-        return one_query_attention(q_NBHD[0], k_BGTD, v_BGTD, hide, scale)[None]
+        q_BGRD = q_NBHD[0].reshape(B, G, H // G, D)
+        scores_BGRT = torch.matmul(q_BGRD, k_BGTD.transpose(-1, -2)) * scale
+        if keep_BNT is not None:
+            scores_BGRT = scores_BGRT.masked_fill(~keep_BNT[:, None], float("-inf"))
+        probs = scores_BGRT.softmax(-1, dtype=torch.float32).to(q_NBHD.dtype)
+        return torch.matmul(probs, v_BGTD).reshape(1, B, H * D)
     out_BHND = F.scaled_dot_product_attention(
         q_NBHD.permute(1, 2, 0, 3), k_BGTD, v_BGTD,
         attn_mask=None if keep_BNT is None else keep_BNT[:, None], scale=scale,

@@ -61,22 +61,18 @@ class SDPADotProductAttention(DotProductAttention):
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
 
     def _decode(self, query, key, value, attention_mask):
-        """A decode step: one query per row against the KV cache, [1, b, heads * d]."""
-        return one_query_attention(query[0], key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
-                                   attention_mask, self.softmax_scale)[None]
+        """One query per row against a KV cache (a decode step): two batched matmuls over the
+        cache as it lies ([sk, b, groups, d], strided), each group's query heads together.
+        Twice as fast as SDPA here, which copies the strided cache and runs its tiled kernel
+        for a single query (benchmarks/rollout_throughput.py). Same result up to float
+        rounding (~1e-7)."""
+        _, b, heads, d = query.shape
+        groups = key.size(2)
+        q_bgrd = query[0].reshape(b, groups, heads // groups, d)
+        scores_bgrk = torch.matmul(q_bgrd, key.permute(1, 2, 3, 0)) * self.softmax_scale
+        if attention_mask is not None:  # [b, 1, 1, sk], True where hidden
+            scores_bgrk = scores_bgrk.masked_fill(attention_mask, float("-inf"))
+        probs = scores_bgrk.softmax(-1, dtype=torch.float32).to(query.dtype)
+        out_bgrd = torch.matmul(probs, value.permute(1, 2, 0, 3))
+        return out_bgrd.reshape(1, b, heads * d)
 
-
-def one_query_attention(q_bhd, k_bgtd, v_bgtd, hide, scale: float) -> torch.Tensor:
-    """One query per row over its keys, [b, heads * d]: two batched matmuls over the cache as
-    it lies (strided is fine), each group's query heads together. Twice as fast as SDPA here,
-    which copies a strided cache and runs its tiled kernel for a single query
-    (benchmarks/rollout_throughput.py). Same result up to float rounding (~1e-7). `hide`: None,
-    or a bool mask broadcastable to [b, groups, heads / groups, t], True where hidden."""
-    b, heads, d = q_bhd.shape
-    groups = k_bgtd.size(1)
-    q_bgrd = q_bhd.reshape(b, groups, heads // groups, d)
-    scores_bgrt = torch.matmul(q_bgrd, k_bgtd.transpose(-1, -2)) * scale
-    if hide is not None:
-        scores_bgrt = scores_bgrt.masked_fill(hide, float("-inf"))
-    probs = scores_bgrt.softmax(-1, dtype=torch.float32).to(q_bhd.dtype)
-    return torch.matmul(probs, v_bgtd).reshape(b, heads * d)

@@ -12,7 +12,9 @@ stages before it drew. So TP=2 or PP=2 starts from exactly the model TP=1/PP=1 s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,12 +55,19 @@ def use_transformer_engine(cfg: RecipeConfig) -> bool:
     return True
 
 
-def _check_local_path(cfg: RecipeConfig, impl: str) -> None:
-    from megatron_foresight.runtime.precision import cpu_has_bf16
+@functools.cache
+def _cpu_has_bf16() -> bool | None:
+    """Whether this CPU has bf16 matrix instructions (AVX-512 BF16 or AMX); None if unknown."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
-    # precision: auto measured its choice (`runtime.precision`): only a named one is warned of
+
+def _check_local_path(cfg: RecipeConfig, impl: str) -> None:
     if not torch.cuda.is_available() and cfg.model.precision != "fp32" \
-            and cfg.model.precision_choice is None and cpu_has_bf16() is False:
+            and _cpu_has_bf16() is False:
         log.warning("model.precision=%s on a CPU without AVX-512 BF16 or AMX: half-precision "
                     "matmuls are emulated there and slower than fp32; set model.precision=fp32",
                     cfg.model.precision)

@@ -16,7 +16,6 @@ built: rank 0 decides and every rank takes its choice, so the ranks of one job n
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -175,40 +174,21 @@ class PrecisionChoice:
         return f"model.precision: auto in the recipe; {self.precision} {why}{figures}"
 
 
-BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-"""The CPU flags of bf16 matrix instructions."""
-
-
-@functools.cache
-def _cpuinfo() -> tuple[str, frozenset[str]] | None:
-    """The first CPU's model name and flags in /proc/cpuinfo; None where there is none (not
-    Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    name, flags = "", frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and not name:
-            name = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = frozenset(value.split())
-    return name, flags
-
-
-def cpu_has_bf16() -> bool | None:
-    """Whether this CPU reports bf16 matrix instructions; None if unknown."""
-    info = _cpuinfo()
-    return None if info is None else bool(info[1] & BF16_FLAGS)
-
-
 def cpu_name() -> str:
     """The CPU's model name, with its bf16 matrix instruction flags (a shared home directory
     may serve machines whose virtualized CPUs share a name but not those)."""
-    name, flags = _cpuinfo() or ("", frozenset())
+    name, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not name:
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
     name = name or platform.processor() or platform.machine() or "unknown CPU"
-    extra = sorted(flags & BF16_FLAGS)
+    extra = sorted(flags & {"avx512_bf16", "amx_bf16"})
     return f"{name} [{' '.join(extra)}]" if extra else name
 
 

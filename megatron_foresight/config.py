@@ -471,11 +471,12 @@ class RecipeConfig:
     """Logging."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """Intended cluster shape."""
-    foresight_format: Literal["v1", "v2"] = "v1"
+    foresight_format: Literal["v1", "v2", "none"] = "v1"
     """The version of the foresight tag set the agent writes in (`foresight/formats.py`): v1,
     a <foresight> block of plan, rollout and value; v2, the tag set a secondary summary of
     arXiv 2606.27483 reports (<imaginary>, <keyword>, <analysis>, <confidence>, <think>,
-    <action>). FE-SFT's traces, the agent's prompts, rewards and evaluation all follow it."""
+    <action>); none, no foresight (the format-free baseline: the bare task prompt, think and
+    the action). FE-SFT's traces, the agent's prompts, rewards and evaluation all follow it."""
     tasks: list[TaskSetConfig] = field(default_factory=list)
     """Task sets the agent stages play: FC-RL trains on them, `foresight eval` and the
     pipeline's evaluations play them (the tiny recipes: the built-in world's search and math)."""

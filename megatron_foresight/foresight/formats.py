@@ -20,13 +20,15 @@ plan), a confidence in percent, then the reasoning and the action:
     <think> ... </think>                                  (optional)
     <action><search> query </search></action>
 
-Both read into the same `AgentTurn` / `LenientTurn` (the rollout, the plan, the value in [0, 1],
+`none`: no foresight at all (the bare prompt; think and the action), the format-free baseline.
+
+All read into the same `AgentTurn` / `LenientTurn` (the rollout, the plan, the value in [0, 1],
 and v2's keywords), so rewards and scores are written once for both."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from megatron_foresight.foresight import format as v1
 from megatron_foresight.foresight.action import Action, FormatError, parse_action
@@ -64,6 +66,11 @@ class ForesightFormat:
     def stop_texts(self) -> tuple[str, ...]:
         """Where a generated turn ends: the closing tag of an action."""
         return tuple(closing(t) for t in action_tags())
+
+    @property
+    def foresight(self) -> bool:
+        """Whether turns in this version carry foresight (every version but `none`)."""
+        return True
 
 
 V2_INSTRUCTION = (
@@ -175,7 +182,38 @@ class PaperFormat(ForesightFormat):
         return (closing(ACTION),)
 
 
-FORMATS = {"v1": ForesightFormat(), "v2": PaperFormat()}
+@dataclass(frozen=True)
+class PlainFormat(ForesightFormat):
+    """No foresight: the task's own prompt, and turns of an optional <think> and the action
+    (the format-free traces FE-SFT blends in, on their own). The format-free baselines of
+    `foresight experiment` train and play in it; a turn that writes a v1 foresight block
+    anyway still reads."""
+
+    name: str = "none"
+
+    def parse_turn(self, text: str, allowed: tuple[str, ...] | None = None
+                   ) -> AgentTurn | FormatError:
+        return v1.parse_turn(text, allowed, require_foresight=False)
+
+    def parse_turn_lenient(self, text: str, allowed: tuple[str, ...] | None = None
+                           ) -> LenientTurn:
+        strict = self.parse_turn(text, allowed)
+        if isinstance(strict, AgentTurn):
+            f = strict.foresight
+            if f is None:
+                return LenientTurn(strict.action, None, None, None, strict.think)
+            return LenientTurn(strict.action, f.plan, f.rollout, f.value, strict.think)
+        return replace(v1.parse_turn_lenient(text, allowed), errors=(strict,))
+
+    def prompt(self, task_prompt: str) -> str:
+        return task_prompt
+
+    @property
+    def foresight(self) -> bool:
+        return False
+
+
+FORMATS = {"v1": ForesightFormat(), "v2": PaperFormat(), "none": PlainFormat()}
 
 
 def get_format(name: str) -> ForesightFormat:

@@ -110,6 +110,11 @@ class Config(StageConfig):
         check(self.kl_coef == 0 or bool(cfg.checkpoint.init_from), "fc_rl.kl_coef",
               "KL needs a reference model: set checkpoint.init_from (the FE-SFT run)")
         self.algorithm.check_recipe(cfg)
+        blind = sorted(n for n in self.reward_weights
+                       if REWARD_TERMS[n].credit not in ("episode", "turn"))
+        check(cfg.format.foresight or not blind, "fc_rl.reward_weights",
+              f"foresight_format: none writes no foresight, so {', '.join(blind)} would score "
+              "nothing; weigh only terms of whole turns or episodes (task, format)")
 
     def __post_init__(self):
         for name in ("prompts_per_step", "group_size", "max_new_tokens", "epochs"):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from megatron_foresight.configtree import check
 from megatron_foresight.training.sources import WORLD_PREFIX, world_file
 from megatron_foresight.data.indexed import file_fingerprint
 from megatron_foresight.data.records import record_files
@@ -44,6 +45,14 @@ class Config(BlendConfig):
     segment_weights: Optional[dict[str, float]] = field(default_factory=lambda: {
         "think": 1.0, "plan": 1.0, "rollout": 1.0, "value": 1.0, "action": 1.0})
     """Loss weight per segment type: the agent's turns; prompt and observation weigh 0."""
+
+    def check_recipe(self, cfg) -> None:
+        named = [s for s in [*self.sources, *(self.valid_sources or [])]
+                 if s.startswith(FORESIGHT_PREFIX)]
+        check(cfg.format.foresight or not named, "fe_sft.sources",
+              f"foresight_format: none trains without foresight, but {', '.join(named)} "
+              f"asks for foresight traces; drop the {FORESIGHT_PREFIX!r} prefix to train on "
+              "the same trajectories format-free")
 
 
 def cached_foresight_traces(source: Path, cache_dir: Path,

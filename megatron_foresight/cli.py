@@ -107,12 +107,48 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     pipe.add_argument("recipe_dir", help="directory with wm_amt.yaml, fe_sft.yaml, fc_rl.yaml")
     pipe.add_argument("overrides", nargs="*", metavar="section.key=value",
-                      help="overrides applied to every stage's recipe, e.g. data.world=DIR")
+                      help="overrides applied to every stage's recipe (a stage's section only "
+                           "to that stage; STAGE:key=value only to STAGE's recipe), e.g. "
+                           "data.world=DIR fe_sft:schedule.train_steps=150")
     pipe.add_argument("--run-dir", default="runs/pipeline",
                       help="one subdirectory per stage, eval_<stage>.json and report.json "
                            "(default runs/pipeline)")
     pipe.add_argument("--tasks", type=int, default=32,
                       help="validation tasks each stage's evaluation plays (default 32)")
+
+    exp = sub.add_parser(
+        "experiment", help="the ablation: rows of stage chains over seeds, mean and 95%% CI",
+        description="Train and evaluate the rows of the paper's ablation over several seeds "
+                    "from a recipe directory (wm_amt.yaml, fe_sft.yaml, fc_rl.yaml): sft "
+                    "(format-free SFT on the same trajectories), fe_sft, wm_amt+sft, "
+                    "wm_amt+fe_sft, wm_amt+fe_sft+rl (plain rewards: task and format) and "
+                    "wm_amt+fe_sft+fc_rl. Rows share runs by prefix (one WM-AMT per seed, the "
+                    "FE-SFT after it reused by both RL rows); every row's final model plays the "
+                    "same validation tasks. Writes experiment.json, experiment.md (mean and 95%% "
+                    "t interval per row and metric; the paper's orderings tested on paired "
+                    "per-seed differences), experiment.png and runs.jsonl (each training and "
+                    "evaluation performed). Re-running with the same --run-dir continues.",
+        epilog="Examples:\n"
+               "  foresight experiment recipes/tiny-cpu --run-dir runs/experiment --seeds 3\n"
+               "  foresight experiment recipes/tiny-cpu --rows fe_sft,wm_amt+fe_sft --seeds 5 "
+               "--tasks 128",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp.add_argument("recipe_dir", help="directory with wm_amt.yaml, fe_sft.yaml, fc_rl.yaml")
+    exp.add_argument("overrides", nargs="*", metavar="section.key=value",
+                     help="overrides applied to every stage's recipe (a stage's section only "
+                          "to that stage; STAGE:key=value only to STAGE's recipe, FE-SFT's also "
+                          "to format-free SFT, FC-RL's to plain RL), e.g. data.world=DIR "
+                          "fe_sft:schedule.train_steps=150")
+    exp.add_argument("--run-dir", default="runs/experiment",
+                     help="seed<S>/<chain>/ per run, seed<S>/eval_<row>.json per evaluation, "
+                          "and the table (default runs/experiment)")
+    exp.add_argument("--seeds", type=int, default=3,
+                     help="number of seeds: the recipe's seed and the ones after it (default 3)")
+    exp.add_argument("--rows", default=None,
+                     help="comma-separated rows to run (default all six), e.g. "
+                          "fe_sft,wm_amt+fe_sft")
+    exp.add_argument("--tasks", type=int, default=96,
+                     help="validation tasks each row's evaluation plays (default 96)")
 
     report = sub.add_parser(
         "report", help="figures and a static HTML page of one or several runs",
@@ -342,6 +378,22 @@ def by_column(metrics: dict, set_names: list[str]) -> tuple[dict, list]:
     return columns, rows
 
 
+def _cmd_experiment(args) -> int:
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.errors import UsageError
+    from megatron_foresight.experiment import Experiment, parse_rows
+    from megatron_foresight.pipeline import for_stage, stage_recipes
+
+    if args.seeds < 1:
+        raise UsageError("--seeds: at least 1")
+    rows = parse_rows(args.rows)  # a typo fails before any recipe loads
+    first = load_recipe(dict(stage_recipes(Path(args.recipe_dir)))["wm_amt"],
+                        for_stage(args.overrides, "wm_amt"))
+    Experiment(args.recipe_dir, args.run_dir, [first.seed + i for i in range(args.seeds)],
+               rows, args.tasks, args.overrides).run()
+    return 0
+
+
 def _cmd_pipeline(args) -> int:
     from megatron_foresight.pipeline import run_pipeline
 
@@ -475,7 +527,7 @@ def main(argv=None) -> int:
     debug = args.debug or os.environ.get("FORESIGHT_DEBUG", "") not in ("", "0")
     try:
         return {"train": _cmd_train, "eval": _cmd_eval, "config": _cmd_config,
-                "pipeline": _cmd_pipeline, "plan": _cmd_plan, "report": _cmd_report,
+                "pipeline": _cmd_pipeline, "experiment": _cmd_experiment, "plan": _cmd_plan, "report": _cmd_report,
                 "convert": _cmd_convert,
                 "data": run_data}[args.command](args)
     except KeyboardInterrupt:

@@ -35,14 +35,21 @@ def stage_recipes(recipe_dir: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def _for_stage(overrides, stage: str, tasks: int = 1) -> list[str]:
+def for_stage(overrides, stage: str, tasks: int = 1) -> list[str]:
     """The overrides of one stage: what the stage asks of a pipeline (`pipeline_overrides`;
     FC-RL leaves out its own validation, which the pipeline's evaluations play, unless they
-    play none: --tasks 0), then those of its section (`fc_rl.group_size=2`) and of the shared
-    sections (`data.world=DIR`); another stage's section is left out."""
-    return [*(load_plugin(stage).pipeline_overrides() if tasks else []),
-            *(o for o in overrides if o.split(".", 1)[0] not in STAGES
-              or o.split(".", 1)[0] == stage)]
+    play none: --tasks 0), then those of its section (`fc_rl.group_size=2`), of the shared
+    sections (`data.world=DIR`) and those addressed to it (`fe_sft:schedule.train_steps=150`);
+    another stage's are left out."""
+    mine = []
+    for o in overrides:
+        target, colon, rest = o.partition(":")
+        if colon and target in STAGES and "=" not in target:
+            if target == stage:
+                mine.append(rest)
+        elif o.split(".", 1)[0] not in STAGES or o.split(".", 1)[0] == stage:
+            mine.append(o)
+    return [*(load_plugin(stage).pipeline_overrides() if tasks else []), *mine]
 
 
 def _wandb_names(cfg, run_dir: Path, stage: str) -> list[str]:
@@ -57,7 +64,7 @@ def _wandb_names(cfg, run_dir: Path, stage: str) -> list[str]:
 
 def _stage_overrides(path: Path, stage: str, overrides, tasks: int, run_dir: Path) -> list[str]:
     """A stage's overrides, with its W&B names (which read the recipe they apply to)."""
-    mine = _for_stage(overrides, stage, tasks)
+    mine = for_stage(overrides, stage, tasks)
     return [*mine, *_wandb_names(load_recipe(path, mine), run_dir, stage)]
 
 

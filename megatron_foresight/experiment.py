@@ -1,0 +1,365 @@
+"""The paper's ablation as one resumable command: rows of stage chains over several seeds,
+each row's final model evaluated on the same validation tasks, and a table of the mean and 95%
+confidence interval of every metric per row, with the paper's orderings tested on paired
+per-seed differences.
+
+Rows (`ROWS`; `--rows` picks some), each a chain of steps from the base model:
+
+    sft                   format-free SFT: the FE-SFT recipe on the same trajectories without
+                          foresight (`foresight:X` sources read as X, foresight_format: none)
+    fe_sft                FE-SFT
+    wm_amt+sft            WM-AMT, then format-free SFT
+    wm_amt+fe_sft         WM-AMT, then FE-SFT
+    wm_amt+fe_sft+rl      ... then RL with plain rewards: the FC-RL recipe keeping only the
+                          terms of whole turns or episodes (task, format), not the foresight's
+    wm_amt+fe_sft+fc_rl   ... then FC-RL
+
+The base is the WM-AMT recipe's `checkpoint.init_from` (null: fresh weights from the seed).
+Runs are shared by path: `seed<S>/<chain prefix>` is trained once per seed and reused by every
+row that starts with it (one WM-AMT per seed; the FE-SFT after it is reused by both RL rows).
+One world serves every seed. `runs.jsonl` records each training and evaluation this command
+performed (how shared runs are counted); `experiment.json` and `experiment.md` hold the table.
+
+Re-running with the same --run-dir continues: a run trained to its last step is not started
+again, a run cut short resumes from its checkpoint, evaluations already written are read."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from megatron_foresight.config import load_recipe
+from megatron_foresight.errors import UsageError
+from megatron_foresight.pipeline import REPORT_METRICS, for_stage, _wandb_names, stage_recipes
+
+log = logging.getLogger(__name__)
+
+STEPS = {"wm_amt": "wm_amt", "sft": "fe_sft", "fe_sft": "fe_sft", "rl": "fc_rl",
+         "fc_rl": "fc_rl"}
+"""Each kind of step and the stage (recipe) it runs."""
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    """Its chain of steps joined by '+', as --rows names it."""
+    label: str
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        return tuple(self.key.split("+"))
+
+
+ROWS = (Row("sft", "SFT"), Row("fe_sft", "FE-SFT"), Row("wm_amt+sft", "WM-AMT + SFT"),
+        Row("wm_amt+fe_sft", "WM-AMT + FE-SFT"), Row("wm_amt+fe_sft+rl", "WM-AMT + FE-SFT + RL"),
+        Row("wm_amt+fe_sft+fc_rl", "WM-AMT + FE-SFT + FC-RL"))
+ROW_BY_KEY = {r.key: r for r in ROWS}
+
+ORDERINGS = (
+    ("wm_amt+fe_sft", "fe_sft", "greater", "WM-AMT + FE-SFT > FE-SFT"),
+    ("wm_amt+fe_sft+fc_rl", "wm_amt+fe_sft+rl", "greater", "FC-RL > plain-reward RL"),
+    ("fe_sft", "sft", "not_greater", "FE-SFT alone no better than SFT alone"),
+)
+"""The paper's claims as (row a, row b, relation of a to b, statement), tested on task success
+and, where both rows have them, on fidelity (higher is better) and Brier (lower is better)."""
+
+HIGHER_IS_BETTER = {"task_success": True, "format_validity": True, "rollout_fidelity": True,
+                    "value_brier": False, "value_ece": False, "value_auroc": True}
+
+# two-sided 95% quantiles of Student's t by degrees of freedom (1..30)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    if df < 1:
+        raise ValueError("a t interval needs at least 2 values")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964  # Cornish-Fisher: exact to 3 decimals beyond 30 degrees of freedom
+    return z + (z ** 3 + z) / (4 * df)
+
+
+def mean_interval(values: Sequence[float | None]) -> dict:
+    """Mean, standard deviation and the 95% t interval of the defined values (None: the metric
+    was undefined for that seed, e.g. AUROC when every task failed); n counts the defined."""
+    xs = [float(v) for v in values if v is not None]
+    n = len(xs)
+    if not n:
+        return {"n": 0, "mean": None, "sd": None, "low": None, "high": None}
+    mean = sum(xs) / n
+    if n == 1:
+        return {"n": 1, "mean": mean, "sd": None, "low": None, "high": None}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = t975(n - 1) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
+
+
+def parse_rows(text: str | None) -> list[Row]:
+    if not text:
+        return list(ROWS)
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in ROW_BY_KEY]
+    if unknown:
+        raise UsageError(f"--rows: unknown row(s) {', '.join(unknown)}; the rows are "
+                         f"{', '.join(ROW_BY_KEY)}")
+    return [ROW_BY_KEY[k] for k in dict.fromkeys(keys)]
+
+
+def step_overrides(kind: str, cfg) -> list[str]:
+    """What turns a stage's recipe (loaded as `cfg`) into the step `kind`: format-free SFT
+    reads FE-SFT's `foresight:X` sources as X and plays without foresight; plain-reward RL
+    keeps the reward terms credited to whole turns or episodes."""
+    from megatron_foresight.rl.rewards import REWARD_TERMS
+
+    if kind == "sft":
+        st = cfg.stage_config
+
+        def plain(sources):
+            return list(dict.fromkeys(s.removeprefix("foresight:") for s in sources))
+
+        sources = plain(st.sources)
+        weights = None
+        if st.weights is not None:
+            merged: dict[str, float] = {}
+            for s, w in zip(st.sources, st.weights):
+                key = s.removeprefix("foresight:")
+                merged[key] = merged.get(key, 0.0) + w
+            weights = [merged[s] for s in sources]
+        out = ["foresight_format=none", f"fe_sft.sources={json.dumps(sources)}",
+               f"fe_sft.weights={json.dumps(weights)}"]
+        if st.valid_sources is not None:
+            out.append(f"fe_sft.valid_sources={json.dumps(plain(st.valid_sources))}")
+        if st.segment_weights is not None:
+            kept = {k: v for k, v in st.segment_weights.items()
+                    if k not in ("plan", "rollout", "value", "keyword")}
+            out.append(f"fe_sft.segment_weights={json.dumps(kept)}")
+        return out
+    if kind == "rl":
+        kept = {k: v for k, v in cfg.stage_config.reward_weights.items()
+                if REWARD_TERMS[k].credit in ("episode", "turn")}
+        if not kept:
+            raise UsageError("plain-reward RL keeps the reward terms of whole turns or episodes "
+                             "(task, format); the FC-RL recipe weighs none")
+        return [f"fc_rl.reward_weights={json.dumps(kept)}"]
+    return []
+
+
+def _trained_step(run_dir: Path) -> int:
+    from megatron_foresight.training.checkpoint import find_checkpoint
+
+    found = find_checkpoint(run_dir) if run_dir.is_dir() else None
+    return int(found.name.removeprefix("step_")) if found is not None else 0
+
+
+class Experiment:
+    def __init__(self, recipe_dir, run_dir, seeds: Sequence[int], rows: Sequence[Row],
+                 tasks: int, overrides: Sequence[str] = ()):
+        if not seeds:
+            raise UsageError("--seeds: at least one seed")
+        if tasks < 1:
+            raise UsageError("--tasks: each row's evaluation plays at least 1 task")
+        self.recipe_dir, self.run_dir = Path(recipe_dir), Path(run_dir)
+        self.seeds, self.rows, self.tasks = list(seeds), list(rows), tasks
+        self.overrides = list(overrides)
+        self.recipes = dict(stage_recipes(self.recipe_dir))
+        self.ledger = self.run_dir / "runs.jsonl"
+        self._configs: dict[tuple[str, ...], tuple[object, list[str]]] = {}
+
+    def config(self, seed: int, chain: tuple[str, ...]):
+        """The recipe of the last step of `chain` for `seed`, started from the run before it
+        (or from the base)."""
+        kind = chain[-1]
+        stage = STEPS[kind]
+        path = self.recipes[stage]
+        mine = [*for_stage(self.overrides, stage, self.tasks), f"seed={seed}"]
+        base = load_recipe(path, mine)
+        mine += step_overrides(kind, base)
+        if len(chain) > 1:
+            mine.append(f"checkpoint.init_from={self.run_path(seed, chain[:-1])}")
+        elif stage != "wm_amt":
+            # the base every row starts from: the WM-AMT recipe's own starting point
+            start = load_recipe(self.recipes["wm_amt"], [
+                *for_stage(self.overrides, "wm_amt", self.tasks), f"seed={seed}"])
+            mine.append(f"checkpoint.init_from={json.dumps(start.checkpoint.init_from)}")
+        cfg = load_recipe(path, mine)
+        names = _wandb_names(cfg, self.run_dir / f"seed{seed}", "+".join(chain))
+        return load_recipe(path, mine + names) if names else cfg
+
+    def run_path(self, seed: int, chain: tuple[str, ...]) -> Path:
+        return self.run_dir / f"seed{seed}" / "+".join(chain)
+
+    def _record(self, entry: dict) -> None:
+        from megatron_foresight.runtime.dist import read_launch_env
+
+        if read_launch_env().rank == 0:
+            with self.ledger.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def ensure_trained(self, seed: int, chain: tuple[str, ...], done: set) -> Path:
+        from megatron_foresight.training.loop import train
+
+        path = self.run_path(seed, chain)
+        if (seed, chain) in done:
+            return path
+        if len(chain) > 1:
+            self.ensure_trained(seed, chain[:-1], done)
+        cfg = self.config(seed, chain)
+        before = _trained_step(path)
+        if before < cfg.schedule.train_steps:
+            log.info("experiment: training %s (%s) from step %d", path, chain[-1], before)
+            start = time.monotonic()
+            train(cfg, run_dir=str(path), resume=True)
+            self._record({"train": f"seed{seed}/{'+'.join(chain)}", "kind": chain[-1],
+                          "seed": seed, "from_step": before, "to_step": _trained_step(path),
+                          "time_s": round(time.monotonic() - start, 1)})
+        done.add((seed, chain))
+        return path
+
+    def evaluate(self, seed: int, row: Row) -> dict:
+        from megatron_foresight.eval.run import EvalOptions, evaluate_checkpoint
+
+        out = self.run_dir / f"seed{seed}" / f"eval_{row.key}.json"
+        if out.is_file():
+            return json.loads(out.read_text())["metrics"]
+        start = time.monotonic()
+        metrics = evaluate_checkpoint(
+            self.config(seed, row.chain),
+            EvalOptions(ckpt=str(self.run_path(seed, row.chain)), tasks=self.tasks),
+            str(out), report=False)
+        self._record({"eval": f"seed{seed}/{row.key}", "seed": seed,
+                      "time_s": round(time.monotonic() - start, 1)})
+        return metrics
+
+    def run(self) -> dict:
+        from megatron_foresight.runtime.dist import read_launch_env
+        from megatron_foresight.world.build import ensure_world
+
+        first = load_recipe(self.recipes["wm_amt"], for_stage(self.overrides, "wm_amt"))
+        if first.data.world:  # one world for every seed: the recipe's, built with its seed
+            ensure_world(first.data.world, first.seed)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        done: set = set()
+        per_seed: dict[int, dict[str, dict]] = {}
+        for seed in self.seeds:  # seed by seed: a partial run already has whole seeds
+            for row in self.rows:
+                self.ensure_trained(seed, row.chain, done)
+                metrics = self.evaluate(seed, row)
+                per_seed.setdefault(seed, {})[row.key] = {m: metrics.get(m)
+                                                          for m in REPORT_METRICS}
+        summary = summarize(per_seed, self.rows)
+        summary["tasks"] = self.tasks
+        summary["wall_time_s_this_call"] = round(time.monotonic() - started, 1)
+        if read_launch_env().rank == 0:
+            (self.run_dir / "experiment.json").write_text(json.dumps(summary, indent=1) + "\n")
+            text = format_summary(summary)
+            (self.run_dir / "experiment.md").write_text(text + "\n")
+            print(text)
+            try:
+                print(f"figure: {plot_summary(summary, self.run_dir / 'experiment.png')}")
+            except ImportError as e:  # matplotlib is a dependency; say so if it is missing
+                log.warning("no figure (%s)", e)
+            print(f"table: {self.run_dir / 'experiment.md'}")
+        return summary
+
+
+def summarize(per_seed: dict[int, dict[str, dict]], rows: Sequence[Row]) -> dict:
+    seeds = sorted(per_seed)
+    table = {}
+    for row in rows:
+        table[row.key] = {"label": row.label, **{
+            m: mean_interval([per_seed[s][row.key][m] for s in seeds]) for m in REPORT_METRICS}}
+    keys = {r.key for r in rows}
+    orderings = []
+    for a, b, relation, statement in ORDERINGS:
+        if a not in keys or b not in keys:
+            continue
+        tests = {}
+        for metric in ("task_success", "rollout_fidelity", "value_brier"):
+            diffs = [per_seed[s][a][metric] - per_seed[s][b][metric] for s in seeds
+                     if per_seed[s][a][metric] is not None
+                     and per_seed[s][b][metric] is not None]
+            if not diffs:
+                continue
+            d = mean_interval(diffs)
+            tests[metric] = {**d, "verdict": _verdict(d, relation, HIGHER_IS_BETTER[metric])}
+        orderings.append({"claim": statement, "a": a, "b": b, "relation": relation,
+                          "tests": tests})
+    return {"seeds": seeds, "per_seed": {str(s): per_seed[s] for s in seeds},
+            "rows": table, "orderings": orderings}
+
+
+def _verdict(d: dict, relation: str, higher_better: bool) -> str:
+    """Whether the paired difference a - b supports the claim, at 95%."""
+    if d["low"] is None:
+        return "one seed: no interval"
+    better = d["low"] > 0 if higher_better else d["high"] < 0
+    worse = d["high"] < 0 if higher_better else d["low"] > 0
+    if relation == "greater":
+        return "holds" if better else ("reversed" if worse else "not resolved (interval spans 0)")
+    # "not_greater": a is no better than b
+    return "does not hold (a is better)" if better else "holds"
+
+
+def _cell(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "-"
+    if stat["low"] is None:
+        return f"{stat['mean']:.3f}"
+    return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
+
+
+def format_summary(summary: dict) -> str:
+    """The table as Markdown: mean [95% interval] per row and metric, then the orderings."""
+    lines = [f"seeds: {', '.join(map(str, summary['seeds']))}; {summary.get('tasks', '?')} "
+             "validation tasks per evaluation; mean [95% t interval] over seeds "
+             "(n < seeds where a metric was undefined)", "",
+             "| row | " + " | ".join(REPORT_METRICS) + " |",
+             "|---|" + "---|" * len(REPORT_METRICS)]
+    for key, stats in summary["rows"].items():
+        lines.append(f"| {stats['label']} | " + " | ".join(
+            _cell(stats[m]) + ("" if stats[m]["n"] in (0, len(summary["seeds"]))
+                               else f" (n={stats[m]['n']})")
+            for m in REPORT_METRICS) + " |")
+    if summary["orderings"]:
+        lines += ["", "| claim (paired over seeds) | metric | a - b | verdict |",
+                  "|---|---|---|---|"]
+        for o in summary["orderings"]:
+            for metric, t in o["tests"].items():
+                lines.append(f"| {o['claim']} | {metric} | {_cell(t)} | {t['verdict']} |")
+    return "\n".join(lines)
+
+
+def plot_summary(summary: dict, out: Path) -> Path:
+    """Bars of each row's mean with its 95% interval, one panel per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(summary["rows"].values())
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, metric in zip(axes.flat, REPORT_METRICS):
+        means = [r[metric]["mean"] for r in rows]
+        xs = [i for i, m in enumerate(means) if m is not None]
+        heights = [means[i] for i in xs]
+        err = [[means[i] - (rows[i][metric]["low"] if rows[i][metric]["low"] is not None
+                            else means[i]) for i in xs],
+               [(rows[i][metric]["high"] if rows[i][metric]["high"] is not None else means[i])
+                - means[i] for i in xs]]
+        ax.bar(xs, heights, yerr=err, capsize=4, color="#4c72b0")
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([r["label"] for r in rows], rotation=35, ha="right", fontsize=7)
+        ax.set_title(metric)
+    fig.suptitle(f"seeds {', '.join(map(str, summary['seeds']))}: mean and 95% interval")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

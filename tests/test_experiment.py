@@ -1,0 +1,154 @@
+"""`foresight experiment`: the ablation's rows over seeds. Its statistics and the recipes of
+its steps are checked directly; a CI-sized run of the real command line (2 rows, 2 seeds, a
+budget too small to learn anything) checks the table's structure, that rows share the runs
+they should (counted from what the command records it trained) and that a second call
+continues instead of training again."""
+
+import json
+import math
+
+import pytest
+import yaml
+
+from megatron_foresight.configtree import ConfigError
+from megatron_foresight.config import load_recipe
+from megatron_foresight.errors import UsageError
+from megatron_foresight.experiment import (
+    ROWS, Experiment, format_summary, mean_interval, parse_rows, summarize, t975,
+)
+from megatron_foresight.foresight.format import AgentTurn
+from megatron_foresight.foresight.formats import FORMATS
+from megatron_foresight.pipeline import REPORT_METRICS
+from helpers.run import REPO, foresight
+
+TINY_CPU = REPO / "recipes" / "tiny-cpu"
+
+
+def test_mean_interval_is_the_t_interval():
+    stat = mean_interval([0.2, 0.4, None, 0.9])
+    xs = [0.2, 0.4, 0.9]
+    mean = sum(xs) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / 2)
+    assert stat["n"] == 3 and stat["mean"] == pytest.approx(mean)
+    assert stat["sd"] == pytest.approx(sd)
+    assert stat["high"] - stat["mean"] == pytest.approx(4.303 * sd / math.sqrt(3))
+    assert mean_interval([None, None])["mean"] is None
+    assert mean_interval([0.5])["low"] is None  # one value: no interval
+    assert t975(1) == 12.706 and t975(30) == 2.042
+    assert 1.96 < t975(200) < t975(31) < 2.042
+
+
+def _per_seed(a_success, b_success):
+    rows = {}
+    for seed, (a, b) in enumerate(zip(a_success, b_success)):
+        base = {m: None for m in REPORT_METRICS}
+        rows[seed] = {"wm_amt+fe_sft": {**base, "task_success": a},
+                      "fe_sft": {**base, "task_success": b}}
+    return rows
+
+
+def test_orderings_are_tested_on_paired_differences():
+    rows = [r for r in ROWS if r.key in ("fe_sft", "wm_amt+fe_sft")]
+    # a beats b by 0.1 on every seed although the seeds differ a lot: paired, it holds
+    held = summarize(_per_seed([0.2, 0.5, 0.8], [0.1, 0.4, 0.7]), rows)
+    (claim,) = held["orderings"]
+    assert claim["claim"] == "WM-AMT + FE-SFT > FE-SFT"
+    assert claim["tests"]["task_success"]["mean"] == pytest.approx(0.1)
+    assert claim["tests"]["task_success"]["verdict"] == "holds"
+    assert "rollout_fidelity" not in claim["tests"]  # undefined on both rows
+    mixed = summarize(_per_seed([0.3, 0.5, 0.7], [0.4, 0.4, 0.6]), rows)
+    assert mixed["orderings"][0]["tests"]["task_success"]["verdict"].startswith("not resolved")
+    worse = summarize(_per_seed([0.1, 0.4, 0.7], [0.2, 0.5, 0.8]), rows)
+    assert worse["orderings"][0]["tests"]["task_success"]["verdict"] == "reversed"
+    table = format_summary(held)
+    assert "| WM-AMT + FE-SFT | 0.500 [" in table and "| holds |" in table
+
+
+def test_rows_are_named_and_unknown_rows_refused():
+    assert [r.key for r in parse_rows("fe_sft, wm_amt+fe_sft,fe_sft")] == \
+        ["fe_sft", "wm_amt+fe_sft"]
+    assert len(parse_rows(None)) == 6
+    with pytest.raises(UsageError, match="unknown row.*wm_amt\\+fc_rl.*the rows are sft"):
+        parse_rows("wm_amt+fc_rl")
+
+
+def test_step_recipes_format_free_sft_plain_rl_and_shared_prefixes(tmp_path):
+    exp = Experiment(TINY_CPU, tmp_path, [7], ROWS, tasks=4)
+    sft = exp.config(7, ("sft",))
+    assert sft.stage == "fe_sft" and sft.seed == 7 and sft.foresight_format == "none"
+    assert sft.stage_config.sources == ["world:train"] and sft.stage_config.weights == [1.0]
+    assert sft.stage_config.valid_sources == ["world:validation"]
+    assert set(sft.stage_config.segment_weights) == {"think", "action"}
+    assert sft.checkpoint.init_from is None  # the WM-AMT recipe's start: fresh weights
+    fe = exp.config(7, ("wm_amt", "fe_sft"))
+    assert fe.foresight_format == "v1" and fe.checkpoint.init_from == str(tmp_path / "seed7" /
+                                                                          "wm_amt")
+    plain = exp.config(7, ("wm_amt", "fe_sft", "rl"))
+    assert plain.stage_config.reward_weights == {"task": 1.0, "format": 0.5}
+    full = exp.config(7, ("wm_amt", "fe_sft", "fc_rl"))
+    assert set(full.stage_config.reward_weights) == {"task", "calibration", "fidelity", "format"}
+    assert plain.checkpoint.init_from == full.checkpoint.init_from == \
+        str(tmp_path / "seed7" / "wm_amt+fe_sft")
+
+
+def test_format_none_reads_bare_turns_and_refuses_foresight_only_parts():
+    plain = FORMATS["none"]
+    assert plain.prompt("Question: q") == "Question: q"
+    turn = plain.parse_turn("<think>look it up</think>\n<search>Olgar founded</search>")
+    assert isinstance(turn, AgentTurn) and turn.foresight is None
+    assert not isinstance(FORMATS["v1"].parse_turn("<search>Olgar</search>"), AgentTurn)
+    lenient = plain.parse_turn_lenient("<search>Olgar")
+    assert lenient.action is None and "never closed" in lenient.errors[0].message
+    with pytest.raises(ConfigError, match="fe_sft.sources.*foresight:world:train"):
+        load_recipe(TINY_CPU / "fe_sft.yaml", ["foresight_format=none"])
+    with pytest.raises(ConfigError, match="fc_rl.reward_weights.*calibration, fidelity"):
+        load_recipe(TINY_CPU / "fc_rl.yaml", ["foresight_format=none"])
+
+
+SMOKE = ["data.seq_length=512", "schedule.train_steps=2", "schedule.warmup_steps=0",
+         "schedule.eval_interval=0", "schedule.global_batch_size=4",
+         "schedule.micro_batch_size=2", "logging.tensorboard=false",
+         "fc_rl.prompts_per_step=2", "fc_rl.group_size=2", "fc_rl.max_new_tokens=24"]
+
+
+@pytest.mark.slow
+def test_experiment_smoke_two_rows_two_seeds_shares_runs(small_world, tmp_path):
+    run_dir = tmp_path / "exp"
+    args = ["experiment", str(TINY_CPU), "--run-dir", str(run_dir), "--seeds", "2",
+            "--rows", "wm_amt+fe_sft,wm_amt+fe_sft+rl", "--tasks", "2",
+            f"data.world={small_world}", f"data.cache_dir={tmp_path / 'cache'}", *SMOKE]
+    proc = foresight(args)
+    summary = json.loads((run_dir / "experiment.json").read_text())
+    assert summary["seeds"] == [1234, 1235]
+    assert list(summary["rows"]) == ["wm_amt+fe_sft", "wm_amt+fe_sft+rl"]
+    for stats in summary["rows"].values():
+        assert set(stats) == {"label", *REPORT_METRICS}
+        for metric in REPORT_METRICS:
+            assert set(stats[metric]) == {"n", "mean", "sd", "low", "high"}
+    for seed in ("1234", "1235"):
+        for row in ("wm_amt+fe_sft", "wm_amt+fe_sft+rl"):
+            evaluated = json.loads((run_dir / f"seed{seed}" / f"eval_{row}.json").read_text())
+            assert summary["per_seed"][seed][row] == {m: evaluated["metrics"].get(m)
+                                                      for m in REPORT_METRICS}
+    assert "| WM-AMT + FE-SFT + RL |" in (run_dir / "experiment.md").read_text()
+    assert (run_dir / "experiment.png").stat().st_size > 0
+    assert "table: " in proc.stdout
+    # counted: 5 chain steps over 2 rows, but each seed trains WM-AMT and FE-SFT once
+    ledger = [json.loads(line) for line in (run_dir / "runs.jsonl").read_text().splitlines()]
+    trained = [e["train"] for e in ledger if "train" in e]
+    assert sorted(trained) == sorted(f"seed{s}/{c}" for s in (1234, 1235)
+                                     for c in ("wm_amt", "wm_amt+fe_sft", "wm_amt+fe_sft+rl"))
+    assert all(e["from_step"] == 0 and e["to_step"] == 2 for e in ledger if "train" in e)
+    assert sum("eval" in e for e in ledger) == 4
+    for seed in (1234, 1235):  # the RL row started from the FE-SFT run the other row evaluated
+        config = yaml.safe_load(
+            (run_dir / f"seed{seed}" / "wm_amt+fe_sft+rl" / "config.yaml").read_text())
+        assert config["checkpoint"]["init_from"] == str(run_dir / f"seed{seed}" /
+                                                        "wm_amt+fe_sft")
+        assert config["seed"] == seed
+        assert config["fc_rl"]["reward_weights"] == {"task": 1.0, "format": 0.5}
+    # a second call trains and evaluates nothing again and writes the same table
+    foresight(args)
+    assert (run_dir / "runs.jsonl").read_text().count("\n") == len(ledger)
+    again = json.loads((run_dir / "experiment.json").read_text())
+    assert again["rows"] == summary["rows"] and again["per_seed"] == summary["per_seed"]

@@ -18,7 +18,7 @@ from megatron_foresight.experiment import (
 )
 from megatron_foresight.foresight.format import AgentTurn
 from megatron_foresight.foresight.formats import FORMATS
-from megatron_foresight.pipeline import REPORT_METRICS
+from megatron_foresight.pipeline import REPORT_METRICS, for_stage
 from helpers.run import REPO, foresight
 
 TINY_CPU = REPO / "recipes" / "tiny-cpu"
@@ -89,6 +89,18 @@ def test_step_recipes_format_free_sft_plain_rl_and_shared_prefixes(tmp_path):
     assert set(full.stage_config.reward_weights) == {"task", "calibration", "fidelity", "format"}
     assert plain.checkpoint.init_from == full.checkpoint.init_from == \
         str(tmp_path / "seed7" / "wm_amt+fe_sft")
+
+
+def test_overrides_addressed_to_a_stage_reach_only_that_stage():
+    overrides = ["data.world=/w", "fe_sft:schedule.train_steps=150", "fc_rl.group_size=2",
+                 "fe_sft.sources=[foresight:world:train]"]
+    assert for_stage(overrides, "fe_sft", tasks=0) == [
+        "data.world=/w", "schedule.train_steps=150", "fe_sft.sources=[foresight:world:train]"]
+    assert for_stage(overrides, "wm_amt", tasks=0) == ["data.world=/w"]
+    assert for_stage(overrides, "fc_rl", tasks=0) == ["data.world=/w", "fc_rl.group_size=2"]
+    exp = Experiment(TINY_CPU, "/tmp/unused", [7], ROWS, 4, ["fe_sft:schedule.train_steps=150"])
+    assert exp.config(7, ("sft",)).schedule.train_steps == 150  # SFT runs FE-SFT's recipe
+    assert exp.config(7, ("wm_amt",)).schedule.train_steps == 100
 
 
 def test_format_none_reads_bare_turns_and_refuses_foresight_only_parts():

@@ -382,22 +382,28 @@ def _cmd_experiment(args) -> int:
     from megatron_foresight.config import load_recipe
     from megatron_foresight.errors import UsageError
     from megatron_foresight.experiment import Experiment, parse_rows
-    from megatron_foresight.pipeline import for_stage, stage_recipes
+    from megatron_foresight.pipeline import Stopped, for_stage, stage_recipes
 
     if args.seeds < 1:
         raise UsageError("--seeds: at least 1")
     rows = parse_rows(args.rows)  # a typo fails before any recipe loads
     first = load_recipe(dict(stage_recipes(Path(args.recipe_dir)))["wm_amt"],
                         for_stage(args.overrides, "wm_amt"))
-    Experiment(args.recipe_dir, args.run_dir, [first.seed + i for i in range(args.seeds)],
-               rows, args.tasks, args.overrides).run()
+    try:
+        Experiment(args.recipe_dir, args.run_dir, [first.seed + i for i in range(args.seeds)],
+                   rows, args.tasks, args.overrides).run()
+    except Stopped as stop:
+        print(f"foresight experiment: {stop}", file=sys.stderr)
     return 0
 
 
 def _cmd_pipeline(args) -> int:
-    from megatron_foresight.pipeline import run_pipeline
+    from megatron_foresight.pipeline import Stopped, run_pipeline
 
-    run_pipeline(args.recipe_dir, args.run_dir, tasks=args.tasks, overrides=args.overrides)
+    try:
+        run_pipeline(args.recipe_dir, args.run_dir, tasks=args.tasks, overrides=args.overrides)
+    except Stopped as stop:
+        print(f"foresight pipeline: {stop}", file=sys.stderr)
     return 0
 
 
@@ -527,8 +533,8 @@ def main(argv=None) -> int:
     debug = args.debug or os.environ.get("FORESIGHT_DEBUG", "") not in ("", "0")
     try:
         return {"train": _cmd_train, "eval": _cmd_eval, "config": _cmd_config,
-                "pipeline": _cmd_pipeline, "experiment": _cmd_experiment, "plan": _cmd_plan, "report": _cmd_report,
-                "convert": _cmd_convert,
+                "pipeline": _cmd_pipeline, "experiment": _cmd_experiment, "plan": _cmd_plan,
+                "report": _cmd_report, "convert": _cmd_convert,
                 "data": run_data}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

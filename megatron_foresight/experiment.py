@@ -35,7 +35,10 @@ from typing import Sequence
 
 from megatron_foresight.config import load_recipe
 from megatron_foresight.errors import UsageError
-from megatron_foresight.pipeline import REPORT_METRICS, for_stage, _wandb_names, stage_recipes
+from megatron_foresight.pipeline import (
+    REPORT_METRICS, _wandb_names, for_stage, read_evaluation, stage_recipes, train_to_end,
+    trained_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +85,8 @@ def t975(df: int) -> float:
         raise ValueError("a t interval needs at least 2 values")
     if df <= len(_T975):
         return _T975[df - 1]
-    z = 1.959964  # Cornish-Fisher: exact to 3 decimals beyond 30 degrees of freedom
-    return z + (z ** 3 + z) / (4 * df)
+    z = 1.959964  # Cornish-Fisher to second order: within 1e-4 beyond 30 degrees of freedom
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 
 def mean_interval(values: Sequence[float | None]) -> dict:
@@ -151,13 +154,6 @@ def step_overrides(kind: str, cfg) -> list[str]:
     return []
 
 
-def _trained_step(run_dir: Path) -> int:
-    from megatron_foresight.training.checkpoint import find_checkpoint
-
-    found = find_checkpoint(run_dir) if run_dir.is_dir() else None
-    return int(found.name.removeprefix("step_")) if found is not None else 0
-
-
 class Experiment:
     def __init__(self, recipe_dir, run_dir, seeds: Sequence[int], rows: Sequence[Row],
                  tasks: int, overrides: Sequence[str] = ()):
@@ -168,6 +164,11 @@ class Experiment:
         self.recipe_dir, self.run_dir = Path(recipe_dir), Path(run_dir)
         self.seeds, self.rows, self.tasks = list(seeds), list(rows), tasks
         self.overrides = list(overrides)
+        seeded = [o for o in self.overrides if o.split("=", 1)[0].rsplit(":", 1)[-1] == "seed"]
+        if seeded:
+            raise UsageError(f"{seeded[0]}: the experiment sets each run's seed itself (the "
+                             "recipe's seed and the ones after it, --seeds of them); leave "
+                             "seed= out")
         self.recipes = dict(stage_recipes(self.recipe_dir))
         self.ledger = self.run_dir / "runs.jsonl"
         self._configs: dict[tuple[str, ...], tuple[object, list[str]]] = {}
@@ -182,14 +183,15 @@ class Experiment:
         base = load_recipe(path, mine)
         mine += step_overrides(kind, base)
         if len(chain) > 1:
-            mine.append(f"checkpoint.init_from={self.run_path(seed, chain[:-1])}")
+            mine.append(f"checkpoint.init_from={json.dumps(str(self.run_path(seed, chain[:-1])))}")
         elif stage != "wm_amt":
             # the base every row starts from: the WM-AMT recipe's own starting point
             start = load_recipe(self.recipes["wm_amt"], [
                 *for_stage(self.overrides, "wm_amt", self.tasks), f"seed={seed}"])
             mine.append(f"checkpoint.init_from={json.dumps(start.checkpoint.init_from)}")
         cfg = load_recipe(path, mine)
-        names = _wandb_names(cfg, self.run_dir / f"seed{seed}", "+".join(chain))
+        group = self.run_dir.resolve().parent / f"{self.run_dir.resolve().name}-seed{seed}"
+        names = _wandb_names(cfg, group, "+".join(chain))
         return load_recipe(path, mine + names) if names else cfg
 
     def run_path(self, seed: int, chain: tuple[str, ...]) -> Path:
@@ -203,22 +205,22 @@ class Experiment:
                 f.write(json.dumps(entry) + "\n")
 
     def ensure_trained(self, seed: int, chain: tuple[str, ...], done: set) -> Path:
-        from megatron_foresight.training.loop import train
-
         path = self.run_path(seed, chain)
         if (seed, chain) in done:
             return path
         if len(chain) > 1:
             self.ensure_trained(seed, chain[:-1], done)
         cfg = self.config(seed, chain)
-        before = _trained_step(path)
+        before = trained_step(path)
         if before < cfg.schedule.train_steps:
             log.info("experiment: training %s (%s) from step %d", path, chain[-1], before)
             start = time.monotonic()
-            train(cfg, run_dir=str(path), resume=True)
-            self._record({"train": f"seed{seed}/{'+'.join(chain)}", "kind": chain[-1],
-                          "seed": seed, "from_step": before, "to_step": _trained_step(path),
-                          "time_s": round(time.monotonic() - start, 1)})
+            try:
+                train_to_end(cfg, path)
+            finally:  # a stopped or failed training is recorded too, with the step it reached
+                self._record({"train": f"seed{seed}/{'+'.join(chain)}", "kind": chain[-1],
+                              "seed": seed, "from_step": before, "to_step": trained_step(path),
+                              "time_s": round(time.monotonic() - start, 1)})
         done.add((seed, chain))
         return path
 
@@ -226,8 +228,9 @@ class Experiment:
         from megatron_foresight.eval.run import EvalOptions, evaluate_checkpoint
 
         out = self.run_dir / f"seed{seed}" / f"eval_{row.key}.json"
-        if out.is_file():
-            return json.loads(out.read_text())["metrics"]
+        metrics = read_evaluation(out, self.run_path(seed, row.chain), self.tasks)
+        if metrics is not None:
+            return metrics
         start = time.monotonic()
         metrics = evaluate_checkpoint(
             self.config(seed, row.chain),
@@ -237,11 +240,26 @@ class Experiment:
                       "time_s": round(time.monotonic() - start, 1)})
         return metrics
 
+    def check(self) -> None:
+        """Every step's recipe, loaded before anything trains (a bad override fails now, not
+        after an hour), and the same validation tasks for every row."""
+        seed = self.seeds[0]
+        chains = {row.chain[:i] for row in self.rows for i in range(1, len(row.chain) + 1)}
+        configs = {chain: self.config(seed, chain) for chain in sorted(chains)}
+        played = {row.key: configs[row.chain].tasks for row in self.rows}
+        first = next(iter(played.values()))
+        differ = [k for k, t in played.items() if t != first]
+        if differ:
+            raise UsageError(f"rows {', '.join(played)} must play the same validation tasks, "
+                             f"but the recipes of {', '.join(differ)} list other task sets than "
+                             f"{self.rows[0].key}'s; give the stage recipes one tasks: list")
+
     def run(self) -> dict:
         from megatron_foresight.runtime.dist import read_launch_env
         from megatron_foresight.world.build import ensure_world
 
         first = load_recipe(self.recipes["wm_amt"], for_stage(self.overrides, "wm_amt"))
+        self.check()
         if first.data.world:  # one world for every seed: the recipe's, built with its seed
             ensure_world(first.data.world, first.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -305,7 +323,9 @@ def _verdict(d: dict, relation: str, higher_better: bool) -> str:
     if relation == "greater":
         return "holds" if better else ("reversed" if worse else "not resolved (interval spans 0)")
     # "not_greater": a is no better than b
-    return "does not hold (a is better)" if better else "holds"
+    if better:
+        return "does not hold (a is better)"
+    return "holds (a is worse)" if worse else "consistent (interval spans 0: no difference shown)"
 
 
 def _cell(stat: dict) -> str:
@@ -334,6 +354,13 @@ def format_summary(summary: dict) -> str:
         for o in summary["orderings"]:
             for metric, t in o["tests"].items():
                 lines.append(f"| {o['claim']} | {metric} | {_cell(t)} | {t['verdict']} |")
+        lines += ["", "Each verdict is one 95% interval of its own, with no correction for the "
+                  "number of them."]
+    if any(key.split("+")[-1] == "sft" for key in summary["rows"]):
+        lines += ["", "Format validity of the format-free rows (SFT) counts turns of a "
+                  "well-formed action, with or without think; the foresight rows' count turns "
+                  "of the whole foresight format. Fidelity and the value's scores exist only "
+                  "for rows with foresight."]
     return "\n".join(lines)
 
 

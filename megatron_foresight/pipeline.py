@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from megatron_foresight.config import load_recipe
@@ -35,6 +36,9 @@ def stage_recipes(recipe_dir: Path) -> list[tuple[str, Path]]:
     return found
 
 
+_STAGE_PREFIX = re.compile(r"([A-Za-z_][A-Za-z0-9_]*):(?!//)")
+
+
 def for_stage(overrides, stage: str, tasks: int = 1) -> list[str]:
     """The overrides of one stage: what the stage asks of a pipeline (`pipeline_overrides`;
     FC-RL leaves out its own validation, which the pipeline's evaluations play, unless they
@@ -43,13 +47,62 @@ def for_stage(overrides, stage: str, tasks: int = 1) -> list[str]:
     another stage's are left out."""
     mine = []
     for o in overrides:
-        target, colon, rest = o.partition(":")
-        if colon and target in STAGES and "=" not in target:
-            if target == stage:
-                mine.append(rest)
+        addressed = _STAGE_PREFIX.match(o)
+        if addressed:
+            if addressed.group(1) not in STAGES:
+                raise UsageError(f"{o}: {addressed.group(1)!r} is not a stage; STAGE:key=value "
+                                 f"addresses one of {', '.join(STAGES)} (format-free SFT runs "
+                                 "FE-SFT's recipe, plain-reward RL FC-RL's)")
+            if addressed.group(1) == stage:
+                mine.append(o[addressed.end():])
         elif o.split(".", 1)[0] not in STAGES or o.split(".", 1)[0] == stage:
             mine.append(o)
     return [*(load_plugin(stage).pipeline_overrides() if tasks else []), *mine]
+
+
+class Stopped(Exception):
+    """A stage stopped on request (a stop signal: preemption, Slurm's time-limit warning)
+    before its last step, its checkpoint saved: the command ends there, and running it again
+    continues from that checkpoint."""
+
+
+def trained_step(run_dir: Path) -> int:
+    """The step of the newest complete checkpoint of a run directory (0 without one)."""
+    from megatron_foresight.training.checkpoint import find_checkpoint
+
+    found = find_checkpoint(run_dir) if Path(run_dir).is_dir() else None
+    return int(found.name.removeprefix("step_")) if found is not None else 0
+
+
+def train_to_end(cfg, run_dir: Path) -> None:
+    """Train (or resume) a stage to its last step; `Stopped` if it stopped before, so that
+    nothing is evaluated or started from a half-trained stage."""
+    from megatron_foresight.training.loop import train
+
+    train(cfg, run_dir=str(run_dir), resume=True)
+    step = trained_step(run_dir)
+    if step < cfg.schedule.train_steps:
+        raise Stopped(f"{run_dir} stopped at step {step} of {cfg.schedule.train_steps}; run the "
+                      "same command again to continue")
+
+
+def read_evaluation(out: Path, run_dir: Path, tasks: int) -> dict | None:
+    """The metrics of an evaluation already written for `run_dir`, or None when there is none
+    to trust: missing, unreadable, of another number of tasks, or older than the run's newest
+    checkpoint (the run was trained further since)."""
+    from megatron_foresight.training.checkpoint import find_checkpoint
+
+    try:
+        doc = json.loads(out.read_text())
+        metrics = doc["metrics"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ckpt = find_checkpoint(run_dir)
+    if doc.get("tasks", tasks) != tasks or (
+            ckpt is not None and ckpt.stat().st_mtime > out.stat().st_mtime):
+        log.info("%s is stale (other --tasks, or an older checkpoint): evaluating again", out)
+        return None
+    return metrics
 
 
 def _wandb_names(cfg, run_dir: Path, stage: str) -> list[str]:
@@ -77,7 +130,6 @@ def run_pipeline(recipe_dir: str | Path, run_dir: str | Path, tasks: int = 32,
     from megatron_foresight.eval.report import write_report
     from megatron_foresight.eval.run import EvalOptions, evaluate_checkpoint
     from megatron_foresight.runtime.dist import read_launch_env
-    from megatron_foresight.training.loop import train
 
     recipe_dir, run_dir = Path(recipe_dir), Path(run_dir)
     recipes = stage_recipes(recipe_dir)
@@ -92,11 +144,10 @@ def run_pipeline(recipe_dir: str | Path, run_dir: str | Path, tasks: int = 32,
             cfg = load_recipe(path, [*stage_overrides[stage],
                                      f"checkpoint.init_from={previous}"])
         log.info("stage %s: %s -> %s", stage, path, stage_dir)
-        train(cfg, run_dir=str(stage_dir), resume=True)
+        train_to_end(cfg, stage_dir)
         out = run_dir / f"eval_{stage}.json"
-        if out.is_file():
-            metrics = json.loads(out.read_text())["metrics"]
-        else:
+        metrics = read_evaluation(out, stage_dir, tasks)
+        if metrics is None:
             # one report of every stage, below, instead of one per evaluation
             metrics = evaluate_checkpoint(cfg, EvalOptions(ckpt=str(stage_dir), tasks=tasks),
                                           str(out), report=False)

@@ -6,6 +6,7 @@ continues instead of training again."""
 
 import json
 import math
+import os
 
 import pytest
 import yaml
@@ -18,7 +19,9 @@ from megatron_foresight.experiment import (
 )
 from megatron_foresight.foresight.format import AgentTurn
 from megatron_foresight.foresight.formats import FORMATS
-from megatron_foresight.pipeline import REPORT_METRICS, for_stage
+from megatron_foresight.pipeline import (
+    REPORT_METRICS, Stopped, for_stage, read_evaluation, train_to_end,
+)
 from helpers.run import REPO, foresight
 
 TINY_CPU = REPO / "recipes" / "tiny-cpu"
@@ -35,7 +38,9 @@ def test_mean_interval_is_the_t_interval():
     assert mean_interval([None, None])["mean"] is None
     assert mean_interval([0.5])["low"] is None  # one value: no interval
     assert t975(1) == 12.706 and t975(30) == 2.042
-    assert 1.96 < t975(200) < t975(31) < 2.042
+    assert t975(31) == pytest.approx(2.0395, abs=1e-4)  # beyond the table: Cornish-Fisher
+    assert t975(40) == pytest.approx(2.0211, abs=1e-4)
+    assert t975(120) == pytest.approx(1.9799, abs=1e-4)
 
 
 def _per_seed(a_success, b_success):
@@ -60,6 +65,12 @@ def test_orderings_are_tested_on_paired_differences():
     assert mixed["orderings"][0]["tests"]["task_success"]["verdict"].startswith("not resolved")
     worse = summarize(_per_seed([0.1, 0.4, 0.7], [0.2, 0.5, 0.8]), rows)
     assert worse["orderings"][0]["tests"]["task_success"]["verdict"] == "reversed"
+    # "FE-SFT no better than SFT": shown only when FE-SFT is worse; a tie is not a proof
+    no_better = [r for r in ROWS if r.key in ("fe_sft", "sft")]
+    tie = {s: {"fe_sft": {**row["fe_sft"]}, "sft": {**row["wm_amt+fe_sft"]}}
+           for s, row in _per_seed([0.3, 0.5, 0.7], [0.4, 0.4, 0.6]).items()}
+    verdict = summarize(tie, no_better)["orderings"][0]["tests"]["task_success"]["verdict"]
+    assert verdict.startswith("consistent (interval spans 0")
     table = format_summary(held)
     assert "| WM-AMT + FE-SFT | 0.500 [" in table and "| holds |" in table
 
@@ -98,6 +109,11 @@ def test_overrides_addressed_to_a_stage_reach_only_that_stage():
         "data.world=/w", "schedule.train_steps=150", "fe_sft.sources=[foresight:world:train]"]
     assert for_stage(overrides, "wm_amt", tasks=0) == ["data.world=/w"]
     assert for_stage(overrides, "fc_rl", tasks=0) == ["data.world=/w", "fc_rl.group_size=2"]
+    assert for_stage(["data.world=/a:b"], "wm_amt", tasks=0) == ["data.world=/a:b"]
+    with pytest.raises(UsageError, match="'sft' is not a stage.*FE-SFT's recipe"):
+        for_stage(["sft:schedule.train_steps=3"], "fe_sft")
+    with pytest.raises(UsageError, match="sets each run's seed itself"):
+        Experiment(TINY_CPU, "/tmp/unused", [7], ROWS, 4, ["fe_sft:seed=3"])
     exp = Experiment(TINY_CPU, "/tmp/unused", [7], ROWS, 4, ["fe_sft:schedule.train_steps=150"])
     assert exp.config(7, ("sft",)).schedule.train_steps == 150  # SFT runs FE-SFT's recipe
     assert exp.config(7, ("wm_amt",)).schedule.train_steps == 100
@@ -164,3 +180,36 @@ def test_experiment_smoke_two_rows_two_seeds_shares_runs(small_world, tmp_path):
     assert (run_dir / "runs.jsonl").read_text().count("\n") == len(ledger)
     again = json.loads((run_dir / "experiment.json").read_text())
     assert again["rows"] == summary["rows"] and again["per_seed"] == summary["per_seed"]
+
+
+def test_an_evaluation_is_reused_only_if_whole_of_these_tasks_and_newer_than_the_run(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (run / "checkpoints" / "step_0000002" / "metadata.json").write_text("{}")
+    out = tmp_path / "eval.json"
+    assert read_evaluation(out, run, 8) is None  # none yet
+    out.write_text('{"metrics": {"task_success": 0.5}, "ta')  # torn
+    assert read_evaluation(out, run, 8) is None
+    out.write_text(json.dumps({"tasks": 8, "metrics": {"task_success": 0.5}}))
+    assert read_evaluation(out, run, 8) == {"task_success": 0.5}
+    assert read_evaluation(out, run, 16) is None  # another --tasks
+    later = run / "checkpoints" / "step_0000004"
+    later.mkdir()
+    (later / "metadata.json").write_text("{}")
+    os.utime(later, (out.stat().st_mtime + 5,) * 2)  # trained further after the evaluation
+    assert read_evaluation(out, run, 8) is None
+
+
+def test_a_stage_that_stopped_early_stops_the_command(tmp_path, monkeypatch):
+    """As if a stop signal ended training at step 2 of 4 (train returns normally then)."""
+    import megatron_foresight.training.loop as loop
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (run / "checkpoints" / "step_0000002" / "metadata.json").write_text("{}")
+    monkeypatch.setattr(loop, "train", lambda cfg, run_dir, resume: None)
+    cfg = load_recipe(TINY_CPU / "wm_amt.yaml", ["schedule.train_steps=4", "schedule.warmup_steps=0"])
+    with pytest.raises(Stopped, match="stopped at step 2 of 4; run the same command again"):
+        train_to_end(cfg, run)
+    train_to_end(load_recipe(TINY_CPU / "wm_amt.yaml", ["schedule.train_steps=2",
+                                                     "schedule.warmup_steps=0"]), run)

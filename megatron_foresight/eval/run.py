@@ -7,6 +7,7 @@ success, format validity, rollout fidelity and value calibration, over all tasks
 from __future__ import annotations
 
 import json
+import os
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,11 +162,14 @@ def evaluate_checkpoint(cfg: RecipeConfig, opts: EvalOptions, out: str | None = 
             if out and ctx.is_logging_rank:
                 _write_episodes(records, Path(str(out) + ".episodes.jsonl"))
         if out and ctx.is_logging_rank:
-            Path(out).write_text(json.dumps(
+            # whole or not at all: a pipeline or experiment reads an existing file as done
+            tmp = Path(str(out) + ".tmp")
+            tmp.write_text(json.dumps(
                 {"checkpoint": opts.ckpt, "stage": cfg.stage, "split": opts.split,
                  "format": cfg.format.name,
                  "task_sets": [s.name for s in task_sets.sets] if opts.tasks else [],
-                 "metrics": metrics}, indent=1) + "\n")
+                 "tasks": opts.tasks, "metrics": metrics}, indent=1) + "\n")
+            os.replace(tmp, out)
             if report:
                 write_report([out], Path(out).with_suffix(".report"))
         return metrics

@@ -28,7 +28,7 @@ and v2's keywords), so rewards and scores are written once for both."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from megatron_foresight.foresight import format as v1
 from megatron_foresight.foresight.action import Action, FormatError, parse_action
@@ -197,13 +197,13 @@ class PlainFormat(ForesightFormat):
 
     def parse_turn_lenient(self, text: str, allowed: tuple[str, ...] | None = None
                            ) -> LenientTurn:
+        """The action and the reasoning; never a plan, rollout or value: a format-free turn
+        is not scored on foresight, even a stray block."""
         strict = self.parse_turn(text, allowed)
         if isinstance(strict, AgentTurn):
-            f = strict.foresight
-            if f is None:
-                return LenientTurn(strict.action, None, None, None, strict.think)
-            return LenientTurn(strict.action, f.plan, f.rollout, f.value, strict.think)
-        return replace(v1.parse_turn_lenient(text, allowed), errors=(strict,))
+            return LenientTurn(strict.action, None, None, None, strict.think)
+        lenient = v1.parse_turn_lenient(text, allowed)
+        return LenientTurn(lenient.action, None, None, None, lenient.think, (strict,))
 
     def prompt(self, task_prompt: str) -> str:
         return task_prompt

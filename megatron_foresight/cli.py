@@ -105,16 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  foresight pipeline recipes/tiny-cpu\n"
                "  foresight pipeline recipes/tiny-cpu --run-dir runs/demo --tasks 64",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    pipe.add_argument("recipe_dir", help="directory with wm_amt.yaml, fe_sft.yaml, fc_rl.yaml")
-    pipe.add_argument("overrides", nargs="*", metavar="section.key=value",
-                      help="overrides applied to every stage's recipe (a stage's section only "
-                           "to that stage; STAGE:key=value only to STAGE's recipe), e.g. "
-                           "data.world=DIR fe_sft:schedule.train_steps=150")
-    pipe.add_argument("--run-dir", default="runs/pipeline",
-                      help="one subdirectory per stage, eval_<stage>.json and report.json "
-                           "(default runs/pipeline)")
-    pipe.add_argument("--tasks", type=int, default=32,
-                      help="validation tasks each stage's evaluation plays (default 32)")
+    _add_stages_args(pipe, "", "runs/pipeline", "one subdirectory per stage, eval_<stage>.json "
+                     "and report.json", 32, "stage")
 
     exp = sub.add_parser(
         "experiment", help="the ablation: rows of stage chains over seeds, mean and 95%% CI",
@@ -124,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "wm_amt+fe_sft, wm_amt+fe_sft+rl (plain rewards: task and format) and "
                     "wm_amt+fe_sft+fc_rl. Rows share runs by prefix (one WM-AMT per seed, the "
                     "FE-SFT after it reused by both RL rows); every row's final model plays the "
-                    "same validation tasks. Writes experiment.json, experiment.md (mean and 95%% "
+                    "same validation tasks. Writes experiment.json, experiment.md (mean and 95% "
                     "t interval per row and metric; the paper's orderings tested on paired "
                     "per-seed differences), experiment.png and runs.jsonl (each training and "
                     "evaluation performed). Re-running with the same --run-dir continues.",
@@ -133,22 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
                "  foresight experiment recipes/tiny-cpu --rows fe_sft,wm_amt+fe_sft --seeds 5 "
                "--tasks 128",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    exp.add_argument("recipe_dir", help="directory with wm_amt.yaml, fe_sft.yaml, fc_rl.yaml")
-    exp.add_argument("overrides", nargs="*", metavar="section.key=value",
-                     help="overrides applied to every stage's recipe (a stage's section only "
-                          "to that stage; STAGE:key=value only to STAGE's recipe, FE-SFT's also "
-                          "to format-free SFT, FC-RL's to plain RL), e.g. data.world=DIR "
-                          "fe_sft:schedule.train_steps=150")
-    exp.add_argument("--run-dir", default="runs/experiment",
-                     help="seed<S>/<chain>/ per run, seed<S>/eval_<row>.json per evaluation, "
-                          "and the table (default runs/experiment)")
+    _add_stages_args(exp, ", FE-SFT's also to format-free SFT, FC-RL's to plain RL",
+                     "runs/experiment", "seed<S>/<chain>/ per run, seed<S>/eval_<row>.json per "
+                     "evaluation, and the table", 96, "row")
     exp.add_argument("--seeds", type=int, default=3,
                      help="number of seeds: the recipe's seed and the ones after it (default 3)")
     exp.add_argument("--rows", default=None,
                      help="comma-separated rows to run (default all six), e.g. "
                           "fe_sft,wm_amt+fe_sft")
-    exp.add_argument("--tasks", type=int, default=96,
-                     help="validation tasks each row's evaluation plays (default 96)")
 
     report = sub.add_parser(
         "report", help="figures and a static HTML page of one or several runs",
@@ -327,6 +311,20 @@ def check_inputs(cfg) -> None:
         from megatron_foresight.tasksets import TaskSets
 
         TaskSets.of(cfg).check_files()
+
+
+def _add_stages_args(p, addressed: str, run_dir: str, run_dir_holds: str, tasks: int,
+                     evaluated: str) -> None:
+    """The arguments `pipeline` and `experiment` share: the recipe directory, overrides, the
+    run directory and the number of validation tasks each evaluation plays."""
+    p.add_argument("recipe_dir", help="directory with wm_amt.yaml, fe_sft.yaml, fc_rl.yaml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="overrides applied to every stage's recipe (a stage's section only to "
+                        f"that stage; STAGE:key=value only to STAGE's recipe{addressed}), e.g. "
+                        "data.world=DIR fe_sft:schedule.train_steps=150")
+    p.add_argument("--run-dir", default=run_dir, help=f"{run_dir_holds} (default {run_dir})")
+    p.add_argument("--tasks", type=int, default=tasks,
+                   help=f"validation tasks each {evaluated}'s evaluation plays (default {tasks})")
 
 
 def _cmd_train(args) -> int:

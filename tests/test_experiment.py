@@ -22,7 +22,7 @@ from megatron_foresight.foresight.formats import FORMATS
 from megatron_foresight.pipeline import (
     REPORT_METRICS, Stopped, for_stage, read_evaluation, train_to_end,
 )
-from helpers.run import REPO, foresight
+from helpers.run import REPO, TINY_STAGES, foresight
 
 TINY_CPU = REPO / "recipes" / "tiny-cpu"
 
@@ -133,18 +133,12 @@ def test_format_none_reads_bare_turns_and_refuses_foresight_only_parts():
         load_recipe(TINY_CPU / "fc_rl.yaml", ["foresight_format=none"])
 
 
-SMOKE = ["data.seq_length=512", "schedule.train_steps=2", "schedule.warmup_steps=0",
-         "schedule.eval_interval=0", "schedule.global_batch_size=4",
-         "schedule.micro_batch_size=2", "logging.tensorboard=false",
-         "fc_rl.prompts_per_step=2", "fc_rl.group_size=2", "fc_rl.max_new_tokens=24"]
-
-
 @pytest.mark.slow
 def test_experiment_smoke_two_rows_two_seeds_shares_runs(small_world, tmp_path):
     run_dir = tmp_path / "exp"
     args = ["experiment", str(TINY_CPU), "--run-dir", str(run_dir), "--seeds", "2",
             "--rows", "wm_amt+fe_sft,wm_amt+fe_sft+rl", "--tasks", "2",
-            f"data.world={small_world}", f"data.cache_dir={tmp_path / 'cache'}", *SMOKE]
+            f"data.world={small_world}", f"data.cache_dir={tmp_path / 'cache'}", *TINY_STAGES]
     proc = foresight(args)
     summary = json.loads((run_dir / "experiment.json").read_text())
     assert summary["seeds"] == [1234, 1235]

@@ -8,12 +8,7 @@ import json
 import pytest
 
 from megatron_foresight.pipeline import REPORT_METRICS, STAGES
-from helpers.run import REPO, foresight
-
-TINY = ["data.seq_length=512", "schedule.train_steps=2", "schedule.warmup_steps=0",
-        "schedule.eval_interval=0", "schedule.global_batch_size=4",
-        "schedule.micro_batch_size=2", "logging.tensorboard=false",
-        "fc_rl.prompts_per_step=2", "fc_rl.group_size=2", "fc_rl.max_new_tokens=24"]
+from helpers.run import REPO, TINY_STAGES as TINY, foresight
 
 
 @pytest.mark.slow

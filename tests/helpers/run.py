@@ -11,6 +11,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_RECIPE = REPO / "tests" / "recipes" / "tiny-test.yaml"
+TINY_STAGES = ["data.seq_length=512", "schedule.train_steps=2", "schedule.warmup_steps=0",
+               "schedule.eval_interval=0", "schedule.global_batch_size=4",
+               "schedule.micro_batch_size=2", "logging.tensorboard=false",
+               "fc_rl.prompts_per_step=2", "fc_rl.group_size=2", "fc_rl.max_new_tokens=24"]
+"""Every stage of recipes/tiny-cpu at a budget too small to learn anything: for plumbing
+tests of `pipeline` and `experiment`."""
 
 
 def python(target: list[str], nproc: int = 1, cwd: Path | None = None, check: bool = True,

@@ -253,12 +253,9 @@ class SentencePieceTokenizer:
         ).save_pretrained(out)
 
 
-def train_sentencepiece(texts: Iterable[str], out: str | Path, vocab_size: int,
-                        words: Iterable[str] = ()) -> Path:
+def train_sentencepiece(texts: Iterable[str], out: str | Path, vocab_size: int) -> Path:
     """Train a unigram sentencepiece model on `texts` and write it to `out` (a .model file).
-    The foresight and environment tags, the newline and each of `words` are single pieces
-    (a word is the same piece after a space and after a tag: a name copied from a question
-    into a query is the same token there); unseen characters
+    The foresight and environment tags and the newline are single pieces; unseen characters
     fall back to bytes; text round-trips exactly (no normalization, no added whitespace), so
     a document tokenized in segments decodes to the document. Deterministic: the same texts
     give the same file."""
@@ -274,7 +271,7 @@ def train_sentencepiece(texts: Iterable[str], out: str | Path, vocab_size: int,
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size,
-        model_type="unigram", user_defined_symbols=[*symbols(), "\n", *sorted(set(words))], byte_fallback=True,
+        model_type="unigram", user_defined_symbols=[*symbols(), "\n"], byte_fallback=True,
         split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
         add_dummy_prefix=False, allow_whitespace_only_pieces=True, hard_vocab_limit=False,
         unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, minloglevel=2)

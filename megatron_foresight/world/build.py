@@ -191,7 +191,7 @@ def build_world(out: str | Path, seed: int = 1234, sizes: WorldSizes = WorldSize
         from megatron_foresight.data.tokenizer import train_sentencepiece
 
         train_sentencepiece(_tokenizer_text(world, out), out / "tokenizer" / "spm.model",
-                            sizes.vocab_size, words=_name_words(world))
+                            sizes.vocab_size)
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest = {
         "seed": seed, "sizes": asdict(sizes), "trajectory_schema": SCHEMA,
@@ -202,13 +202,6 @@ def build_world(out: str | Path, seed: int = 1234, sizes: WorldSizes = WorldSize
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return manifest
-
-
-def _name_words(world: World) -> set[str]:
-    """The words of the world's names (cities, regions, people, guilds): single tokens of its
-    tokenizer, so that copying a name is copying a token."""
-    names = [e.name for e in world.kb.entities] + list(world.kb.regions)
-    return {w for name in names for w in name.split() if w != "Guild"}
 
 
 def _tokenizer_text(world: World, out: Path) -> Iterator[str]:

@@ -382,6 +382,10 @@ def plot_summary(summary: dict, out: Path) -> Path:
                [(rows[i][metric]["high"] if rows[i][metric]["high"] is not None else means[i])
                 - means[i] for i in xs]]
         ax.bar(xs, heights, yerr=err, capsize=4, color="#4c72b0")
+        for i, m in enumerate(means):
+            if m is None:  # undefined for every seed (e.g. no foresight, or no success)
+                ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8, color="gray")
+        ax.set_xlim(-0.6, len(rows) - 0.4)
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels([r["label"] for r in rows], rotation=35, ha="right", fontsize=7)
         ax.set_title(metric)

@@ -281,6 +281,13 @@ class DataConfig:
     """Directory of a built-in world (`foresight data build-world`): its trajectories, tasks and
     tokenizer are what the agent stages read by default. If it does not exist, it is built
     there on first use (default sizes, the recipe's seed; about half a minute)."""
+    document_masks: bool = False
+    """Training sequences are packed from several documents (trajectories, passages): with
+    this on, each token attends only to earlier tokens of its own document (Megatron's
+    `reset_attention_mask`, a [seq, seq] mask per sample), as it does when the model plays one
+    episode alone; off, a document also sees the tail of the one packed before it (cheaper:
+    no mask is built or passed). RoPE is relative, so positions need no reset. Local layer
+    spec only for now (on Transformer Engine it needs packed-sequence (THD) parameters)."""
 
     def __post_init__(self):
         check_at_least(self, 2, "seq_length")

@@ -109,3 +109,24 @@ def test_sdpa_core_attention_decodes_against_a_longer_key_cache(megatron_cpu):
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     ref = torch.einsum("bhqk,kbhd->qbhd", probs, vx).reshape(3, 1, 256)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_document_masks_are_refused_on_transformer_engine_mocked_cuda(monkeypatch):
+    """Per-document masks are wired for the local spec only: on a (mocked) CUDA machine with
+    Transformer Engine the recipe is refused naming the key, not trained with a mask TE's
+    causal kernel would ignore."""
+    import sys
+    import types
+
+    import pytest
+
+    from megatron_foresight.config import ConfigError
+    from megatron_foresight.models.provider import use_transformer_engine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    assert use_transformer_engine(load_recipe(RECIPE))
+    with pytest.raises(ConfigError, match="data.document_masks"):
+        use_transformer_engine(load_recipe(RECIPE, ["data.document_masks=true"]))
+    assert not use_transformer_engine(load_recipe(RECIPE, ["data.document_masks=true",
+                                                           "model.transformer_impl=local"]))

@@ -172,3 +172,41 @@ def test_lm_stage_blends_trajectories_with_text_and_weights_segments(trajectorie
     (tmp_path / "traj.json").write_text(json.dumps(meta))
     with pytest.raises(UsageError, match="was tokenized with"):
         build()
+
+
+def test_document_masks_make_a_packed_document_see_only_itself(tmp_path, megatron_cpu):
+    """With data.document_masks a sample that packs several documents carries Megatron's
+    reset attention mask, and the real model then gives each document's tokens the logits it
+    gives that document alone from position 0 (RoPE is relative); without the mask the second
+    document's logits depend on the first."""
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.data.indexed import build_gpt_datasets
+    from megatron_foresight.models.provider import build_model
+    from helpers.run import REPO
+
+    docs = ["".join(chr(97 + (i * 7 + j * 3) % 26) for j in range(20 + i % 9)) for i in range(40)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    preprocess([tmp_path / "c.jsonl"], tmp_path / "c", "text", BYTE, progress=False)
+    build = lambda masks, cache: build_gpt_datasets(  # noqa: E731
+        [str(tmp_path / "c")], None, seq_length=64, seed=1, split="100,0,0",
+        num_samples=(4, 0), tokenizer=ByteTokenizer(), cache_dir=tmp_path / cache,
+        document_masks=masks)[0]
+    plain, masked = build(False, "plain"), build(True, "masked")
+    assert "attention_mask" not in plain[0]
+    sample = masked[0]
+    tokens, mask = sample["tokens"], sample["attention_mask"]
+    assert mask.shape == (1, 64, 64) and mask.dtype == torch.bool
+    eod = (tokens == ByteTokenizer().eod).nonzero().flatten().tolist()
+    assert eod and eod[0] + 1 < 64, "the sample must pack a document boundary"
+    start, end = eod[0] + 1, (eod[1] if len(eod) > 1 else 64)
+    assert mask[0, start, :start].all() and not mask[0, start:end, start:end].tril().any()
+
+    (model,) = build_model(load_recipe(REPO / "recipes" / "tiny-cpu" / "lm.yaml"), 384)
+    model.eval()
+    pos = torch.arange(64).unsqueeze(0)
+    with torch.no_grad():
+        alone = model(tokens[None, start:end], pos[:, :end - start], None)
+        with_mask = model(tokens[None], pos, mask[None])
+        without = model(tokens[None], pos, None)
+    assert torch.allclose(with_mask[0, start:end], alone[0], atol=1e-4)
+    assert not torch.allclose(without[0, start:end], alone[0], atol=1e-2)

@@ -70,12 +70,14 @@ def file_fingerprint(path: str | Path) -> dict:
 def build_gpt_datasets(prefixes: list[str], weights: list[float] | None, *, seq_length: int,
                        seed: int, split: str, num_samples: tuple[int, int], tokenizer,
                        cache_dir: str | Path, dataset_cls=None,
-                       valid_prefixes: list[str] | None = None):
+                       valid_prefixes: list[str] | None = None, document_masks: bool = False):
     """Train and validation datasets over the blend of `prefixes`, with `num_samples`
     (train, validation) sequences each, built by Megatron's `BlendedMegatronDatasetBuilder`:
     `GPTDataset`s, or `dataset_cls` (e.g. `segmented.SegmentedGPTDataset`). Validation samples
     come from `split` of the same documents, or, when `valid_prefixes` is given, from those
-    datasets (held-out files, equally weighted) and the training blend uses all its documents."""
+    datasets (held-out files, equally weighted) and the training blend uses all its documents.
+    With `document_masks` each sample carries an `attention_mask` ([1, seq, seq], True where
+    hidden) that keeps every token inside its own document (documents end with the EOD)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
@@ -87,8 +89,8 @@ def build_gpt_datasets(prefixes: list[str], weights: list[float] | None, *, seq_
         layout = dict(blend_per_split=[blend, (valid_prefixes, None), None])
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, tokenizer=tokenizer,
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        create_attention_mask=False, path_to_cache=str(cache_dir), mmap_bin_files=True, **layout,
+        reset_position_ids=False, reset_attention_mask=document_masks, eod_mask_loss=False,
+        create_attention_mask=document_masks, path_to_cache=str(cache_dir), mmap_bin_files=True, **layout,
     )
     train, valid, _ = BlendedMegatronDatasetBuilder(
         dataset_cls or GPTDataset, [num_samples[0], num_samples[1], 0], lambda: True,

@@ -52,6 +52,11 @@ def use_transformer_engine(cfg: RecipeConfig) -> bool:
         log.warning("Transformer Engine is not installed: using Megatron-Core's local layers "
                     "(slower; no FP8). Install the [gpu] extra or use the NGC PyTorch container.")
         return False
+    if cfg.data.document_masks:
+        raise ConfigError("data.document_masks", "per-document attention masks are wired for "
+                          "the local layer spec only (Transformer Engine needs packed-sequence "
+                          "parameters, not done yet): set model.transformer_impl=local, or "
+                          "data.document_masks=false")
     return True
 
 

@@ -105,7 +105,8 @@ class BlendStage(SupervisedStage):
             seed=ctx.cfg.seed, split=stage.split,
             num_samples=(ctx.num_train_samples, ctx.num_valid_samples), tokenizer=ctx.tokenizer,
             cache_dir=ctx.cache_dir, dataset_cls=SegmentedGPTDataset,
-            valid_prefixes=[prefix(s) for s in stage.valid_sources or []])
+            valid_prefixes=[prefix(s) for s in stage.valid_sources or []],
+            document_masks=ctx.cfg.data.document_masks)
         self.logged = [] if stage.segment_weights is None else sorted(
             (Seg[n.upper()] for n, w in stage.segment_weights.items() if w > 0), key=int)
         self.weight_table = (None if stage.segment_weights is None else

@@ -277,12 +277,13 @@ def restore(run: Run, resume: bool) -> None:
 
 def _forward_step(plugin, with_predictions, data_iterator, model):
     batch = next(data_iterator)
+    mask = batch.get("attention_mask")  # data.document_masks
     if not with_predictions:
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
         return output, partial(plugin.loss, batch)
     # Evaluation of a plugin that scores predictions: the full logits (gathered over TP) give
     # both the loss and the argmax; the output of a non-last pipeline stage passes through.
-    output = model(batch["tokens"], batch["position_ids"], None, runtime_gather_output=True)
+    output = model(batch["tokens"], batch["position_ids"], mask, runtime_gather_output=True)
     return output, partial(_loss_with_predictions, plugin, batch)
 
 

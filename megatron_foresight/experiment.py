@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,12 +255,50 @@ class Experiment:
                              f"but the recipes of {', '.join(differ)} list other task sets than "
                              f"{self.rows[0].key}'s; give the stage recipes one tasks: list")
 
+    def check_unchanged(self) -> None:
+        """The runs already in --run-dir were trained from the recipes this call resolves: a
+        step's resolved recipe (every key but the seed, the run it starts from and W&B names)
+        is kept in `recipes.json` when first seen, and a later call that resolves it otherwise
+        while its run exists is refused, naming the keys, rather than mixing two recipes in one
+        table. Adding seeds or rows is fine."""
+        from megatron_foresight.runtime.dist import read_launch_env
+
+        path = self.run_dir / "recipes.json"
+        try:
+            kept = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{path} is unreadable ({e}): it records the recipes of the runs "
+                             "in this directory; restore it or use a new --run-dir") from None
+        seed = self.seeds[0]
+        chains = {row.chain[:i] for row in self.rows for i in range(1, len(row.chain) + 1)}
+        now = {"+".join(c): _recipe_keys(self.config(seed, c), base=len(c) == 1)
+               for c in sorted(chains)}
+        for step, keys in now.items():
+            before = kept.get(step)
+            if before is None or before == keys or \
+                    not any((self.run_dir / f"seed{s}" / step).exists() for s in self.seeds):
+                continue
+            changed = sorted(k for k in before.keys() | keys.keys()
+                             if before.get(k) != keys.get(k))
+            shown = "; ".join(f"{k}: {json.dumps(before.get(k))} then, {json.dumps(keys.get(k))} "
+                              f"now" for k in changed[:4])
+            raise UsageError(f"{self.run_dir}: the runs of step {step} were trained from another "
+                             f"recipe ({shown}{'; ...' if len(changed) > 4 else ''}). Use a new "
+                             "--run-dir for the new recipe, or put the recipe and overrides "
+                             "back to continue this experiment")
+        if read_launch_env().rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({**kept, **now}, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+
     def run(self) -> dict:
         from megatron_foresight.runtime.dist import read_launch_env
         from megatron_foresight.world.build import ensure_world
 
         first = load_recipe(self.recipes["wm_amt"], for_stage(self.overrides, "wm_amt"))
         self.check()
+        self.check_unchanged()
         if first.data.world:  # one world for every seed: the recipe's, built with its seed
             ensure_world(first.data.world, first.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -286,6 +325,27 @@ class Experiment:
                 log.warning("no figure (%s)", e)
             print(f"table: {self.run_dir / 'experiment.md'}")
         return summary
+
+
+_PER_RUN_KEYS = ("seed", "logging.wandb_group", "logging.wandb_run_name")
+
+
+def _recipe_keys(cfg, base: bool) -> dict:
+    """A resolved recipe as flat `section.key` -> JSON value, less what differs between the
+    runs of one step (`_PER_RUN_KEYS`; `checkpoint.init_from` too unless the step starts from
+    the base model: otherwise it is the run before it, by path)."""
+    flat: dict = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(json.loads(json.dumps(cfg.to_dict(), default=str)), "")
+    return {k: v for k, v in flat.items()
+            if k not in _PER_RUN_KEYS and (base or k != "checkpoint.init_from")}
 
 
 def summarize(per_seed: dict[int, dict[str, dict]], rows: Sequence[Row]) -> dict:

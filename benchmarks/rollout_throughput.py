@@ -12,7 +12,11 @@ made of batch/group prompts repeated --group times, sampled at temperature 1 (a 
 turn). The engine runs as `plain` (both speed-ups off), `lean` (lean decode: no mask when
 nothing is padded, a two-matmul attention for one query, decode outside the CPU
 compatibility mode) and `lean+shared` (and a group's prompt prefilled once), so each gain is
-attributed; HF is the baseline of both tables.
+attributed; HF is the baseline of both tables. Agent episodes (with --policy, make demo's
+FC-RL run): GRPO groups of the built-in world's validation tasks played to their end, by HF
+`generate()` driven turn by turn (`HFTurns`: the policy exported with `convert_to_hf`, each
+turn's whole context generated again, rows stopping at the action's closing tag), and by the
+engine in rounds (plain, lean+shared) and continuously (slots refilled as episodes end).
 
 Each side runs in its own process (the Megatron side installs the CPU compatibility layer), the
 two alternate `--repeats` times, and medians and their ratio are printed. Weights are random:
@@ -120,6 +124,101 @@ def run_episodes_table(args) -> dict:
             "turns": sum(len(r.turns) for r in records) / len(records)}
 
 
+class HFTurns:
+    """Hugging Face `generate()` driven turn by turn, the way an agent loop without an engine
+    plays episodes: each turn, every active episode's whole context (left-padded) goes to
+    `generate()` again (no cache kept between turns), rows stop at an action's closing tag and
+    the call waits for the slowest row. It answers `Generator.generate`'s call (ids in,
+    `Completion`s out), so `play_episodes` drives it exactly as it drives the engine."""
+
+    def __init__(self, model, tokenizer, max_sequence_length: int):
+        self.model, self.tokenizer, self.max_len = model, tokenizer, max_sequence_length
+
+    def generate(self, prompts, sampling, stop_texts=(), row_seeds=None):
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        from megatron_foresight.inference.generate import Completion
+
+        tok = self.tokenizer
+        width = max(map(len, prompts))
+        room = min(sampling.max_new_tokens, self.max_len - width)
+        if room < 1:
+            return [Completion(stop="context") for _ in prompts]
+        stop_ids = {t for text in stop_texts if len(ids := tok.encode(text)) == 1 for t in ids}
+        stop_tail = tuple(t for t in stop_texts if len(tok.encode(t)) > 1)
+
+        def ends(ids: list[int]) -> str | None:
+            if ids[-1] == tok.eod:
+                return "eos"
+            if ids[-1] in stop_ids or (stop_tail and any(
+                    t in tok.decode(ids[-max(map(len, stop_tail)) - 2:]) for t in stop_tail)):
+                return "stop"
+            return None
+
+        class AtTag(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.tensor([ends(row[width:].tolist()) is not None
+                                     for row in input_ids])
+
+        pad = 0
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        torch.manual_seed(sampling.seed)
+        with torch.no_grad():
+            out = self.model.generate(
+                ids, attention_mask=mask, do_sample=sampling.temperature > 0,
+                temperature=sampling.temperature or None, top_p=1.0, top_k=0,
+                max_new_tokens=room, stopping_criteria=StoppingCriteriaList([AtTag()]),
+                use_cache=True, pad_token_id=pad, eos_token_id=None)
+        completions = []
+        for row in out[:, width:].tolist():
+            c = Completion(stop="length" if room == sampling.max_new_tokens else "context")
+            for t in row:
+                c.ids.append(t)
+                why = ends(c.ids)
+                if why:
+                    c.stop = why
+                    break
+            completions.append(c)
+        return completions
+
+
+def run_hf_episodes(args) -> dict:
+    """The episodes table's baseline: the same policy exported to Hugging Face
+    (`convert_to_hf`), the same tasks and turn limit, played by `HFTurns` in rounds."""
+    from transformers import LlamaForCausalLM
+
+    from megatron_foresight.convert.to_hf import convert_to_hf
+    from megatron_foresight.inference.agent import run_episodes
+    from megatron_foresight.inference.generate import Sampling
+    from megatron_foresight.tasksets import TaskSets
+    from megatron_foresight.training import loop
+
+    cfg = _recipe(args, byte=False)
+    tok = loop.recipe_tokenizer(cfg)
+    hf_dir = Path(args.scratch) / "hf-policy"
+    if not (hf_dir / "config.json").exists():
+        convert_to_hf(args.policy, hf_dir, dtype="float32", overwrite=True)
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    task_sets = TaskSets.of(cfg)
+    task_sets.prepare(loop.cache_dir(cfg), progress=False)
+    tasks = task_sets.tasks("validation", args.batch // args.group)
+    group = [t for t in tasks for _ in range(args.group)]
+    gen = HFTurns(model, tok, cfg.data.seq_length)
+    times, tokens = [], 0
+    for i in range(args.warmup + args.timed):
+        started = time.perf_counter()
+        records = run_episodes(gen, group, task_sets.make_env,
+                               Sampling(temperature=1.0, max_new_tokens=args.turn_tokens,
+                                        seed=1), batch_size=args.batch, progress=False,
+                               fmt=cfg.format)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - started)
+            tokens = sum(len(t.ids) for r in records for t in r.turns)
+    return {"seconds": times, "tokens": tokens,
+            "turns": sum(len(r.turns) for r in records) / len(records)}
+
+
 def run_hf(args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -193,7 +292,7 @@ def main() -> None:
     parser.add_argument("--recipe", default=str(REPO / "recipes/tiny-cpu/fc_rl.yaml"))
     parser.add_argument("--group", type=int, default=8,
                         help="GRPO group size of the second table (divides --batch)")
-    parser.add_argument("--impl", choices=["megatron", "hf", "rl", "episodes"],
+    parser.add_argument("--impl", choices=["megatron", "hf", "rl", "episodes", "hf-episodes"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--policy", default=str(REPO / "runs" / "demo" / "fc_rl"),
                         help="checkpoint that plays the episodes table (make demo's FC-RL run); "
@@ -205,19 +304,29 @@ def main() -> None:
                         help=argparse.SUPPRESS)
     parser.add_argument("--table", choices=["single", "group"], default="single",
                         help=argparse.SUPPRESS)
+    parser.add_argument("--tables", default="single,group,episodes,rl",
+                        help="which of the tables to measure (comma-separated): single-turn "
+                             "decode, GRPO groups, agent episodes, the FC-RL step's split")
     parser.add_argument("--scratch", default=str(REPO / "runs" / "benchmark"),
                         help="where the FC-RL steps may write (nothing is saved)")
     args = parser.parse_args()
     if args.batch % args.group:
         parser.error(f"--group {args.group} must divide --batch {args.batch}")
+    tables = set(args.tables.split(","))
+    unknown = tables - {"single", "group", "episodes", "rl"}
+    if unknown:
+        parser.error(f"--tables: unknown {', '.join(sorted(unknown))}")
     if args.impl:
         print(json.dumps({"megatron": run_megatron, "hf": run_hf, "rl": run_rl,
-                          "episodes": run_episodes_table}[args.impl](args)))
+                          "episodes": run_episodes_table,
+                          "hf-episodes": run_hf_episodes}[args.impl](args)))
         return
     tokens = args.batch * args.new
     print(f"rollout throughput, {args.recipe}: batch {args.batch}, prompt {args.prompt}, "
           f"{args.new} new tokens per row, {args.repeats} alternating runs each, medians")
     for table, variants in (("single", ("plain", "lean")), ("group", VARIANTS)):
+        if table not in tables:
+            continue
         sides = [("hf", "HF generate()")] + [(v, f"engine, {v}") for v in variants]
         rates = {side: [] for side, _ in sides}
         for _ in range(args.repeats):
@@ -233,25 +342,31 @@ def main() -> None:
             med = statistics.median(rates[side])
             runs = ", ".join(f"{r:.0f}" for r in rates[side])
             print(f"  {name:24}{med:>8.0f} tokens/s  {med / hf:>5.2f}x HF  [{runs}]")
-    if Path(args.policy).exists():
-        rates = {v: [] for v in EPISODE_VARIANTS}
+    if "episodes" not in tables:
+        pass
+    elif Path(args.policy).exists():
+        sides = ("hf",) + EPISODE_VARIANTS
+        rates = {v: [] for v in sides}
         for _ in range(args.repeats):
-            for variant in EPISODE_VARIANTS:
-                out = _child("episodes", args, variant)
+            for variant in sides:
+                out = (_child("hf-episodes", args) if variant == "hf" else
+                       _child("episodes", args, variant))
                 rates[variant].append((out["tokens"] / statistics.median(out["seconds"]), out))
         print(f"agent episodes: {args.batch // args.group} validation tasks x {args.group} "
               f"samples (GRPO groups), {args.batch} rows or slots, temperature 1, "
               f"<= {args.turn_tokens} tokens per turn, policy {args.policy}")
+        hf = statistics.median(r for r, _ in rates["hf"])
         base = statistics.median(r for r, _ in rates["plain"])
-        for variant, name in (("plain", "rounds, plain"), ("rounds", "rounds, lean+shared"),
+        for variant, name in (("hf", "HF generate(), turn by turn"), ("plain", "rounds, plain"),
+                              ("rounds", "rounds, lean+shared"),
                               ("continuous", "continuous, lean+shared")):
             med = statistics.median(r for r, _ in rates[variant])
             out = rates[variant][0][1]
-            print(f"  {name:26}{med:>8.0f} tokens/s  {med / base:>5.2f}x plain  "
-                  f"({out['tokens']} tokens, {out['turns']:.2f} turns/episode)")
+            print(f"  {name:28}{med:>8.0f} tokens/s  {med / hf:>5.2f}x HF  {med / base:>5.2f}x "
+                  f"plain  ({out['tokens']} tokens, {out['turns']:.2f} turns/episode)")
     else:
         print(f"agent episodes: skipped, no policy at {args.policy} (run make demo first)")
-    if args.rl_steps:
+    if args.rl_steps and "rl" in tables:
         rl = _child("rl", args)
         med = {k: statistics.median(v) for k, v in rl.items()}
         total = med["step_time_s"]

@@ -30,6 +30,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,10 +91,8 @@ def run_episodes_table(args) -> dict:
     """GRPO groups of real multi-turn episodes: the recipe's validation tasks (the built-in
     world's search and math), each played --group times, with the policy of --policy."""
     from megatron_foresight.eval.run import load_weights
-    from megatron_foresight.inference.agent import run_episodes
-    from megatron_foresight.inference.generate import Generator, Sampling
+    from megatron_foresight.inference.generate import Generator
     from megatron_foresight.models.provider import build_model
-    from megatron_foresight.tasksets import TaskSets
     from megatron_foresight.training import loop
 
     cfg = _recipe(args, byte=False)
@@ -102,12 +101,24 @@ def run_episodes_table(args) -> dict:
     chunks = build_model(cfg, cfg.padded_vocab_size(tok.vocab_size), ctx.pg_collection,
                          initialize=False)
     load_weights(chunks, ctx, args.policy)
-    task_sets = TaskSets.of(cfg)
-    task_sets.prepare(loop.cache_dir(cfg), progress=False)
-    tasks = task_sets.tasks("validation", args.batch // args.group)
     lean, shared = args.variant != "plain", args.variant != "plain"
     gen = Generator(chunks[0].eval(), tok, max_sequence_length=cfg.data.seq_length,
                     pad_id=tok.eod, lean_decode=lean, shared_prefill=shared)
+    # all engine variants sample the same episodes (per-row streams)
+    return _time_episodes(args, cfg, gen, continuous=args.variant == "continuous",
+                          row_streams=True)
+
+
+def _time_episodes(args, cfg, gen, **play) -> dict:
+    """Play the recipe's first batch/group validation tasks --group times each, timed."""
+    from megatron_foresight.inference.agent import run_episodes
+    from megatron_foresight.inference.generate import Sampling
+    from megatron_foresight.tasksets import TaskSets
+    from megatron_foresight.training import loop
+
+    task_sets = TaskSets.of(cfg)
+    task_sets.prepare(loop.cache_dir(cfg), progress=False)
+    tasks = task_sets.tasks("validation", args.batch // args.group)
     group = [t for t in tasks for _ in range(args.group)]
     times, tokens = [], 0
     for i in range(args.warmup + args.timed):
@@ -115,8 +126,7 @@ def run_episodes_table(args) -> dict:
         records = run_episodes(gen, group, task_sets.make_env,
                                Sampling(temperature=1.0, max_new_tokens=args.turn_tokens,
                                         seed=1), batch_size=args.batch, progress=False,
-                               fmt=cfg.format, continuous=args.variant == "continuous",
-                               row_streams=True)  # all variants sample the same episodes
+                               fmt=cfg.format, **play)
         if i >= args.warmup:
             times.append(time.perf_counter() - started)
             tokens = sum(len(t.ids) for r in records for t in r.turns)
@@ -189,34 +199,14 @@ def run_hf_episodes(args) -> dict:
     from transformers import LlamaForCausalLM
 
     from megatron_foresight.convert.to_hf import convert_to_hf
-    from megatron_foresight.inference.agent import run_episodes
-    from megatron_foresight.inference.generate import Sampling
-    from megatron_foresight.tasksets import TaskSets
     from megatron_foresight.training import loop
 
     cfg = _recipe(args, byte=False)
-    tok = loop.recipe_tokenizer(cfg)
-    hf_dir = Path(args.scratch) / "hf-policy"
-    if not (hf_dir / "config.json").exists():
-        convert_to_hf(args.policy, hf_dir, dtype="float32", overwrite=True)
-    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    task_sets = TaskSets.of(cfg)
-    task_sets.prepare(loop.cache_dir(cfg), progress=False)
-    tasks = task_sets.tasks("validation", args.batch // args.group)
-    group = [t for t in tasks for _ in range(args.group)]
-    gen = HFTurns(model, tok, cfg.data.seq_length)
-    times, tokens = [], 0
-    for i in range(args.warmup + args.timed):
-        started = time.perf_counter()
-        records = run_episodes(gen, group, task_sets.make_env,
-                               Sampling(temperature=1.0, max_new_tokens=args.turn_tokens,
-                                        seed=1), batch_size=args.batch, progress=False,
-                               fmt=cfg.format)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - started)
-            tokens = sum(len(t.ids) for r in records for t in r.turns)
-    return {"seconds": times, "tokens": tokens,
-            "turns": sum(len(r.turns) for r in records) / len(records)}
+    with tempfile.TemporaryDirectory() as tmp:  # the policy as it is now, exported
+        hf_dir = convert_to_hf(args.policy, Path(tmp) / "hf", dtype="float32")
+        model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return _time_episodes(args, cfg, HFTurns(model, loop.recipe_tokenizer(cfg),
+                                             cfg.data.seq_length))
 
 
 def run_hf(args) -> dict:

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -247,21 +248,33 @@ def test_training_logs_to_a_wandb_offline_run(data_cache, tmp_path):
         assert {k: logged[k] for k in scalars} == pytest.approx(scalars)
 
 
-def _offline_history(run_dir) -> list[dict]:
+def _offline_history(run_dir, wait_s: float = 60.0) -> list[dict]:
     """The history rows of an offline run, read from its .wandb file: W&B's record log (a
     7-byte file header, then 32 KiB blocks of records, each a 7-byte header of checksum,
-    length and type, a protobuf split over blocks as FIRST / MIDDLE / LAST pieces)."""
+    length and type, a protobuf split over blocks as FIRST / MIDDLE / LAST pieces).
+    `run.finish()` returns before W&B's service process has written the log's last records
+    (CI once read it with no history yet): read it once its `exit` record is there."""
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2
 
     (path,) = run_dir.glob("*.wandb")
-    rows = []
-    for data in _log_records(path.read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
-    return rows
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = []
+        try:
+            for data in _log_records(path.read_bytes()):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(data)
+                records.append(record)
+        except DecodeError:  # a record still being written
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        assert time.monotonic() < deadline, f"{path}: no exit record after {wait_s:.0f} s"
+        time.sleep(0.2)
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json)
+             for item in r.history.item}
+            for r in records if r.WhichOneof("record_type") == "history"]
 
 
 def _log_records(raw: bytes, block: int = 32768):

@@ -39,6 +39,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from megatron_foresight.inference.generate import Completion, Generator  # noqa: E402
+
 
 VARIANTS = ("plain", "lean", "lean+shared")
 EPISODE_VARIANTS = ("plain", "rounds", "continuous")
@@ -141,33 +143,30 @@ class HFTurns:
     the call waits for the slowest row. It answers `Generator.generate`'s call (ids in,
     `Completion`s out), so `play_episodes` drives it exactly as it drives the engine."""
 
+    # the engine's own stop rules (they read only `self.tokenizer`): a turn ends where it would
+    # end there
+    stop_condition = Generator.stop_condition
+    _ends_with_stop_text = Generator._ends_with_stop_text
+    _ends = Generator._ends
+
     def __init__(self, model, tokenizer, max_sequence_length: int):
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_sequence_length
 
     def generate(self, prompts, sampling, stop_texts=(), row_seeds=None):
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        from megatron_foresight.inference.generate import Completion
-
-        tok = self.tokenizer
         width = max(map(len, prompts))
         room = min(sampling.max_new_tokens, self.max_len - width)
         if room < 1:
             return [Completion(stop="context") for _ in prompts]
-        stop_ids = {t for text in stop_texts if len(ids := tok.encode(text)) == 1 for t in ids}
-        stop_tail = tuple(t for t in stop_texts if len(tok.encode(t)) > 1)
+        stop_ids, stop_tail = self.stop_condition(stop_texts)
 
-        def ends(ids: list[int]) -> str | None:
-            if ids[-1] == tok.eod:
-                return "eos"
-            if ids[-1] in stop_ids or (stop_tail and any(
-                    t in tok.decode(ids[-max(map(len, stop_tail)) - 2:]) for t in stop_tail)):
-                return "stop"
-            return None
+        def ended(c: Completion) -> bool:
+            return self._ends(c, room, sampling, stop_ids, stop_tail)
 
         class AtTag(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                return torch.tensor([ends(row[width:].tolist()) is not None
+                return torch.tensor([ended(Completion(ids=row[width:].tolist()))
                                      for row in input_ids])
 
         pad = 0
@@ -182,12 +181,10 @@ class HFTurns:
                 use_cache=True, pad_token_id=pad, eos_token_id=None)
         completions = []
         for row in out[:, width:].tolist():
-            c = Completion(stop="length" if room == sampling.max_new_tokens else "context")
-            for t in row:
+            c = Completion()
+            for t in row:  # up to the token that ended the turn; the rest is padding
                 c.ids.append(t)
-                why = ends(c.ids)
-                if why:
-                    c.stop = why
+                if ended(c):
                     break
             completions.append(c)
         return completions
@@ -332,9 +329,7 @@ def main() -> None:
             med = statistics.median(rates[side])
             runs = ", ".join(f"{r:.0f}" for r in rates[side])
             print(f"  {name:24}{med:>8.0f} tokens/s  {med / hf:>5.2f}x HF  [{runs}]")
-    if "episodes" not in tables:
-        pass
-    elif Path(args.policy).exists():
+    if "episodes" in tables and Path(args.policy).exists():
         sides = ("hf",) + EPISODE_VARIANTS
         rates = {v: [] for v in sides}
         for _ in range(args.repeats):
@@ -354,7 +349,7 @@ def main() -> None:
             out = rates[variant][0][1]
             print(f"  {name:28}{med:>8.0f} tokens/s  {med / hf:>5.2f}x HF  {med / base:>5.2f}x "
                   f"plain  ({out['tokens']} tokens, {out['turns']:.2f} turns/episode)")
-    else:
+    elif "episodes" in tables:
         print(f"agent episodes: skipped, no policy at {args.policy} (run make demo first)")
     if args.rl_steps and "rl" in tables:
         rl = _child("rl", args)

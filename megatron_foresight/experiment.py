@@ -172,7 +172,6 @@ class Experiment:
                              "seed= out")
         self.recipes = dict(stage_recipes(self.recipe_dir))
         self.ledger = self.run_dir / "runs.jsonl"
-        self._configs: dict[tuple[str, ...], tuple[object, list[str]]] = {}
 
     def config(self, seed: int, chain: tuple[str, ...]):
         """The recipe of the last step of `chain` for `seed`, started from the run before it
@@ -241,9 +240,10 @@ class Experiment:
                       "time_s": round(time.monotonic() - start, 1)})
         return metrics
 
-    def check(self) -> None:
+    def check(self) -> dict:
         """Every step's recipe, loaded before anything trains (a bad override fails now, not
-        after an hour), and the same validation tasks for every row."""
+        after an hour), and the same validation tasks for every row; returns them by chain
+        (for the first seed)."""
         seed = self.seeds[0]
         chains = {row.chain[:i] for row in self.rows for i in range(1, len(row.chain) + 1)}
         configs = {chain: self.config(seed, chain) for chain in sorted(chains)}
@@ -254,13 +254,14 @@ class Experiment:
             raise UsageError(f"rows {', '.join(played)} must play the same validation tasks, "
                              f"but the recipes of {', '.join(differ)} list other task sets than "
                              f"{self.rows[0].key}'s; give the stage recipes one tasks: list")
+        return configs
 
-    def check_unchanged(self) -> None:
+    def check_unchanged(self, configs: dict) -> None:
         """The runs already in --run-dir were trained from the recipes this call resolves: a
         step's resolved recipe (every key but the seed, the run it starts from and W&B names)
         is kept in `recipes.json` when first seen, and a later call that resolves it otherwise
         while its run exists is refused, naming the keys, rather than mixing two recipes in one
-        table. Adding seeds or rows is fine."""
+        table. Adding seeds or rows is fine. `configs`: `check()`'s."""
         from megatron_foresight.runtime.dist import read_launch_env
 
         path = self.run_dir / "recipes.json"
@@ -269,10 +270,7 @@ class Experiment:
         except (OSError, ValueError) as e:
             raise UsageError(f"{path} is unreadable ({e}): it records the recipes of the runs "
                              "in this directory; restore it or use a new --run-dir") from None
-        seed = self.seeds[0]
-        chains = {row.chain[:i] for row in self.rows for i in range(1, len(row.chain) + 1)}
-        now = {"+".join(c): _recipe_keys(self.config(seed, c), base=len(c) == 1)
-               for c in sorted(chains)}
+        now = {"+".join(c): _recipe_keys(cfg, base=len(c) == 1) for c, cfg in configs.items()}
         for step, keys in now.items():
             before = kept.get(step)
             if before is None or before == keys or \
@@ -297,8 +295,7 @@ class Experiment:
         from megatron_foresight.world.build import ensure_world
 
         first = load_recipe(self.recipes["wm_amt"], for_stage(self.overrides, "wm_amt"))
-        self.check()
-        self.check_unchanged()
+        self.check_unchanged(self.check())
         if first.data.world:  # one world for every seed: the recipe's, built with its seed
             ensure_world(first.data.world, first.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -215,20 +215,24 @@ def test_a_run_dir_trained_from_another_recipe_is_refused(tmp_path):
     with no run yet takes the new recipe."""
     run_dir = tmp_path / "exp"
     rows = parse_rows("wm_amt+fe_sft")
-    Experiment(TINY_CPU, run_dir, [1234], rows, 8).check_unchanged()
+    _check_unchanged(Experiment(TINY_CPU, run_dir, [1234], rows, 8))
     kept = json.loads((run_dir / "recipes.json").read_text())
     assert set(kept) == {"wm_amt", "wm_amt+fe_sft"}
     assert kept["wm_amt+fe_sft"]["schedule.train_steps"] == 300 and "seed" not in kept["wm_amt"]
     changed = Experiment(TINY_CPU, run_dir, [1234], rows, 8, ["fe_sft:schedule.train_steps=70"])
-    changed.check_unchanged()  # nothing trained yet: the new recipe is kept
+    _check_unchanged(changed)  # nothing trained yet: the new recipe is kept
     assert json.loads((run_dir / "recipes.json").read_text())[
         "wm_amt+fe_sft"]["schedule.train_steps"] == 70
     (run_dir / "seed1234" / "wm_amt+fe_sft").mkdir(parents=True)
-    Experiment(TINY_CPU, run_dir, [1234, 1235], rows, 8,
-               ["fe_sft:schedule.train_steps=70"]).check_unchanged()  # one more seed
+    _check_unchanged(Experiment(TINY_CPU, run_dir, [1234, 1235], rows, 8,
+                                ["fe_sft:schedule.train_steps=70"]))  # one more seed
     with pytest.raises(UsageError, match=r"step wm_amt\+fe_sft .*schedule.train_steps: 70 then, "
                                          r"300 now.*new --run-dir"):
-        Experiment(TINY_CPU, run_dir, [1234], rows, 8).check_unchanged()
+        _check_unchanged(Experiment(TINY_CPU, run_dir, [1234], rows, 8))
     (run_dir / "recipes.json").write_text("{not json")
     with pytest.raises(UsageError, match="recipes.json is unreadable"):
-        Experiment(TINY_CPU, run_dir, [1234], rows, 8).check_unchanged()
+        _check_unchanged(Experiment(TINY_CPU, run_dir, [1234], rows, 8))
+
+
+def _check_unchanged(experiment):
+    experiment.check_unchanged(experiment.check())

@@ -323,6 +323,48 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
     assert losses(run_dir) == losses(baseline_run)
 
 
+# Megatron's save, reduced to how it waits for the writers it forks: the trainer sits in
+# JoinableQueue.join() while a writer works; a writer that finishes after the trainer died calls
+# task_done(), whose notify_all() waits for the dead waiter to wake, forever.
+_WRITER_WAIT = """
+import multiprocessing as mp, sys, time
+from megatron_foresight.runtime.lifetime import forked_children_die_with_this_process
+
+def write(done):
+    time.sleep(3.0)  # the writer still writing when the trainer is killed
+    done.get()
+    done.task_done()
+
+if __name__ == "__main__":
+    forked_children_die_with_this_process()
+    ctx = mp.get_context("fork")
+    done = ctx.JoinableQueue()
+    done.put(0)
+    writer = ctx.Process(target=write, args=(done,))
+    writer.start()
+    print(writer.pid, flush=True)
+    done.join()
+"""
+
+
+def test_a_forked_checkpoint_writer_dies_with_a_killed_trainer(tmp_path):
+    """CI once waited 120 s for a killed trainer's output to end: one of Megatron's forked
+    checkpoint writers outlived it, hung in task_done(). Forked children now die with it."""
+    script = tmp_path / "trainer.py"
+    script.write_text(_WRITER_WAIT)
+    trainer = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE,
+                               text=True)
+    writer = psutil.Process(int(trainer.stdout.readline()))
+    time.sleep(0.5)
+    assert trainer.poll() is None and writer.is_running()  # the trainer waits in join()
+    trainer.kill()
+    trainer.wait(10)
+    gone, alive = psutil.wait_procs([writer], timeout=10)
+    for hung in alive:
+        hung.kill()
+    assert gone, "the writer outlived its trainer"
+
+
 def test_a_run_on_a_read_only_store_is_read_without_the_lock(tmp_path, monkeypatch, caplog):
     """Converting from a read-only model store must not fail for want of a lock file; a
     command that writes into the run still needs it."""

@@ -35,7 +35,7 @@ import shutil
 from pathlib import Path
 
 from megatron_foresight.errors import UsageError
-from megatron_foresight.runtime import untrusted
+from megatron_foresight.runtime import lifetime, untrusted
 from megatron_foresight.runtime.dist import ParallelContext, barrier, is_rank0
 from megatron_foresight.runtime.seed import get_rng_state, set_rng_state
 from megatron_foresight.training import integrity
@@ -378,37 +378,23 @@ def start_writer_immune_to_stop_signals() -> None:
     step: the Manager died and the very save the signal asked for failed with BrokenPipeError
     (seen with slurm/tiny_cpu.sh). A process inherits the blocked-signal mask across exec, so the
     Manager started here never sees them; the training process handles them as before.
-    The other way round, a trainer killed with SIGKILL left that Manager (and through it
-    multiprocessing's resource tracker) running forever: it now asks the kernel for SIGKILL
-    when its parent dies (Linux; elsewhere it is left as it was)."""
+    The other way round, a trainer killed with SIGKILL left that Manager, and the writers Megatron
+    forks for each save, running forever: both now die with the trainer (`runtime.lifetime`)."""
     import multiprocessing as mp
     import signal
     from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    lifetime.forked_children_die_with_this_process()
     if filesystem_async._results_queue is not None:
         return
     stop = {signal.SIGTERM, signal.SIGUSR1}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
     try:
         manager = SyncManager(ctx=mp.get_context("spawn"))
-        manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+        manager.start(initializer=lifetime.die_with_parent, initargs=(os.getpid(),))
         # the attribute Megatron's _get_write_results_queue() fills on first use
         filesystem_async._results_queue = manager.Queue()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """In the Manager process: be killed when the process that started it dies."""
-    import ctypes
-    import signal
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # it died before the request took effect
-        os._exit(0)

@@ -104,7 +104,8 @@ def test_sbatch_tiny_cpu_trains_saves_on_the_time_limit_signal_and_resumes(slurm
         assert time.time() < deadline, f"job {job} was not requeued:\n{_output(out, job)}"
         time.sleep(0.5)
     # Not started early: slurmd refuses to relaunch a job id it has just killed ("Job 1 already
-    # killed, do not launch batch job") and the job FAILS; Slurm's own hold (~2 min) avoids that.
+    # killed, do not launch batch job") and the job FAILS; Slurm's own hold after a requeue
+    # (AuthInfo=cred_expire, 10 s on this test cluster, 120 s by default) avoids that.
     info = slurm.wait(job, timeout=600, settle=20)
     text = _output(out, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", \

@@ -1,5 +1,6 @@
 """The model provider: presets become the GPTModel they describe."""
 
+import pytest
 import torch
 
 from megatron_foresight.config import load_recipe
@@ -111,6 +112,40 @@ def test_sdpa_core_attention_decodes_against_a_longer_key_cache(megatron_cpu):
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_rope_equals_megatrons_unfused_rope_bit_for_bit(megatron_cpu, dtype):
+    """models/rope.py keeps cos/sin per angle table and rotates with a roll: the same bits as
+    Megatron's unfused RoPE, forward and backward, for a prefill's table and a decode step's
+    one-position slice of the table Megatron's RotaryEmbedding caches."""
+    from types import SimpleNamespace
+
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_foresight.models import rope
+
+    rope.install()
+    config = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False,
+                             multi_latent_attention=False)
+    table = RotaryEmbedding(kv_channels=32, rotary_percent=1.0, rotary_base=10_000)(40)
+    g = torch.Generator().manual_seed(0)
+    for freqs in (table[:12], table[37:38], table[37:38]):  # the last: from the cache
+        t = torch.randn(freqs.shape[0], 3, 8, 32, generator=g).to(dtype).requires_grad_()
+        ref = rope_utils._apply_rotary_pos_emb_bshd(t, freqs)
+        out = rope.apply_rotary_pos_emb(t, freqs, config)
+        assert out.dtype == ref.dtype == dtype and torch.equal(out, ref)
+        weights = torch.randn(out.shape, generator=g).to(dtype)
+        (grad_ref,) = torch.autograd.grad((ref * weights).sum(), t)
+        (grad,) = torch.autograd.grad((out * weights).sum(), t)
+        assert torch.equal(grad, grad_ref)
+    # what the cache does not cover goes to Megatron's function (interleaved pairs here)
+    interleaved = SimpleNamespace(**{**vars(config), "rotary_interleaved": True})
+    t = torch.randn(12, 3, 8, 32, generator=g)
+    assert torch.equal(rope.apply_rotary_pos_emb(t, table[:12], interleaved),
+                       rope_utils._apply_rotary_pos_emb_bshd(t, table[:12],
+                                                             rotary_interleaved=True))
+
+
 def test_document_masks_are_refused_on_transformer_engine_mocked_cuda(monkeypatch):
     """Per-document masks are wired for the local spec only: on a (mocked) CUDA machine with
     Transformer Engine the recipe is refused naming the key, not trained with a mask TE's
@@ -118,7 +153,6 @@ def test_document_masks_are_refused_on_transformer_engine_mocked_cuda(monkeypatc
     import sys
     import types
 
-    import pytest
 
     from megatron_foresight.config import ConfigError
     from megatron_foresight.models.provider import use_transformer_engine

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_foresight.config import ConfigError, RecipeConfig
+from megatron_foresight.models import rope
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,7 @@ def build_model(cfg: RecipeConfig, padded_vocab_size: int, pg_collection=None,
     `initialize=False` skips drawing random weights (for models about to be filled)."""
     use_te = use_transformer_engine(cfg)
     config = transformer_config(cfg, use_te)
+    rope.install()  # RoPE's cos/sin computed once per table on the unfused path
     if not initialize:
         config = dataclasses.replace(config, perform_initialization=False)
     spec = layer_spec(cfg, use_te)

@@ -11,8 +11,10 @@ Two tables. Single-turn decode: --batch distinct prompts, greedy. GRPO groups: -
 made of batch/group prompts repeated --group times, sampled at temperature 1 (a group's first
 turn). The engine runs as `plain` (both speed-ups off), `lean` (lean decode: no mask when
 nothing is padded, a two-matmul attention for one query, decode outside the CPU
-compatibility mode) and `lean+shared` (and a group's prompt prefilled once), so each gain is
-attributed; HF is the baseline of both tables. Agent episodes (with --policy, make demo's
+compatibility mode), `lean+shared` (and a group's prompt prefilled once), so each gain is
+attributed, and `slots` (lean+shared on the slot KV cache of continuous batching, the whole
+batch started together: its own [slots, groups, length, dim] cache layout and RoPE tables, a
+row that ends leaving the forward); HF is the baseline of both tables. Agent episodes (with --policy, make demo's
 FC-RL run): GRPO groups of the built-in world's validation tasks played to their end, by HF
 `generate()` driven turn by turn (`HFTurns`: the policy exported with `convert_to_hf`, each
 turn's whole context generated again, rows stopping at the action's closing tag), and by the
@@ -26,6 +28,7 @@ throughput does not depend on them when every row generates exactly --new tokens
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -42,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from megatron_foresight.inference.generate import Completion, Generator  # noqa: E402
 
 
-VARIANTS = ("plain", "lean", "lean+shared")
+VARIANTS = ("plain", "lean", "lean+shared", "slots")
 EPISODE_VARIANTS = ("plain", "rounds", "continuous")
 
 
@@ -64,6 +67,7 @@ def _recipe(args, byte: bool = True):
 
 def run_megatron(args) -> dict:
     from megatron_foresight.data.tokenizer import ByteTokenizer
+    from megatron_foresight.inference import continuous
     from megatron_foresight.inference.generate import Generator, Sampling
     from megatron_foresight.models.provider import build_model
     from megatron_foresight.training import loop
@@ -73,16 +77,17 @@ def run_megatron(args) -> dict:
     tok = ByteTokenizer()
     tok.eod = -1  # every row generates exactly --new tokens, as HF's min_new_tokens makes it
     (model,) = build_model(cfg, cfg.padded_vocab_size(tok.vocab_size))
-    lean, shared = args.variant != "plain", args.variant == "lean+shared"
+    lean, shared = args.variant != "plain", args.variant in ("lean+shared", "slots")
     gen = Generator(model.eval(), tok, max_sequence_length=args.prompt + args.new,
                     lean_decode=lean, shared_prefill=shared)
     grouped = args.table == "group"
     prompts = (_group_prompts if grouped else _prompts)(args, tok.vocab_size)
     sampling = Sampling(temperature=1.0 if grouped else 0.0, max_new_tokens=args.new, seed=1)
+    run = functools.partial(continuous.generate, gen) if args.variant == "slots" else gen.generate
     times = []
     for i in range(args.warmup + args.timed):
         started = time.perf_counter()
-        out = gen.generate(prompts, sampling)
+        out = run(prompts, sampling)
         if i >= args.warmup:
             times.append(time.perf_counter() - started)
     assert all(len(c.ids) == args.new for c in out)
@@ -311,7 +316,7 @@ def main() -> None:
     tokens = args.batch * args.new
     print(f"rollout throughput, {args.recipe}: batch {args.batch}, prompt {args.prompt}, "
           f"{args.new} new tokens per row, {args.repeats} alternating runs each, medians")
-    for table, variants in (("single", ("plain", "lean")), ("group", VARIANTS)):
+    for table, variants in (("single", ("plain", "lean", "slots")), ("group", VARIANTS)):
         if table not in tables:
             continue
         sides = [("hf", "HF generate()")] + [(v, f"engine, {v}") for v in variants]

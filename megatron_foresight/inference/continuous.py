@@ -130,3 +130,21 @@ class SlotEngine:
             return self.g._forward(tokens_BN, positions_BN, None, self.context)
         finally:
             self.context.end()
+
+
+def generate(generator: Generator, prompts: list[list[int]], sampling: Sampling,
+             stop_texts: tuple[str, ...] = (), row_seeds: list[int] | None = None
+             ) -> list[Completion]:
+    """`Generator.generate` on the slot KV cache: row b in slot b, all decoded side by side, a
+    row that ends leaving the forward. Row b draws from its own stream seeded `row_seeds[b]`
+    (default: sampling.seed + b), so it samples what `Generator.generate(..., row_seeds=...)`
+    samples with those seeds; greedy rows are the same either way."""
+    seeds = row_seeds if row_seeds is not None else \
+        [sampling.seed + b for b in range(len(prompts))]
+    engine = SlotEngine(generator, len(prompts), sampling, stop_texts)
+    out = [engine.start(b, p, seeds[b]) for b, p in enumerate(prompts)]
+    with generator.without_sequence_parallel():
+        while engine.turns:
+            for slot, completion in engine.step():
+                out[slot] = completion
+    return out

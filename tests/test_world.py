@@ -104,3 +104,22 @@ def test_asking_for_more_tasks_than_the_world_has_says_what_to_change():
     with pytest.raises(UsageError, match="only .* distinct questions; ask for fewer "
                                          "--search-tasks or a larger world"):
         World(1, WorldSizes(cities=5, people=5, guilds=2, search_tasks=5000, vocab_size=0))
+
+
+def test_difficulty_mix_one_hop_questions_and_two_step_problems():
+    """`multi_hop_fraction` and `math_max_steps` set the task mix; the defaults keep both
+    kinds of each."""
+    from megatron_foresight.world.build import World
+
+    def mix(world):
+        search = [len(t.meta["hops"]) for t in world.splits["search"]["train"]]
+        math = [len(t.meta["steps"]) for t in world.splits["math"]["train"]]
+        return set(search), set(math)
+
+    small = dict(cities=30, people=80, guilds=12, search_tasks=300, math_tasks=300,
+                 vocab_size=0)
+    assert mix(World(5, WorldSizes(**small))) == ({1, 2}, {2, 3})
+    assert mix(World(5, WorldSizes(**small, multi_hop_fraction=0.0, math_max_steps=2))) == \
+        ({1}, {2})
+    with pytest.raises(ValueError, match="math_max_steps must be 2 or 3"):
+        WorldSizes(math_max_steps=1).check()

@@ -80,6 +80,7 @@ SIZE_HELP = {
     "validation_trajectories": "trajectories on validation tasks",
     "mc_samples": "continuations per intermediate state for its Monte-Carlo success "
                   "estimate; 0 for none",
+    "math_max_steps": "word problems of at most this many calculator steps (2 or 3)",
     "top_k": "passages the search environment returns",
     "vocab_size": "sentencepiece vocabulary of the world's tokenizer; 0 trains none",
 }
@@ -110,6 +111,9 @@ def add_data_parser(sub) -> None:
     for name, meaning in SIZE_HELP.items():
         world.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
                            help=f"{meaning} (default {getattr(defaults, name)})")
+    world.add_argument("--multi-hop-fraction", type=float, default=defaults.multi_hop_fraction,
+                       help="share of search questions that take two hops, the others one "
+                            f"(default {defaults.multi_hop_fraction})")
     world.add_argument("--noise", default=",".join(map(str, defaults.noise)),
                        help="the scripted experts' error rates, comma-separated, used in turn "
                             f"(default {','.join(map(str, defaults.noise))})")
@@ -221,7 +225,8 @@ def run_data(args) -> int:
         except ValueError:
             raise UsageError(f"--noise {args.noise}: give comma-separated numbers in [0, 1]")
         try:
-            sizes = WorldSizes(noise=noise, **{n: getattr(args, n) for n in SIZE_HELP})
+            sizes = WorldSizes(noise=noise, multi_hop_fraction=args.multi_hop_fraction,
+                               **{n: getattr(args, n) for n in SIZE_HELP})
             sizes.check()
         except ValueError as e:
             raise UsageError(f"build-world: {e}") from None

@@ -52,8 +52,10 @@ class World:
         self.kb = kb_mod.build_kb(random.Random(f"{seed}/kb"), sizes.cities, sizes.people,
                                   sizes.guilds)
         self.documents = kb_mod.corpus(self.kb, random.Random(f"{seed}/corpus"))
-        search = search_questions(self.kb, random.Random(f"{seed}/search"), sizes.search_tasks)
-        maths = math_problems(self.kb, random.Random(f"{seed}/math"), sizes.math_tasks)
+        search = search_questions(self.kb, random.Random(f"{seed}/search"), sizes.search_tasks,
+                                  sizes.multi_hop_fraction)
+        maths = math_problems(self.kb, random.Random(f"{seed}/math"), sizes.math_tasks,
+                              sizes.math_max_steps)
         self.splits = {"search": split(search, random.Random(f"{seed}/split/search")),
                        "math": split(maths, random.Random(f"{seed}/split/math"))}
         self._retriever = None

@@ -91,6 +91,8 @@ def _jars(rng, city, guild):
 
 
 WORD_PROBLEMS = (_gain, _share, _growth, _caravan, _dues, _jars)
+STEPS = {_gain: 2, _share: 2, _growth: 2, _caravan: 2, _dues: 3, _jars: 3}
+"""Calculator steps each kind of word problem takes."""
 
 
 def run_steps(steps: list) -> list[int]:
@@ -104,13 +106,15 @@ def run_steps(steps: list) -> list[int]:
     return values
 
 
-def math_problems(kb: KnowledgeBase, rng: random.Random, n: int) -> list[Task]:
+def math_problems(kb: KnowledgeBase, rng: random.Random, n: int,
+                  max_steps: int = 3) -> list[Task]:
     cities, guilds = kb.of_kind("city"), kb.of_kind("guild")
+    kinds = tuple(make for make in WORD_PROBLEMS if STEPS[make] <= max_steps)
     problems: dict[str, Task] = {}
     attempts = 0
     while len(problems) < n and attempts < 50 * n:
         attempts += 1
-        make = rng.choice(WORD_PROBLEMS)
+        make = rng.choice(kinds)
         text, steps = make(rng, rng.choice(cities), rng.choice(guilds))
         if text not in problems:
             answer = run_steps(steps)[-1]

@@ -252,6 +252,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="tasks to play, taken from the task sets in turn; 0 reports the stage's "
                         "validation metrics only (default 64)")
     p.add_argument("--out", help="write the metrics as JSON here (episodes beside it)")
+    p.add_argument("--rollout", choices=["continuous", "rounds"], default="continuous",
+                   help="how episodes share the decode batch: continuous (a KV-cache slot per "
+                        "episode, refilled as episodes end) or rounds (one turn of every "
+                        "episode per batch); the same episodes, at another speed (default "
+                        "continuous)")
 
 
 def add_play_args(p: argparse.ArgumentParser, split: str = "validation",
@@ -352,7 +357,8 @@ def _cmd_eval(args) -> int:
     opts = EvalOptions(ckpt=ckpt, tasks=args.tasks, split=args.split,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        temperature=args.temperature, task_sets=args.task_sets,
-                       tasks_file=args.tasks_file, env=args.env, corpus=args.corpus)
+                       tasks_file=args.tasks_file, env=args.env, corpus=args.corpus,
+                       rollout=args.rollout)
     task_sets = task_sets_for(cfg, opts) if opts.tasks else None
     if args.out and _launch_rank() == 0:
         run_lock.hold_run_of(Path(args.out).parent, "foresight eval")

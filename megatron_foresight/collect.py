@@ -95,6 +95,9 @@ class CollectOptions(EvalOptions):
     Monte-Carlo estimates (a policy's own guessed values would be kept instead)."""
     top_p: float = 1.0
     """Nucleus sampling: draw from the smallest set of tokens with this much probability."""
+    rollout: str = "rounds"
+    """Collection plays by rounds, each task's samples sharing a batch's random stream (what
+    its resumes and the records of earlier collections rely on); not a flag here yet."""
 
     def __post_init__(self):
         if self.samples < 1:

@@ -117,6 +117,21 @@ def test_tp2_or_pp2_rollouts_and_update_match_one_process(medium_world, medium_f
         assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
 
 
+def test_rollout_by_rounds_plays_the_continuous_rollouts_episodes(medium_world, medium_fe_sft,
+                                                                 straight, tmp_path):
+    """`fc_rl.rollout: rounds` (one turn of every episode per batch) against the default
+    continuous schedule of the `straight` run: per-episode random streams, so step 1 plays the
+    same episodes and makes the same update (log-probs differ by float rounding)."""
+    rounds = tmp_path / "rounds"
+    _train(medium_world, tmp_path, rounds, "schedule.train_steps=1", "logging.log_interval=1",
+           "fc_rl.rollout=rounds", policy=medium_fe_sft)
+    a, b = _steps(straight)[1], _steps(rounds)[1]
+    assert a["grad_norm"] > 0
+    assert b["rollout/agent_tokens"] == a["rollout/agent_tokens"]
+    for key in ("reward/total", "policy_loss", "grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
 def test_ppo_with_its_value_head_resumes_exactly(medium_world, medium_fe_sft, tmp_path):
     """PPO's critic starts fresh on the FE-SFT weights, is trained, saved and restored: the
     second step of a resumed run equals the uninterrupted run's, value loss included."""

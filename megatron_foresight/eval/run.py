@@ -40,7 +40,10 @@ class EvalOptions:
     split: str = "validation"
     max_new_tokens: int = 320
     batch_size: int = 16
+    """Episodes generated together (KV-cache slots with the continuous rollout)."""
     temperature: float = 0.0
+    rollout: str = "continuous"
+    """`continuous` or `rounds`: how episodes share the decode batch (FC-RL's `rollout`)."""
     task_sets: list[str] = field(default_factory=list)
     """Play only these of the recipe's task sets (names); empty: all."""
     tasks_file: str | None = None
@@ -129,7 +132,8 @@ def play(run, cfg: RecipeConfig, tokenizer, task_sets: TaskSets, opts: EvalOptio
                         seed=cfg.seed)
     return run_episodes(generator, task_sets.tasks(opts.split, opts.tasks), task_sets.make_env,
                         sampling, batch_size=opts.batch_size, progress=run.ctx.is_logging_rank,
-                        fmt=cfg.format)
+                        fmt=cfg.format, continuous=opts.rollout == "continuous",
+                        row_streams=True)
 
 
 def evaluate_checkpoint(cfg: RecipeConfig, opts: EvalOptions, out: str | None = None,

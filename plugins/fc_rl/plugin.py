@@ -82,6 +82,13 @@ class Config(StageConfig):
     validation_tasks: int = 16
     """Validation tasks played greedily at each evaluation (val/ metrics), taken from the task
     sets' `validation` splits in turn."""
+    rollout: Literal["continuous", "rounds"] = "continuous"
+    """How a step's episodes share the decode batch. `continuous`: each episode holds a
+    KV-cache slot; a turn that ends goes to its environment off the decode thread while the
+    other slots decode, and only the observation is prefilled (inference.continuous).
+    `rounds`: every episode advances one turn per batch and the batch waits for its longest
+    turn. Rows draw from per-episode streams either way: the same episodes, at another speed
+    (benchmarks/rollout_throughput.py)."""
 
     def check_recipe(self, cfg) -> None:
         """What FC-RL needs of the rest of the recipe; run whenever the recipe loads, so
@@ -248,7 +255,8 @@ class ForesightRLStage(OnPolicyStage):
                                 [t for t in tasks for _ in range(s.group_size)],
                                 self.task_sets.make_env, sampling,
                                 batch_size=len(tasks) * s.group_size, progress=False,
-                                fmt=self.cfg.format)
+                                fmt=self.cfg.format, continuous=s.rollout == "continuous",
+                                row_streams=True)
 
     def _recompute_logprobs(self, rt: StageRuntime, samples: list[dict]) -> dict[str, float]:
         """The sampling policy's log-probs (and critic values), and the reference's, on each
@@ -353,7 +361,8 @@ class ForesightRLStage(OnPolicyStage):
         with torch.no_grad():
             records = run_episodes(self._generator(model), tasks, self.task_sets.make_env,
                                    Sampling(max_new_tokens=self.stage.max_new_tokens),
-                                   batch_size=len(tasks), progress=False, fmt=self.cfg.format)
+                                   batch_size=len(tasks), progress=False, fmt=self.cfg.format,
+                                   continuous=self.stage.rollout == "continuous")
         model.train()
         scores = {**score_episodes(records, self.cfg.format),
                   **scores_by_set(records, self.task_sets, self.cfg.format)}

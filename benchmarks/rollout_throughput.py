@@ -9,16 +9,18 @@ generation, log-prob recomputation and training (the real `on_policy_step` of `f
 
 Two tables. Single-turn decode: --batch distinct prompts, greedy. GRPO groups: --batch rows
 made of batch/group prompts repeated --group times, sampled at temperature 1 (a group's first
-turn). The engine runs as `plain` (both speed-ups off), `lean` (lean decode: no mask when
-nothing is padded, a two-matmul attention for one query, decode outside the CPU
-compatibility mode), `lean+shared` (and a group's prompt prefilled once), so each gain is
-attributed, and `slots` (lean+shared on the slot KV cache of continuous batching, the whole
-batch started together: its own [slots, groups, length, dim] cache layout and RoPE tables, a
-row that ends leaving the forward); HF is the baseline of both tables. Agent episodes (with --policy, make demo's
-FC-RL run): GRPO groups of the built-in world's validation tasks played to their end, by HF
-`generate()` driven turn by turn (`HFTurns`: the policy exported with `convert_to_hf`, each
-turn's whole context generated again, rows stopping at the action's closing tag), and by the
-engine in rounds (plain, lean+shared) and continuously (slots refilled as episodes end).
+turn). The engine runs on Megatron's static inference context as `plain` (both speed-ups
+off), `lean` (lean decode: no mask when nothing is padded, a two-matmul attention for one
+query, decode outside the CPU compatibility mode) and `lean+shared` (and a group's prompt
+prefilled once), so each gain is attributed, and as `slots`, the default (`Generator`'s
+`slot_cache`: lean+shared on continuous batching's slot KV cache, the whole batch started
+together: its own [slots, groups, length, dim] layout and RoPE tables shared by the layers,
+a row that ends leaving the forward); HF is the baseline of both tables. Agent episodes
+(with --policy, make demo's FC-RL run): GRPO groups of the built-in world's validation tasks
+played to their end, by HF `generate()` driven turn by turn (`HFTurns`: the policy exported
+with `convert_to_hf`, each turn's whole context generated again, rows stopping at the
+action's closing tag), and by the engine in rounds (static plain, static lean+shared, slot
+cache) and continuously (slots refilled as episodes end, the default of FC-RL and eval).
 
 Each side runs in its own process (the Megatron side installs the CPU compatibility layer), the
 two alternate `--repeats` times, and medians and their ratio are printed. Weights are random:
@@ -28,7 +30,6 @@ throughput does not depend on them when every row generates exactly --new tokens
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import subprocess
@@ -46,7 +47,7 @@ from megatron_foresight.inference.generate import Completion, Generator  # noqa:
 
 
 VARIANTS = ("plain", "lean", "lean+shared", "slots")
-EPISODE_VARIANTS = ("plain", "rounds", "continuous")
+EPISODE_VARIANTS = ("plain", "rounds", "rounds+slots", "continuous")
 
 
 def _prompts(args, vocab: int) -> list[list[int]]:
@@ -67,7 +68,6 @@ def _recipe(args, byte: bool = True):
 
 def run_megatron(args) -> dict:
     from megatron_foresight.data.tokenizer import ByteTokenizer
-    from megatron_foresight.inference import continuous
     from megatron_foresight.inference.generate import Generator, Sampling
     from megatron_foresight.models.provider import build_model
     from megatron_foresight.training import loop
@@ -79,15 +79,14 @@ def run_megatron(args) -> dict:
     (model,) = build_model(cfg, cfg.padded_vocab_size(tok.vocab_size))
     lean, shared = args.variant != "plain", args.variant in ("lean+shared", "slots")
     gen = Generator(model.eval(), tok, max_sequence_length=args.prompt + args.new,
-                    lean_decode=lean, shared_prefill=shared)
+                    lean_decode=lean, shared_prefill=shared, slot_cache=args.variant == "slots")
     grouped = args.table == "group"
     prompts = (_group_prompts if grouped else _prompts)(args, tok.vocab_size)
     sampling = Sampling(temperature=1.0 if grouped else 0.0, max_new_tokens=args.new, seed=1)
-    run = functools.partial(continuous.generate, gen) if args.variant == "slots" else gen.generate
     times = []
     for i in range(args.warmup + args.timed):
         started = time.perf_counter()
-        out = run(prompts, sampling)
+        out = gen.generate(prompts, sampling)
         if i >= args.warmup:
             times.append(time.perf_counter() - started)
     assert all(len(c.ids) == args.new for c in out)
@@ -110,7 +109,8 @@ def run_episodes_table(args) -> dict:
     load_weights(chunks, ctx, args.policy)
     lean, shared = args.variant != "plain", args.variant != "plain"
     gen = Generator(chunks[0].eval(), tok, max_sequence_length=cfg.data.seq_length,
-                    pad_id=tok.eod, lean_decode=lean, shared_prefill=shared)
+                    pad_id=tok.eod, lean_decode=lean, shared_prefill=shared,
+                    slot_cache=args.variant == "rounds+slots")
     # all engine variants sample the same episodes (per-row streams)
     return _time_episodes(args, cfg, gen, continuous=args.variant == "continuous",
                           row_streams=True)
@@ -349,6 +349,7 @@ def main() -> None:
         base = statistics.median(r for r, _ in rates["plain"])
         for variant, name in (("hf", "HF generate(), turn by turn"), ("plain", "rounds, plain"),
                               ("rounds", "rounds, lean+shared"),
+                              ("rounds+slots", "rounds, slot cache"),
                               ("continuous", "continuous, lean+shared")):
             med = statistics.median(r for r, _ in rates[variant])
             out = rates[variant][0][1]

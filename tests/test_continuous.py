@@ -74,7 +74,7 @@ def _same_records(a, b):
 
 def test_slot_engine_gives_the_generators_completions(megatron_cpu):
     tok = ByteTokenizer()
-    gen = Generator(_model(), tok, max_sequence_length=64)
+    gen = Generator(_model(), tok, max_sequence_length=64, slot_cache=False)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [100, 101, 102, 103], [40, 41]]
     free = gen.generate(prompts, Sampling(max_new_tokens=12))
     stop = tok.decode([free[0].ids[3]])  # one row meets it early, others maybe not
@@ -91,27 +91,6 @@ def test_slot_engine_gives_the_generators_completions(megatron_cpu):
         assert [(c.ids, c.stop) for c in got] == [(c.ids, c.stop) for c in want]
         _close_logprobs(got, want)
     assert want[0].stop == "stop" and len(want[0].ids) <= 4
-
-
-def test_generate_on_slots_gives_the_generators_completions(megatron_cpu):
-    """`continuous.generate` (a batch in the slot cache, as the benchmark's `slots` variant
-    runs it): greedy completions equal `Generator.generate`'s; sampled ones equal it with the
-    same per-row seeds; a prompt that fills the context ends at once."""
-    from megatron_foresight.inference import continuous
-
-    tok = ByteTokenizer()
-    gen = Generator(_model(), tok, max_sequence_length=64)
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [100, 101, 102, 103], [40, 41], [7] * 64]
-    stop = (tok.decode([gen.generate(prompts[:1], Sampling(max_new_tokens=4))[0].ids[3]]),)
-    for sampling, seeds in ((Sampling(max_new_tokens=12), None),
-                            (Sampling(temperature=1.0, max_new_tokens=12, seed=3),
-                             [3, 4, 5, 6, 7])):
-        want = gen.generate(prompts, sampling, stop, row_seeds=seeds)
-        got = continuous.generate(gen, prompts, sampling, stop)
-        assert [(c.ids, c.stop) for c in got] == [(c.ids, c.stop) for c in want]
-        _close_logprobs(got, want)
-    assert got[4].stop == "context" and not got[4].ids
-    assert len({len(c.ids) for c in got[:4]}) > 1  # rows left the forward at different steps
 
 
 def test_continuous_plays_the_round_schedules_episodes(megatron_cpu):

@@ -1,6 +1,8 @@
 """The KV-cache decoder against recomputing the whole sequence at every step, on the real
-Megatron GPTModel (CPU, one process)."""
+Megatron GPTModel (CPU, one process): the default slot cache and Megatron's static inference
+context (`slot_cache=False`) alike, and each against the other."""
 
+import pytest
 import torch
 
 from megatron_foresight.config import load_recipe
@@ -33,9 +35,10 @@ def _greedy_without_cache(model, prompt, n):
     return ids[len(prompt):]
 
 
-def test_batched_cached_greedy_equals_full_recompute_per_row(megatron_cpu):
+@pytest.mark.parametrize("slots", [True, False], ids=["slots", "static"])
+def test_batched_cached_greedy_equals_full_recompute_per_row(megatron_cpu, slots):
     model = _model()
-    gen = Generator(model, ByteTokenizer(), max_sequence_length=64)
+    gen = Generator(model, ByteTokenizer(), max_sequence_length=64, slot_cache=slots)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [100, 101, 102, 103]]  # different lengths
     out = gen.generate(prompts, Sampling(max_new_tokens=12))
     for prompt, completion in zip(prompts, out):
@@ -44,10 +47,11 @@ def test_batched_cached_greedy_equals_full_recompute_per_row(megatron_cpu):
         assert all(lp <= 0 for lp in completion.logprobs)
 
 
-def test_stop_token_ends_a_row_and_the_others_continue(megatron_cpu):
+@pytest.mark.parametrize("slots", [True, False], ids=["slots", "static"])
+def test_stop_token_ends_a_row_and_the_others_continue(megatron_cpu, slots):
     model = _model()
     tok = ByteTokenizer()
-    gen = Generator(model, tok, max_sequence_length=64)
+    gen = Generator(model, tok, max_sequence_length=64, slot_cache=slots)
     prompts = [[5, 6, 7, 8], [40, 41, 42]]
     free = gen.generate(prompts, Sampling(max_new_tokens=10))
     ids = free[0].ids
@@ -59,9 +63,10 @@ def test_stop_token_ends_a_row_and_the_others_continue(megatron_cpu):
         assert out[1].ids == free[1].ids and out[1].stop == "length"
 
 
-def test_sampling_is_seeded_and_top_p_restricts_the_draw(megatron_cpu):
+@pytest.mark.parametrize("slots", [True, False], ids=["slots", "static"])
+def test_sampling_is_seeded_and_top_p_restricts_the_draw(megatron_cpu, slots):
     model = _model()
-    gen = Generator(model, ByteTokenizer(), max_sequence_length=64)
+    gen = Generator(model, ByteTokenizer(), max_sequence_length=64, slot_cache=slots)
     prompts = [[5, 6, 7, 8]] * 4
     a = gen.generate(prompts, Sampling(temperature=1.0, max_new_tokens=8, seed=3))
     b = gen.generate(prompts, Sampling(temperature=1.0, max_new_tokens=8, seed=3))
@@ -72,19 +77,21 @@ def test_sampling_is_seeded_and_top_p_restricts_the_draw(megatron_cpu):
     assert all(c.ids == greedy[0].ids for c in tiny_p)  # only the top token survives
 
 
-def test_sequence_limit_ends_rows_with_context(megatron_cpu):
-    gen = Generator(_model(), ByteTokenizer(), max_sequence_length=10)
+@pytest.mark.parametrize("slots", [True, False], ids=["slots", "static"])
+def test_sequence_limit_ends_rows_with_context(megatron_cpu, slots):
+    gen = Generator(_model(), ByteTokenizer(), max_sequence_length=10, slot_cache=slots)
     out = gen.generate([[1] * 10, [1] * 7], Sampling(max_new_tokens=8))
     assert out[0].ids == [] and out[0].stop == "context"
     assert len(out[1].ids) == 3 and out[1].stop == "context"
 
 
-def _both(prompts, sampling, **variants):
-    """The same generation with the default engine and with `variants` switched."""
+def _both(prompts, sampling, fast=None, **variants):
+    """The same generation with the default engine (or the `fast` options) and with
+    `variants` switched."""
     model = _model()
-    fast = Generator(model, ByteTokenizer(), max_sequence_length=64).generate(prompts, sampling)
+    fast = Generator(model, ByteTokenizer(), max_sequence_length=64, **(fast or {}))
     plain = Generator(model, ByteTokenizer(), max_sequence_length=64, **variants)
-    return fast, plain.generate(prompts, sampling)
+    return fast.generate(prompts, sampling), plain.generate(prompts, sampling)
 
 
 def _close_logprobs(xs, ys):
@@ -103,7 +110,8 @@ def test_shared_prefill_gives_the_rows_of_separate_prefills(megatron_cpu):
     prompts = [a, b, a, a, c, b]
     for sampling in (Sampling(max_new_tokens=10), Sampling(temperature=1.0, max_new_tokens=10,
                                                            seed=3)):
-        shared, separate = _both(prompts, sampling, shared_prefill=False)
+        shared, separate = _both(prompts, sampling, {"slot_cache": False},
+                                 shared_prefill=False, slot_cache=False)
         assert [o.ids for o in shared] == [o.ids for o in separate]
         _close_logprobs(shared, separate)
     # sampled rows of one prompt still draw different continuations
@@ -115,6 +123,31 @@ def test_lean_decode_gives_the_plain_decoders_tokens(megatron_cpu):
     for prompts in ([[5, 6, 7], [40, 41, 42], [7, 7, 9]], [[5, 6, 7, 8, 9], [40, 41]]):
         for sampling in (Sampling(max_new_tokens=12),
                          Sampling(temperature=1.0, max_new_tokens=12, seed=5)):
-            lean, plain = _both(prompts, sampling, lean_decode=False, shared_prefill=False)
+            lean, plain = _both(prompts, sampling, {"slot_cache": False}, lean_decode=False,
+                                shared_prefill=False, slot_cache=False)
             assert [o.ids for o in lean] == [o.ids for o in plain]
             _close_logprobs(lean, plain)
+
+
+def test_the_slot_cache_gives_the_static_paths_completions(megatron_cpu):
+    """The default engine (slot cache) against Megatron's static context with both speed-ups
+    off: ragged prompts, repeated prompts (shared prefill), a stop string one row meets early;
+    greedy, sampled from the batch's stream, and from per-row streams; a prompt that fills
+    the context."""
+    tok = ByteTokenizer()
+    a, b, c = [5, 6, 7, 8, 9, 10, 11], [40, 41], [100, 101, 102, 103]
+    prompts = [a, b, a, c, b, [7] * 64]
+    model = _model()
+    stop = (tok.decode([Generator(model, tok, max_sequence_length=64).generate(
+        prompts[:1], Sampling(max_new_tokens=4))[0].ids[3]]),)
+    for sampling, seeds in ((Sampling(max_new_tokens=12), None),
+                            (Sampling(temperature=1.0, max_new_tokens=12, seed=3), None),
+                            (Sampling(temperature=1.0, max_new_tokens=12), [9, 8, 7, 6, 5, 4])):
+        gens = [Generator(model, tok, max_sequence_length=64, **options) for options in
+                ({}, {"slot_cache": False, "lean_decode": False, "shared_prefill": False})]
+        slots, static = (g.generate(prompts, sampling, stop, row_seeds=seeds) for g in gens)
+        assert gens[0].slot_cache and not gens[1].slot_cache
+        assert [(o.ids, o.stop) for o in slots] == [(o.ids, o.stop) for o in static]
+        _close_logprobs(slots, static)
+        assert len({len(o.ids) for o in slots[:5]}) > 1  # rows ended at different steps
+        assert slots[5].stop == "context" and not slots[5].ids

@@ -41,7 +41,10 @@ class SlotEngine:
     `generator.stats`, as the generator's own are."""
 
     def __init__(self, generator: Generator, slots: int, sampling: Sampling,
-                 stop_texts: tuple[str, ...]):
+                 stop_texts: tuple[str, ...], shared_seed: int | None = None):
+        """`shared_seed`: every turn started without a seed of its own draws from one stream
+        seeded so, in one call per forward over its rows in slot order (as
+        `Generator.generate` draws for a batch)."""
         from megatron_foresight.inference.slots import SlotContext  # imports Megatron
 
         self.g = generator
@@ -50,6 +53,7 @@ class SlotEngine:
         self.context = SlotContext(slots, generator.max_sequence_length)
         self.turns: dict[int, _Turn] = {}
         self.stats = generator.stats
+        self.stream = None if shared_seed is None else torch.Generator().manual_seed(shared_seed)
 
     def cached(self, slot: int) -> int:
         """How many tokens slot `slot` holds."""
@@ -59,15 +63,19 @@ class SlotEngine:
         """Forget slot `slot`'s sequence; the next `start` there begins a new one."""
         self.context.lengths[slot] = 0
 
-    def start(self, slot: int, tokens: list[int], seed: int) -> Completion | None:
-        """Begin a turn in `slot`: append `tokens`, then generate. Returns the turn at once
-        (empty, stop="context") when the sequence has no room left, as `generate` does."""
+    def start(self, slot: int, tokens: list[int], seed: int | None) -> Completion | None:
+        """Begin a turn in `slot`: append `tokens`, then generate, drawing from a stream seeded
+        `seed` (None: the engine's shared stream). Returns the turn at once (empty,
+        stop="context") when the sequence has no room left, as `generate` does."""
         total = self.cached(slot) + len(tokens)
         room = self.g.max_sequence_length - total
         if room <= 0:
             return Completion(stop="context")
-        self.turns[slot] = _Turn(Completion(), min(self.sampling.max_new_tokens, room),
-                                 torch.Generator().manual_seed(seed), list(tokens))
+        gen = self.stream if seed is None else torch.Generator().manual_seed(seed)
+        if gen is None:
+            raise ValueError("a turn without a seed needs the engine's shared_seed")
+        self.turns[slot] = _Turn(Completion(), min(self.sampling.max_new_tokens, room), gen,
+                                 list(tokens))
         return None
 
     @torch.no_grad()
@@ -82,8 +90,10 @@ class SlotEngine:
             with device_mode_off() if self.g.mode_off else contextlib.nullcontext():
                 logits_BV = self._run(slots, [self.turns[s].pending for s in slots])
             self.stats.add(len(slots))
+        gens = [self.turns[s].gen for s in slots]
+        shared = self.stream is not None and all(g is self.stream for g in gens)
         ids_B, logp_B = self.g._next_tokens(logits_BV, len(slots), self.sampling,
-                                            [self.turns[s].gen for s in slots])
+                                            self.stream if shared else gens)
         ended = []
         for s, tok, lp in zip(slots, ids_B.tolist(), logp_B.tolist()):
             turn = self.turns[s]
@@ -136,13 +146,13 @@ def generate(generator: Generator, prompts: list[list[int]], sampling: Sampling,
              stop_texts: tuple[str, ...] = (), row_seeds: list[int] | None = None
              ) -> list[Completion]:
     """`Generator.generate` on the slot KV cache: row b in slot b, all decoded side by side, a
-    row that ends leaving the forward. Row b draws from its own stream seeded `row_seeds[b]`
-    (default: sampling.seed + b), so it samples what `Generator.generate(..., row_seeds=...)`
-    samples with those seeds; greedy rows are the same either way."""
-    seeds = row_seeds if row_seeds is not None else \
-        [sampling.seed + b for b in range(len(prompts))]
-    engine = SlotEngine(generator, len(prompts), sampling, stop_texts)
-    out = [engine.start(b, p, seeds[b]) for b, p in enumerate(prompts)]
+    row that ends leaving the forward. Row b draws from its own stream seeded `row_seeds[b]`,
+    or without them the rows draw from one stream seeded `sampling.seed`, in row order, as
+    the static path does: the same tokens as `Generator.generate` either way."""
+    engine = SlotEngine(generator, len(prompts), sampling, stop_texts,
+                        shared_seed=sampling.seed if row_seeds is None else None)
+    out = [engine.start(b, p, None if row_seeds is None else row_seeds[b])
+           for b, p in enumerate(prompts)]
     with generator.without_sequence_parallel():
         while engine.turns:
             for slot, completion in engine.step():

@@ -132,6 +132,24 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def unsupported_by_slots(config) -> list[str]:
+    """What of a model's TransformerConfig the slot cache does not implement (empty: it can
+    run the model)."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_concentration_factor_from_config,
+    )
+
+    c = config
+    return [name for name, bad in (
+        ("rotary_interleaved", c.rotary_interleaved), ("no_rope_freq", c.no_rope_freq),
+        ("attention_output_gate", c.attention_output_gate), ("flash_decode", c.flash_decode),
+        ("context_parallel_size > 1", c.context_parallel_size > 1),
+        ("window_size", c.window_size is not None),
+        ("softmax_type", c.softmax_type != "vanilla"),
+        ("yarn RoPE", _yarn_get_concentration_factor_from_config(c) != 1.0),
+    ) if bad]
+
+
 class SlotSelfAttention(SelfAttention):
     """Megatron's `SelfAttention` (same weights, same checkpoint keys) that, given a
     `SlotContext`, applies RoPE at each row's own positions, writes the new keys and values
@@ -159,21 +177,10 @@ class SlotSelfAttention(SelfAttention):
         return self.linear_proj(out)
 
     def _check_supported(self, rotary_pos_emb) -> None:
-        from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
-            _yarn_get_concentration_factor_from_config,
-        )
-
-        c = self.config
-        unsupported = [name for name, bad in (
-            ("rotary_interleaved", c.rotary_interleaved), ("no_rope_freq", c.no_rope_freq),
-            ("attention_output_gate", c.attention_output_gate), ("flash_decode", c.flash_decode),
-            ("context_parallel_size > 1", c.context_parallel_size > 1),
-            ("window_size", c.window_size is not None),
-            ("softmax_type", c.softmax_type != "vanilla"),
-            ("yarn RoPE", _yarn_get_concentration_factor_from_config(c) != 1.0),
-            ("per-sample RoPE (mrope)", isinstance(rotary_pos_emb, tuple)
-             or (rotary_pos_emb is not None and rotary_pos_emb.shape[1] != 1)),
-        ) if bad]
+        unsupported = unsupported_by_slots(self.config)
+        if isinstance(rotary_pos_emb, tuple) or (rotary_pos_emb is not None
+                                                 and rotary_pos_emb.shape[1] != 1):
+            unsupported.append("per-sample RoPE (mrope)")
         if unsupported:
             raise UsageError(f"the slot KV cache (continuous batching) does not support "
                              f"{', '.join(unsupported)}; play episodes with continuous=False")

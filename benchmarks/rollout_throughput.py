@@ -12,8 +12,7 @@ made of batch/group prompts repeated --group times, sampled at temperature 1 (a 
 turn). The engine runs on Megatron's static inference context as `plain` (both speed-ups
 off), `lean` (lean decode: no mask when nothing is padded, a two-matmul attention for one
 query, decode outside the CPU compatibility mode) and `lean+shared` (and a group's prompt
-prefilled once), so each gain is attributed, and as `slots`, the default (`Generator`'s
-`slot_cache`: lean+shared on continuous batching's slot KV cache, the whole batch started
+prefilled once), so each gain is attributed, and as `slots` (`Generator`'s `slot_cache`: lean+shared on continuous batching's slot KV cache, the whole batch started
 together: its own [slots, groups, length, dim] layout and RoPE tables shared by the layers,
 a row that ends leaving the forward); HF is the baseline of both tables. Agent episodes
 (with --policy, make demo's FC-RL run): GRPO groups of the built-in world's validation tasks

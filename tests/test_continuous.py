@@ -74,7 +74,7 @@ def _same_records(a, b):
 
 def test_slot_engine_gives_the_generators_completions(megatron_cpu):
     tok = ByteTokenizer()
-    gen = Generator(_model(), tok, max_sequence_length=64, slot_cache=False)
+    gen = Generator(_model(), tok, max_sequence_length=64)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [100, 101, 102, 103], [40, 41]]
     free = gen.generate(prompts, Sampling(max_new_tokens=12))
     stop = tok.decode([free[0].ids[3]])  # one row meets it early, others maybe not

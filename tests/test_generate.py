@@ -1,6 +1,6 @@
 """The KV-cache decoder against recomputing the whole sequence at every step, on the real
-Megatron GPTModel (CPU, one process): the default slot cache and Megatron's static inference
-context (`slot_cache=False`) alike, and each against the other."""
+Megatron GPTModel (CPU, one process): Megatron's static inference context (the default) and
+the slot cache (`slot_cache=True`) alike, and each against the other."""
 
 import pytest
 import torch
@@ -85,13 +85,12 @@ def test_sequence_limit_ends_rows_with_context(megatron_cpu, slots):
     assert len(out[1].ids) == 3 and out[1].stop == "context"
 
 
-def _both(prompts, sampling, fast=None, **variants):
-    """The same generation with the default engine (or the `fast` options) and with
-    `variants` switched."""
+def _both(prompts, sampling, **variants):
+    """The same generation with the default engine and with `variants` switched."""
     model = _model()
-    fast = Generator(model, ByteTokenizer(), max_sequence_length=64, **(fast or {}))
+    fast = Generator(model, ByteTokenizer(), max_sequence_length=64).generate(prompts, sampling)
     plain = Generator(model, ByteTokenizer(), max_sequence_length=64, **variants)
-    return fast.generate(prompts, sampling), plain.generate(prompts, sampling)
+    return fast, plain.generate(prompts, sampling)
 
 
 def _close_logprobs(xs, ys):
@@ -110,8 +109,7 @@ def test_shared_prefill_gives_the_rows_of_separate_prefills(megatron_cpu):
     prompts = [a, b, a, a, c, b]
     for sampling in (Sampling(max_new_tokens=10), Sampling(temperature=1.0, max_new_tokens=10,
                                                            seed=3)):
-        shared, separate = _both(prompts, sampling, {"slot_cache": False},
-                                 shared_prefill=False, slot_cache=False)
+        shared, separate = _both(prompts, sampling, shared_prefill=False)
         assert [o.ids for o in shared] == [o.ids for o in separate]
         _close_logprobs(shared, separate)
     # sampled rows of one prompt still draw different continuations
@@ -123,15 +121,14 @@ def test_lean_decode_gives_the_plain_decoders_tokens(megatron_cpu):
     for prompts in ([[5, 6, 7], [40, 41, 42], [7, 7, 9]], [[5, 6, 7, 8, 9], [40, 41]]):
         for sampling in (Sampling(max_new_tokens=12),
                          Sampling(temperature=1.0, max_new_tokens=12, seed=5)):
-            lean, plain = _both(prompts, sampling, {"slot_cache": False}, lean_decode=False,
-                                shared_prefill=False, slot_cache=False)
+            lean, plain = _both(prompts, sampling, lean_decode=False, shared_prefill=False)
             assert [o.ids for o in lean] == [o.ids for o in plain]
             _close_logprobs(lean, plain)
 
 
 def test_the_slot_cache_gives_the_static_paths_completions(megatron_cpu):
-    """The default engine (slot cache) against Megatron's static context with both speed-ups
-    off: ragged prompts, repeated prompts (shared prefill), a stop string one row meets early;
+    """The slot cache against Megatron's static context with both speed-ups off: ragged
+    prompts, repeated prompts (shared prefill), a stop string one row meets early;
     greedy, sampled from the batch's stream, and from per-row streams; a prompt that fills
     the context."""
     tok = ByteTokenizer()
@@ -144,7 +141,7 @@ def test_the_slot_cache_gives_the_static_paths_completions(megatron_cpu):
                             (Sampling(temperature=1.0, max_new_tokens=12, seed=3), None),
                             (Sampling(temperature=1.0, max_new_tokens=12), [9, 8, 7, 6, 5, 4])):
         gens = [Generator(model, tok, max_sequence_length=64, **options) for options in
-                ({}, {"slot_cache": False, "lean_decode": False, "shared_prefill": False})]
+                ({"slot_cache": True}, {"lean_decode": False, "shared_prefill": False})]
         slots, static = (g.generate(prompts, sampling, stop, row_seeds=seeds) for g in gens)
         assert gens[0].slot_cache and not gens[1].slot_cache
         assert [(o.ids, o.stop) for o in slots] == [(o.ids, o.stop) for o in static]

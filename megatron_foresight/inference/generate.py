@@ -127,12 +127,14 @@ class Generator:
 
     Three speed-ups, each switchable (benchmarks, tests): the tokens are those of the plain
     path, the log-probabilities equal to float rounding (sums in another order, ~1e-7):
-    `slot_cache`: generate on continuous batching's slot KV cache (`inference.continuous`;
-    [rows, groups, length, dim] per layer, RoPE tables shared by the layers, rows leave the
-    forward as they end) instead of Megatron's static inference context, where the model
-    supports it (`inference.slots.unsupported_by_slots`; 1.7x the static path's tokens/s on
-    the tiny model's single-turn decode). It allocates max_sequence_length per row. The
-    others apply to the static path:
+    `slot_cache` (off by default): generate on continuous batching's slot KV cache
+    (`inference.continuous`; [rows, groups, length, dim] per layer, RoPE tables shared by the
+    layers, rows leave the forward as they end) instead of Megatron's static inference
+    context, where the model supports it (`inference.slots.unsupported_by_slots`). Measured on
+    the tiny model (benchmarks/rollout_throughput.py, 2 cores): 1.08x the static lean path's
+    tokens/s on single-turn decode, within the runs' spread, but 0.91x on episodes played by
+    rounds (it allocates and zeroes max_sequence_length per row at every call). The others
+    apply to the static path:
     `shared_prefill`: rows with the same prompt (a GRPO group's G samples, `data collect`'s M
     continuations of a state) are prefilled once; the KV cache rows and last logits are copied
     to the others. `lean_decode`: decode steps run without the attention mask when no row is
@@ -142,7 +144,7 @@ class Generator:
 
     def __init__(self, model, tokenizer, *, max_sequence_length: int, pad_id: int = 0,
                  shared_prefill: bool = True, lean_decode: bool = True,
-                 slot_cache: bool = True):
+                 slot_cache: bool = False):
         from megatron.core import parallel_state
 
         from megatron_foresight.inference.slots import SlotSelfAttention, unsupported_by_slots

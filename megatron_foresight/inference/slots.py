@@ -25,6 +25,7 @@ from megatron.core.inference.contexts import BaseInferenceContext
 from megatron.core.transformer.attention import SelfAttention
 
 from megatron_foresight.errors import UsageError
+from megatron_foresight.models import rope
 
 
 class SlotContext(BaseInferenceContext):
@@ -39,7 +40,6 @@ class SlotContext(BaseInferenceContext):
         self.lengths = [0] * slots
         """Tokens cached per slot; the engine advances it after each forward."""
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._rope: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
         self.step: _Step | None = None
 
     def is_static_batching(self) -> bool:
@@ -74,15 +74,6 @@ class SlotContext(BaseInferenceContext):
             shape = (self.slots, groups, self.max_sequence_length, dim)
             self.kv[layer] = (key.new_zeros(shape), key.new_zeros(shape))
         return self.kv[layer]
-
-    def rope(self, freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of Megatron's RoPE angles for every position [M, rot], computed once per
-        context and dtype (Megatron recomputes them in every layer of every forward), exactly
-        as `rope_utils._apply_rotary_pos_emb_bshd` does (mscale 1)."""
-        if dtype not in self._rope:
-            angles = freqs[:, 0, 0]
-            self._rope[dtype] = (torch.cos(angles).to(dtype), torch.sin(angles).to(dtype))
-        return self._rope[dtype]
 
 
 class _Step:
@@ -125,11 +116,6 @@ class _Step:
         x_BNGD = x_NBGD.transpose(0, 1)
         return x_BNGD.reshape(-1, *x_BNGD.shape[2:]) if self.valid_BN is None \
             else x_BNGD[self.valid_BN]
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def unsupported_by_slots(config) -> list[str]:
@@ -189,7 +175,7 @@ class SlotSelfAttention(SelfAttention):
     def _angles(context: SlotContext, step: _Step, freqs, dtype):
         """cos, sin at each query's position, [N, B, 1, rot]; shared by the layers."""
         if dtype not in step.cos_sin:
-            cos_MR, sin_MR = context.rope(freqs, dtype)
+            cos_MR, sin_MR = (x[:, 0, 0] for x in rope.cos_sin(freqs, dtype))  # [M, rot]
             pos_NB = step.pos_BN.t().clamp(min=0)
             step.cos_sin[dtype] = (cos_MR[pos_NB][:, :, None], sin_MR[pos_NB][:, :, None])
         return step.cos_sin[dtype]
@@ -199,7 +185,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     """Megatron's non-interleaved RoPE on the first `rot` channels; the rest pass through."""
     rot = cos.size(-1)
     x, rest = x[..., :rot], x[..., rot:]
-    return torch.cat((x * cos + _rotate_half(x) * sin, rest), dim=-1)
+    return torch.cat((rope.rotate(x, cos, sin), rest), dim=-1)
 
 
 def _attend(q_NBHD, k_BGTD, v_BGTD, keep_BNT, scale: float) -> torch.Tensor:

@@ -28,7 +28,9 @@ _tables: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 _megatron_apply = None
 
 
-def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype, mscale: float):
+def cos_sin(freqs: torch.Tensor, dtype: torch.dtype, mscale: float = 1.0):
+    """cos and the sign-folded sin of an angle table (shape of `freqs`), in `dtype`; computed
+    once per table."""
     key = (freqs.data_ptr(), freqs.device, tuple(freqs.shape), freqs.stride(), dtype, mscale)
     hit = _tables.get(key)
     if hit is None:
@@ -51,8 +53,13 @@ def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale: float = 1.0,
             or freqs.requires_grad):
         return _megatron_apply(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale,
                                cp_group=cp_group)
-    cos, sin = _cos_sin(freqs, t.dtype, mscale)
-    return t * cos + t.roll(t.shape[-1] // 2, dims=-1) * sin
+    cos, sin = cos_sin(freqs, t.dtype, mscale)
+    return rotate(t, cos, sin)
+
+
+def rotate(t: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved RoPE of all of t's last dimension, with `cos_sin`'s tables."""
+    return t * cos + t.roll(t.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def install() -> None:

@@ -252,11 +252,6 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="tasks to play, taken from the task sets in turn; 0 reports the stage's "
                         "validation metrics only (default 64)")
     p.add_argument("--out", help="write the metrics as JSON here (episodes beside it)")
-    p.add_argument("--rollout", choices=["continuous", "rounds"], default="continuous",
-                   help="how episodes share the decode batch: continuous (a KV-cache slot per "
-                        "episode, refilled as episodes end) or rounds (one turn of every "
-                        "episode per batch); the same episodes, at another speed (default "
-                        "continuous)")
 
 
 def add_play_args(p: argparse.ArgumentParser, split: str = "validation",
@@ -280,6 +275,13 @@ def add_play_args(p: argparse.ArgumentParser, split: str = "validation",
     p.add_argument("--max-new-tokens", type=int, default=320,
                    help="token budget of one agent turn (default 320)")
     p.add_argument("--batch-size", type=int, default=16, help="episodes generated together")
+    p.add_argument("--rollout", choices=["continuous", "rounds"], default="continuous",
+                   help="how episodes share the decode batch: continuous (a KV-cache slot per "
+                        "episode, refilled as episodes end) or rounds (one turn of every "
+                        "episode per batch). eval plays the same episodes either way; data "
+                        "collect by rounds plays one task at a time, its batches drawing from "
+                        "one random stream, as collections made before this flag were played "
+                        "(default continuous)")
     p.add_argument("--temperature", type=float, default=temperature,
                    help=f"sampling temperature, 0 is greedy (default {temperature:g}); the "
                         "seed is the recipe's")

@@ -16,11 +16,14 @@ samples (leave-one-out: its own outcome is left out, so the estimate stays unbia
 outcome): n = mc + samples - 1. Every later state gets its own `mc` continuations: n = mc.
 With mc = 0 no estimates are written (FE-SFT then takes the outcome as the value target).
 
-Determinism: a task is the unit of work. Its samples are drawn in one batch seeded from the
-recipe's seed, the task set and the task id, and its continuations in batches seeded likewise,
-so a task's records do not depend on which other tasks a process plays: a resumed run, or one
-over another number of data-parallel ranks, writes the same records (with the same
---batch-size, which decides how rows share a batch's random stream, so a resume keeps it).
+Determinism: a task is the unit of work. Its draws are seeded from the recipe's seed, the
+task set and the task id, so a task's records do not depend on which other tasks a process
+plays: a resumed run, or one over another number of data-parallel ranks, writes the same
+records. With `--rollout continuous` (the default) every episode draws from its own streams
+(`agent.row_seed` of the task's seed, the sample and the turn), and the samples of several
+tasks share the KV-cache slots, refilled as episodes end (then their continuations likewise);
+with `--rollout rounds` one task is played at a time, its samples in batches that share one
+stream, so --batch-size decides the draws. A resume keeps both (`IDENTITY`).
 
 Output, in DIR: `collect-RRRRR-of-DDDDD.jsonl` per data-parallel rank (task i is played by
 rank i % D), one canonical line per trajectory, flushed as written and fsynced every
@@ -63,13 +66,18 @@ IDENTITY = {"checkpoint": "--ckpt", "split": "--split", "samples": "--samples", 
             "drop_failed": "--drop-failed", "seed": "the recipe's seed",
             "format": "the recipe's foresight_format", "foresight": "--foresight",
             "top_p": "--top-p", "batch_size": "--batch-size", "tokenizer": "data.tokenizer",
-            "seq_length": "data.seq_length", "env_options": "the task sets' options"}
+            "seq_length": "data.seq_length", "env_options": "the task sets' options",
+            "rollout": "--rollout"}
 """What a collection's records depend on (beyond the task), with the flag that sets it: a
 resume must keep them all. --batch-size decides how rows share a batch's random stream;
 data.tokenizer and data.seq_length what the model reads (and where a context is cut); each
 played set's environment options (prompt template, top-k, corpus, turn budget) what it is
-asked and answered."""
+asked and answered; --rollout how episodes draw (see the module docstring)."""
 NOT_RECORDED = "(not recorded)"
+WHEN_ABSENT = {"rollout": "rounds"}
+"""What a key missing from an older collect.json stood for: collections made before --rollout
+existed were played by rounds."""
+ROLLOUTS = ("continuous", "rounds")
 
 
 @dataclass
@@ -95,9 +103,6 @@ class CollectOptions(EvalOptions):
     Monte-Carlo estimates (a policy's own guessed values would be kept instead)."""
     top_p: float = 1.0
     """Nucleus sampling: draw from the smallest set of tokens with this much probability."""
-    rollout: str = "rounds"
-    """Collection plays by rounds, each task's samples sharing a batch's random stream (what
-    its resumes and the records of earlier collections rely on); not a flag here yet."""
 
     def __post_init__(self):
         if self.samples < 1:
@@ -112,6 +117,8 @@ class CollectOptions(EvalOptions):
                              "(--temperature 1), or pass --samples 1 --mc 0")
         if not 0 < self.top_p <= 1:
             raise UsageError(f"--top-p {self.top_p:g}: must be in (0, 1]")
+        if self.rollout not in ROLLOUTS:
+            raise UsageError(f"--rollout {self.rollout}: one of {', '.join(ROLLOUTS)}")
         if self.tasks is not None and self.tasks < 1:
             raise UsageError(f"--tasks {self.tasks}: give at least 1 (default: all tasks)")
         for flag, value in (("--max-new-tokens", self.max_new_tokens),
@@ -129,7 +136,7 @@ class CollectOptions(EvalOptions):
                   "samples": self.samples, "mc": self.mc, "temperature": self.temperature,
                   "max_new_tokens": self.max_new_tokens, "drop_failed": self.drop_failed,
                   "seed": cfg.seed, "format": cfg.foresight_format, "foresight": self.foresight,
-                  "top_p": self.top_p, "batch_size": self.batch_size,
+                  "top_p": self.top_p, "batch_size": self.batch_size, "rollout": self.rollout,
                   "seq_length": cfg.data.seq_length,
                   "env_options": {s.name: dataclasses.asdict(s.cfg.env_options)
                                   for s in task_sets.with_split(self.split)}}
@@ -175,7 +182,7 @@ def check_resumable(out: Path, identity: dict) -> None:
     for key, flag in IDENTITY.items():
         if key not in identity:
             continue
-        old, new = recorded.get(key, NOT_RECORDED), identity[key]
+        old, new = recorded.get(key, WHEN_ABSENT.get(key, NOT_RECORDED)), identity[key]
         if key == "env_options" and isinstance(old, dict):
             # a resume may play fewer or other sets (`_selection`): only the sets both play
             # must have the same options
@@ -211,25 +218,68 @@ def derived_seed(seed: int, task, purpose: str) -> int:
     return int(hashlib.sha256(key).hexdigest()[:12], 16)
 
 
-def play_task(generator, task, make_env, sampling: Sampling, samples: int, mc: int,
-              batch_size: int, fmt, seed: int) -> TaskPlay:
-    """`samples` episodes of `task` and, with mc > 0, `mc` continuations from every state
-    before an agent turn (see the module docstring for how they count)."""
+def play_tasks(generator, tasks, make_env, sampling: Sampling, samples: int, mc: int,
+               batch_size: int, fmt, seed: int, rollout: str) -> list[TaskPlay]:
+    """For each of `tasks`, `samples` episodes and, with mc > 0, `mc` continuations from every
+    state before an agent turn (see the module docstring for how they count). By rounds, one
+    task after the other, each batch of a task drawing from one stream; continuously, the
+    samples of all of them in one slot batch and then all their continuations, every episode
+    drawing from its own streams: a task's records whichever tasks share its batch."""
+    if rollout == "rounds":
+        return [_play_rounds(generator, task, make_env, sampling, samples, mc, batch_size, fmt,
+                             seed) for task in tasks]
+    records, envs, streams = [], [], []
+    for task in tasks:
+        r, e = start_episodes(generator.tokenizer, [task] * samples, make_env, fmt)
+        records += r
+        envs += e
+        streams += [(derived_seed(seed, task, "samples"), i) for i in range(samples)]
+    play_episodes(generator, records, envs, sampling, batch_size, fmt, continuous=True,
+                  streams=streams)
+    plays = [_played(records[k * samples:(k + 1) * samples]) for k in range(len(tasks))]
+    if mc == 0:
+        return plays
+    starts, start_envs, streams, spans = [], [], [], []
+    for task, played in zip(tasks, plays):
+        s, e, origins = _states(generator.tokenizer, task, played.records, make_env, mc, fmt)
+        spans.append((len(starts), origins))
+        starts += s
+        start_envs += e
+        streams += [(derived_seed(seed, task, "mc"), i) for i in range(len(s))]
+    play_episodes(generator, starts, start_envs, sampling, batch_size, fmt, continuous=True,
+                  streams=streams)
+    for played, (first, origins) in zip(plays, spans):
+        _add_estimates(played, starts[first:first + len(origins)], origins, mc)
+    return plays
+
+
+def _play_rounds(generator, task, make_env, sampling: Sampling, samples: int, mc: int,
+                 batch_size: int, fmt, seed: int) -> TaskPlay:
     records, envs = start_episodes(generator.tokenizer, [task] * samples, make_env, fmt)
     play_episodes(generator, records, envs, replace(sampling, seed=derived_seed(
         seed, task, "samples")), batch_size, fmt)
-    played = TaskPlay(records, [[] for _ in records],
-                      tokens=sum(len(t.ids) for r in records for t in r.turns))
+    played = _played(records)
     if mc == 0:
         return played
     starts, start_envs, origins = _states(generator.tokenizer, task, records, make_env, mc, fmt)
     play_episodes(generator, starts, start_envs, replace(sampling, seed=derived_seed(
         seed, task, "mc")), batch_size, fmt)
+    _add_estimates(played, starts, origins, mc)
+    return played
+
+
+def _played(records: list[EpisodeRecord]) -> TaskPlay:
+    return TaskPlay(records, [[] for _ in records],
+                    tokens=sum(len(t.ids) for r in records for t in r.turns))
+
+
+def _add_estimates(played: TaskPlay, starts: list[EpisodeRecord], origins, mc: int) -> None:
+    """The continuations from the task's states, played: count them and their tokens (those
+    generated after the state each started from) into `played`."""
     played.continuations = len(starts)
     played.tokens += sum(len(t.ids) for s, origin in zip(starts, origins)
                          for t in s.turns[origin[1] if origin else 0:])
-    played.estimates = _estimates(records, starts, origins, mc)
-    return played
+    played.estimates = _estimates(played.records, starts, origins, mc)
 
 
 def _states(tok, task, records: list[EpisodeRecord], make_env, mc: int, fmt):
@@ -494,19 +544,31 @@ def _play_all(generator, cfg, opts: CollectOptions, task_sets, todo, done: set[s
     stats, start = Counter(), time.monotonic()
     bar = tqdm(total=len(todo) * opts.samples, desc="episodes", unit=" ep",
                disable=None if progress else True)
-    for task in todo:
-        played = play_task(generator, task, task_sets.make_env, sampling, opts.samples, opts.mc,
-                           opts.batch_size, fmt, cfg.seed)
-        stats.update(tasks=1, episodes=len(played.records), tokens=played.tokens,
-                     continuations=played.continuations,
-                     successes=sum(r.success for r in played.records))
-        _write(writer, played, {**meta, "seed": derived_seed(cfg.seed, task, "samples")},
-               done, opts.drop_failed, stats)
+    per_call = tasks_per_call(opts)
+    for first in range(0, len(todo), per_call):
+        tasks = todo[first:first + per_call]
+        plays = play_tasks(generator, tasks, task_sets.make_env, sampling, opts.samples, opts.mc,
+                           opts.batch_size, fmt, cfg.seed, opts.rollout)
+        for task, played in zip(tasks, plays):
+            stats.update(tasks=1, episodes=len(played.records), tokens=played.tokens,
+                         continuations=played.continuations,
+                         successes=sum(r.success for r in played.records))
+            _write(writer, played, {**meta, "seed": derived_seed(cfg.seed, task, "samples")},
+                   done, opts.drop_failed, stats)
+            bar.update(len(played.records))
         stats["seconds"] = time.monotonic() - start
-        bar.update(len(played.records))
         bar.set_postfix_str(f"{stats['tokens'] / stats['seconds']:.0f} tokens/s")
     bar.close()
     return stats
+
+
+def tasks_per_call(opts: CollectOptions) -> int:
+    """Tasks played together: one by rounds; continuously, enough for about two batches of
+    episodes, so that slots freed by short episodes are refilled, while a kill loses little
+    (the tasks of one call are written when it returns)."""
+    if opts.rollout == "rounds":
+        return 1
+    return max(1, -(-2 * opts.batch_size // opts.samples))
 
 
 def _write(writer: ShardWriter | None, played: TaskPlay, meta: dict, done: set[str],

@@ -61,8 +61,9 @@ def _play(monkeypatch, samples=3, mc=4, env=lambda task: MathEnv(max_turns=3)):
         batches.append(records)
 
     monkeypatch.setattr(collect, "play_episodes", spy)
-    played = collect.play_task(ScriptedPolicy(), TASK, env, Sampling(temperature=1.0),
-                               samples, mc, batch_size=5, fmt=FORMATS["v1"], seed=7)
+    played, = collect.play_tasks(ScriptedPolicy(), [TASK], env, Sampling(temperature=1.0),
+                                 samples, mc, batch_size=5, fmt=FORMATS["v1"], seed=7,
+                                 rollout="rounds")
     return played, batches[1] if mc else []
 
 
@@ -189,6 +190,20 @@ def test_a_resume_must_keep_every_option_its_records_depend_on(tmp_path):
     collect.check_resumable(out, {**recorded, "env_options": {"other": {"max_turns": 1}}})
 
 
+def test_a_collection_from_before_the_rollout_flag_resumes_by_rounds_only(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    older = _identity(tmp_path, ByteTokenizer())
+    assert older.pop("rollout") == "continuous"  # the default now
+    collect.write_manifest(out, {"options": older})
+    collect.check_resumable(out, _identity(tmp_path, ByteTokenizer(), rollout="rounds"))
+    with pytest.raises(UsageError) as e:
+        collect.check_resumable(out, _identity(tmp_path, ByteTokenizer()))
+    assert "made with --rollout rounds (this command: --rollout continuous)" in str(e.value)
+    with pytest.raises(UsageError, match="--rollout sideways: one of continuous, rounds"):
+        _identity(tmp_path, rollout="sideways")
+
+
 @pytest.mark.parametrize("text", ["", "{not json", '{"status": "running"}', "[1]"])
 def test_a_manifest_that_does_not_read_is_one_line_naming_it(tmp_path, text):
     (tmp_path / "collect.json").write_text(text)
@@ -306,7 +321,7 @@ def test_drop_failed_leaves_unsuccessful_episodes_out_and_remembers_them(policy,
                                                                         data_cache, tmp_path):
     out = tmp_path / "out"
     foresight(_args(policy, small_world, data_cache, out, "--tasks", "1", "--mc", "0",
-                    "--drop-failed"))
+                    "--drop-failed", "--rollout", "rounds"))
     counts = json.loads((out / "collect.json").read_text())["counts"]
     assert counts["written"] == counts["successes"] and counts["dropped"] == 2 - counts[
         "successes"]

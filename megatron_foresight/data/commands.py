@@ -265,7 +265,8 @@ def run_collect(args) -> int:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         temperature=args.temperature, task_sets=args.task_sets, tasks_file=args.tasks_file,
         env=args.env, corpus=args.corpus, samples=args.samples, mc=args.mc,
-        drop_failed=args.drop_failed, foresight=args.foresight, top_p=args.top_p)
+        drop_failed=args.drop_failed, foresight=args.foresight, top_p=args.top_p,
+        rollout=args.rollout)
     check_parallel(cfg)
     checkpoint = find_weights(policy_path(cfg, opts.ckpt, required=True))
     task_sets = task_sets_for(cfg, opts)

@@ -124,19 +124,28 @@ def start_episodes(tok, tasks: Sequence[Task], make_env: Callable[[Task], Episod
 def play_episodes(generator: Generator, records: list[EpisodeRecord], envs: list[Episode],
                   sampling: Sampling, batch_size: int = 16, fmt: ForesightFormat | None = V1,
                   on_end: Callable[[EpisodeRecord], None] | None = None,
-                  continuous: bool = False, row_streams: bool = False) -> None:
+                  continuous: bool = False, row_streams: bool = False,
+                  streams: Sequence[tuple[int, int]] | None = None) -> None:
     """Play started episodes to their end, in place: each record's `ids` are the context so far
     and its env is in the state that follows them (`start_episodes`, or a state partway through
     an episode, which `data collect`'s Monte-Carlo continuations start from). `on_end` is
     called with each record as its episode ends. `continuous`: the slot schedule, with
     `batch_size` slots (per-row streams always). `row_streams`: the round schedule draws from
-    per-row streams too (one stream per batch otherwise)."""
+    per-row streams too (one stream per batch otherwise). `streams`: record i's per-row
+    streams are `row_seed(*streams[i], turn)` (default `(sampling.seed, i)`), so episodes
+    from several calls can share one (`data collect` batches the samples of several tasks)
+    and still draw what each would alone."""
     stops = (fmt or V1).stop_texts()
     tok = generator.tokenizer
     newline = _encode(tok, "\n")
+    if streams is None:
+        streams = [(sampling.seed, i) for i in range(len(records))]
+    if len(streams) != len(records):
+        raise ValueError(f"{len(streams)} streams for {len(records)} episodes")
     if continuous:
         with generator.without_sequence_parallel():
-            _Continuous(generator, records, envs, sampling, batch_size, stops, on_end).run()
+            _Continuous(generator, records, envs, sampling, batch_size, stops, on_end,
+                        streams).run()
         return
     active = [i for i, r in enumerate(records) if not r.ended]
     calls = 0
@@ -149,7 +158,7 @@ def play_episodes(generator: Generator, records: list[EpisodeRecord], envs: list
             prompts = [records[i].ids for i in chunk]
             if row_streams:
                 outs = generator.generate(prompts, sampling, stops, row_seeds=[
-                    row_seed(sampling.seed, i, len(records[i].turns)) for i in chunk])
+                    row_seed(*streams[i], len(records[i].turns)) for i in chunk])
             else:
                 outs = generator.generate(prompts, seeded, stops)
             for i, out in zip(chunk, outs):
@@ -193,8 +202,9 @@ class _Continuous:
     """The continuous schedule (module docstring). A slot is free, running a turn (in the
     engine) or waiting: its turn ended and the environment's reply is pending."""
 
-    def __init__(self, generator, records, envs, sampling, slots, stops, on_end):
+    def __init__(self, generator, records, envs, sampling, slots, stops, on_end, streams):
         self.records, self.envs, self.sampling, self.on_end = records, envs, sampling, on_end
+        self.streams = streams
         self.tok = generator.tokenizer
         self.newline = _encode(self.tok, "\n")
         self.engine = SlotEngine(generator, slots, sampling, stops)
@@ -239,6 +249,6 @@ class _Continuous:
         i = self.held[slot]
         record = self.records[i]
         out = self.engine.start(slot, record.ids[self.engine.cached(slot):],
-                                row_seed(self.sampling.seed, i, len(record.turns)))
+                                row_seed(*self.streams[i], len(record.turns)))
         if out is not None:  # no room for a turn
             self.waiting[slot] = (out, None)

@@ -12,6 +12,7 @@ import torch
 from megatron_foresight.config import load_recipe
 from megatron_foresight.data.tokenizer import ByteTokenizer
 from megatron_foresight.envs.math import MathEnv
+from megatron_foresight.errors import UsageError
 from megatron_foresight.inference.agent import run_episodes
 from megatron_foresight.inference.continuous import SlotEngine
 from megatron_foresight.inference.generate import Generator, Sampling
@@ -125,3 +126,67 @@ def test_continuous_is_the_same_under_model_parallelism(tmp_path, tp, pp):
         python(["tests/helpers/continuous_episodes.py", str(path), *map(str, layout)], nproc=n)
         out[n] = json.loads(path.read_text())
     _same_records(out[2], out[1])
+
+
+class _NoHostReads(torch.overrides.TorchFunctionMode):
+    """Fails on anything that reads a tensor's value back to the host (or sizes a result by
+    it): a captured CUDA graph could not do that."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__,
+             torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__,
+             torch.Tensor.numpy, torch.Tensor.cpu, torch.Tensor.nonzero, torch.nonzero,
+             torch.Tensor.masked_select, torch.masked_select}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        masks = [a for a in (*args[1:2], *(args[1] if len(args) > 1 and isinstance(
+            args[1], tuple) else ())) if isinstance(a, torch.Tensor) and a.dtype == torch.bool]
+        if func in self.READS or (func in (torch.Tensor.__getitem__,
+                                           torch.Tensor.__setitem__) and masks):
+            raise AssertionError(f"a host read inside the graphed decode step: {func}")
+        return func(*args, **kwargs)
+
+
+class _RerunGraphs:
+    """Stands in for `torch.cuda.CUDAGraph` (no GPU here): capture runs the step twice (warm-up
+    and capture) and a replay runs it again, each under `_NoHostReads`, writing into the
+    captured output tensor as a graph does."""
+
+    captures = 0
+
+    def capture(self, run):
+        with _NoHostReads():
+            run()
+            out = run()
+        _RerunGraphs.captures += 1
+
+        def replay():
+            with _NoHostReads():
+                out.copy_(run())
+        return replay, out
+
+
+def test_graphed_decode_plays_the_same_episodes_mocked_cuda_graph(megatron_cpu, monkeypatch):
+    """The decode step in the static form a CUDA graph replays (`inference.graphs`: every slot
+    a row, keys read up to a bucket, the step's tensors refreshed in place) gives the
+    engine's episodes, greedy and sampled, and reads nothing back to the host. The graph
+    itself is mocked (no GPU here)."""
+    from megatron_foresight.inference import graphs
+
+    assert graphs.key_buckets(512) == [128, 256, 512] and graphs.key_buckets(100) == [100]
+    model = _model()
+    with pytest.raises(UsageError, match="need a GPU; this model is on cpu"):
+        Generator(model, ByteTokenizer(), max_sequence_length=512, cuda_graphs=True)
+    gen = Generator(model, ByteTokenizer(), max_sequence_length=512)
+    sampled = Sampling(temperature=1.0, max_new_tokens=12, seed=11)
+    want = [episodes(True, generator=gen), episodes(True, sampled, generator=gen)]
+    monkeypatch.setattr(graphs, "CudaGraphs", _RerunGraphs)
+    monkeypatch.setattr(_RerunGraphs, "captures", 0)
+    gen.cuda_graphs = True
+    got = [episodes(True, generator=gen), episodes(True, sampled, generator=gen)]
+    for g, w in zip(got, want):
+        _same_records(g, w)
+    # one graph per key bucket and engine (one engine per call): a context past 128 tokens
+    # needed the second bucket
+    assert max(len(r["ids"]) for run in got for r in run) > 128
+    assert _RerunGraphs.captures >= 3

@@ -44,7 +44,9 @@ class SlotEngine:
                  stop_texts: tuple[str, ...], shared_seed: int | None = None):
         """`shared_seed`: every turn started without a seed of its own draws from one stream
         seeded so, in one call per forward over its rows in slot order (as
-        `Generator.generate` draws for a batch)."""
+        `Generator.generate` draws for a batch). Decode steps replay CUDA graphs when the
+        generator asks for them (`inference.graphs`)."""
+        from megatron_foresight.inference.graphs import DecodeGraphs
         from megatron_foresight.inference.slots import SlotContext  # imports Megatron
 
         self.g = generator
@@ -54,6 +56,7 @@ class SlotEngine:
         self.turns: dict[int, _Turn] = {}
         self.stats = generator.stats
         self.stream = None if shared_seed is None else torch.Generator().manual_seed(shared_seed)
+        self.graphs = DecodeGraphs(generator, self.context) if generator.cuda_graphs else None
 
     def cached(self, slot: int) -> int:
         """How many tokens slot `slot` holds."""
@@ -88,7 +91,11 @@ class SlotEngine:
             logits_BV = self._prefill(slots)
         else:
             with device_mode_off() if self.g.mode_off else contextlib.nullcontext():
-                logits_BV = self._run(slots, [self.turns[s].pending for s in slots])
+                if self.graphs is not None:
+                    logits_BV = self.graphs.decode(slots, [self.turns[s].pending[0]
+                                                           for s in slots])
+                else:
+                    logits_BV = self._run(slots, [self.turns[s].pending for s in slots])
             self.stats.add(len(slots))
         gens = [self.turns[s].gen for s in slots]
         shared = self.stream is not None and all(g is self.stream for g in gens)

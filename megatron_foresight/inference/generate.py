@@ -140,11 +140,13 @@ class Generator:
     to the others. `lean_decode`: decode steps run without the attention mask when no row is
     padded (a query at the end sees every key) and, with TP = 1, outside the CPU compatibility
     layer's device mode (a decode step allocates nothing then; the mode costs a Python call
-    per op)."""
+    per op).
+    `cuda_graphs` (off by default; CUDA, PP = 1): the continuous engine's decode steps replay
+    CUDA graphs (`inference.graphs`; not yet run on a GPU)."""
 
     def __init__(self, model, tokenizer, *, max_sequence_length: int, pad_id: int = 0,
                  shared_prefill: bool = True, lean_decode: bool = True,
-                 slot_cache: bool = False):
+                 slot_cache: bool = False, cuda_graphs: bool = False):
         from megatron.core import parallel_state
 
         from megatron_foresight.inference.slots import SlotSelfAttention, unsupported_by_slots
@@ -172,6 +174,10 @@ class Generator:
         # only the compatibility mode maps to the CPU: with TP > 1 decode keeps the mode.
         self.mode_off = lean_decode and ps.get_tensor_model_parallel_world_size() == 1
         self.stats = DecodeStats()
+        if cuda_graphs and self.device.type != "cuda":
+            raise UsageError(f"CUDA graphs of the decode step need a GPU; this model is on "
+                             f"{self.device.type} (fc_rl.cuda_graphs: false to roll out here)")
+        self.cuda_graphs = cuda_graphs
         inner = getattr(model, "module", model)
         self.slot_cache = slot_cache and any(
             isinstance(m, SlotSelfAttention) for m in model.modules()) and \

@@ -89,6 +89,11 @@ class Config(StageConfig):
     `rounds`: every episode advances one turn per batch and the batch waits for its longest
     turn. Rows draw from per-episode streams either way: the same episodes, at another speed
     (benchmarks/rollout_throughput.py)."""
+    cuda_graphs: bool = False
+    """Replay the continuous rollout's decode step as CUDA graphs, one per key-length bucket
+    (inference.graphs): one launch per token instead of one per kernel. GPU, continuous
+    rollout and pipeline parallelism 1 only; not yet run on a GPU (tested on the CPU with the
+    graph mocked), so off by default."""
 
     def check_recipe(self, cfg) -> None:
         """What FC-RL needs of the rest of the recipe; run whenever the recipe loads, so
@@ -109,6 +114,13 @@ class Config(StageConfig):
               "FC-RL generates outside Megatron's training schedule, where Transformer Engine's "
               "FP8 weight cache is not refreshed and decode batches are not padded for FP8; "
               "set model.fp8: null for this stage")
+        check(not self.cuda_graphs or self.rollout == "continuous", "fc_rl.cuda_graphs",
+              "CUDA graphs replay the continuous rollout's decode step: set fc_rl.rollout: "
+              "continuous, or fc_rl.cuda_graphs: false")
+        check(not self.cuda_graphs or cfg.parallel.pipeline_model_parallel_size == 1,
+              "fc_rl.cuda_graphs", "CUDA graphs of the decode step need "
+              "parallel.pipeline_model_parallel_size 1 (a stage hand-off reads a shape on the "
+              "host); set fc_rl.cuda_graphs: false")
         episodes, mbs = self.prompts_per_step * self.group_size, cfg.schedule.micro_batch_size
         check(episodes % mbs == 0, "schedule.micro_batch_size",
               f"the pipelined log-prob passes need equal microbatches: each rank's {episodes} "
@@ -243,7 +255,7 @@ class ForesightRLStage(OnPolicyStage):
 
     def _generator(self, model) -> Generator:
         return Generator(model, self.tokenizer, max_sequence_length=self.cfg.data.seq_length,
-                         pad_id=self.tokenizer.eod)
+                         pad_id=self.tokenizer.eod, cuda_graphs=self.stage.cuda_graphs)
 
     def _play(self, rt: StageRuntime, tasks) -> list:
         s = self.stage

@@ -19,11 +19,16 @@ With mc = 0 no estimates are written (FE-SFT then takes the outcome as the value
 Determinism: a task is the unit of work. Its draws are seeded from the recipe's seed, the
 task set and the task id, so a task's records do not depend on which other tasks a process
 plays: a resumed run, or one over another number of data-parallel ranks, writes the same
-records. With `--rollout continuous` (the default) every episode draws from its own streams
-(`agent.row_seed` of the task's seed, the sample and the turn), and the samples of several
-tasks share the KV-cache slots, refilled as episodes end (then their continuations likewise);
-with `--rollout rounds` one task is played at a time, its samples in batches that share one
-stream, so --batch-size decides the draws. A resume keeps both (`IDENTITY`).
+records. With `--rollout rounds` one task is played at a time, its samples in batches that
+share one stream (--batch-size decides the draws): exactly the same records. With `--rollout
+continuous` (the default) the samples of several tasks share the KV-cache slots, refilled as
+episodes end (then their continuations likewise), every episode drawing from its own streams
+(`agent.row_seed` of the task's seed, the sample and the turn): the same draws whichever tasks
+share the batch, over logits equal up to the float rounding of another batch shape (a draw
+near a boundary may then differ). A resumed run on the same layout plays the group of tasks a
+kill interrupted again, whole (`task_groups`), so its records are exactly the first run's;
+over another number of data-parallel ranks, up to that rounding. A resume keeps both flags
+(`IDENTITY`).
 
 Output, in DIR: `collect-RRRRR-of-DDDDD.jsonl` per data-parallel rank (task i is played by
 rank i % D), one canonical line per trajectory, flushed as written and fsynced every
@@ -69,7 +74,9 @@ IDENTITY = {"checkpoint": "--ckpt", "split": "--split", "samples": "--samples", 
             "seq_length": "data.seq_length", "env_options": "the task sets' options",
             "rollout": "--rollout"}
 """What a collection's records depend on (beyond the task), with the flag that sets it: a
-resume must keep them all. --batch-size decides how rows share a batch's random stream;
+resume must keep them all. --batch-size decides how rows share a batch's random stream (by
+rounds) or which tasks share the slots (continuously: the same draws, logits equal up to the
+float rounding of other batch shapes);
 data.tokenizer and data.seq_length what the model reads (and where a context is cut); each
 played set's environment options (prompt template, top-k, corpus, turn budget) what it is
 asked and answered; --rollout how episodes draw (see the module docstring)."""
@@ -496,8 +503,9 @@ def collect(cfg, opts: CollectOptions, task_sets, checkpoint: Path, recipe: str)
                  out, opts.samples, opts.mc)
         try:
             with torch.no_grad():
-                stats = _play_all(generator, cfg, opts, task_sets, todo, done, writer,
-                                  checkpoint, ctx.is_logging_rank)
+                stats = _play_all(generator, cfg, opts, task_sets,
+                                  task_groups(mine, todo, opts), done, writer, checkpoint,
+                                  ctx.is_logging_rank)
         finally:  # the last fsync also on an error or Ctrl-C: what was written stays written
             if writer is not None:
                 writer.close()
@@ -532,8 +540,18 @@ def _selection(opts: CollectOptions, task_sets) -> dict:
             "tasks_file": opts.tasks_file, "env": opts.env, "corpus": opts.corpus}
 
 
-def _play_all(generator, cfg, opts: CollectOptions, task_sets, todo, done: set[str], writer,
-              checkpoint: Path, progress: bool) -> Counter:
+def task_groups(mine: list, todo: list, opts: CollectOptions) -> list[list]:
+    """This rank's tasks in the groups played together (`tasks_per_call`), cut from all of
+    them, not from those left to play: a resumed run plays the group a kill interrupted whole
+    (writing only what is missing), so its episodes share the batch they first shared and come
+    out the same. Groups with nothing left to play are skipped."""
+    per_call, left = tasks_per_call(opts), {id(t) for t in todo}
+    groups = [mine[i:i + per_call] for i in range(0, len(mine), per_call)]
+    return [g for g in groups if any(id(t) in left for t in g)]
+
+
+def _play_all(generator, cfg, opts: CollectOptions, task_sets, groups: list[list],
+              done: set[str], writer, checkpoint: Path, progress: bool) -> Counter:
     from tqdm import tqdm
 
     sampling = Sampling(temperature=opts.temperature, top_p=opts.top_p,
@@ -542,11 +560,9 @@ def _play_all(generator, cfg, opts: CollectOptions, task_sets, todo, done: set[s
     meta = {"split": opts.split, "temperature": opts.temperature,
             "checkpoint": str(checkpoint.resolve())}
     stats, start = Counter(), time.monotonic()
-    bar = tqdm(total=len(todo) * opts.samples, desc="episodes", unit=" ep",
+    bar = tqdm(total=sum(map(len, groups)) * opts.samples, desc="episodes", unit=" ep",
                disable=None if progress else True)
-    per_call = tasks_per_call(opts)
-    for first in range(0, len(todo), per_call):
-        tasks = todo[first:first + per_call]
+    for tasks in groups:
         plays = play_tasks(generator, tasks, task_sets.make_env, sampling, opts.samples, opts.mc,
                            opts.batch_size, fmt, cfg.seed, opts.rollout)
         for task, played in zip(tasks, plays):

@@ -57,8 +57,10 @@ their `sources`.
 OUT holds collect-RRRRR-of-DDDDD.jsonl per data-parallel rank (under torchrun or srun each
 rank plays every D-th task, on the recipe's TP/PP layout) and collect.json (recipe,
 checkpoint, options, counts, episodes/s and tokens/s). Each record's id and random seed follow
-from the recipe's seed and its task, so the same command gives the same records, and run again
-after a stop it plays only the tasks not yet written. --drop-failed leaves out unsuccessful
+from the recipe's seed and its task, so the same command gives the same records (with
+--rollout continuous, where tasks share the batch, exactly on the same layout, and up to the
+float rounding of other batch shapes over another number of ranks), and run again after a
+stop it plays only the tasks not yet written. --drop-failed leaves out unsuccessful
 episodes (counted); by default they are kept, as WM-AMT learns from failures too.
 
 examples:

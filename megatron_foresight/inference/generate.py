@@ -141,8 +141,8 @@ class Generator:
     padded (a query at the end sees every key) and, with TP = 1, outside the CPU compatibility
     layer's device mode (a decode step allocates nothing then; the mode costs a Python call
     per op).
-    `cuda_graphs` (off by default; CUDA, PP = 1): the continuous engine's decode steps replay
-    CUDA graphs (`inference.graphs`; not yet run on a GPU)."""
+    And on a GPU, `cuda_graphs` (off by default; PP = 1): the continuous engine's decode steps
+    replay CUDA graphs (`inference.graphs`; not yet run on a GPU)."""
 
     def __init__(self, model, tokenizer, *, max_sequence_length: int, pad_id: int = 0,
                  shared_prefill: bool = True, lean_decode: bool = True,

@@ -19,7 +19,9 @@ form (`FixedDecodeStep`):
 
 A bucket's graph is captured on the first step that needs it, after a warm-up run on a side
 stream (first calls allocate: the KV cache, RoPE tables, cuBLAS workspaces), into one memory
-pool shared by the buckets. Tensor parallelism is allowed (NCCL collectives are captured);
+pool shared by the buckets. Graphs live as long as their engine (one `play_episodes` call: an
+FC-RL step captures its buckets again; keeping the engine's cache and graphs across steps would
+save that, if a GPU shows it matters). Tensor parallelism is allowed (NCCL collectives are captured);
 pipeline parallelism is not (a stage hand-off sends the shape first, a host read).
 
 Not yet run on a GPU: the machines this was written on have none. On the CPU the static step is
@@ -33,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from megatron_foresight.errors import UsageError
+from megatron_foresight.models import rope
 
 SMALLEST_BUCKET = 128
 
@@ -104,6 +107,7 @@ class DecodeGraphs:
                                     device=generator.device)
         self.graphs: dict[int, tuple] = {}
         """Per bucket: its step, the graph's replay and its output (logits [S, V])."""
+        self.tables: list = []
 
     def decode(self, slots: list[int], pending: list[int]) -> torch.Tensor:
         """One decode step of the running `slots`, each appending its pending token: their
@@ -117,6 +121,9 @@ class DecodeGraphs:
             step = FixedDecodeStep(self.context.slots, keys, self.g.device)
             self._set(step, tokens, lengths)
             self.graphs[keys] = (step, *self.backend.capture(lambda: self._forward(step)))
+            # the graph reads RoPE tables from `models.rope`'s cache by address: hold them
+            # here, so that the cache letting go of one cannot free memory a replay reads
+            self.tables = list(rope._tables.values())
         step, replay, logits_SV = self.graphs[keys]
         self._set(step, tokens, lengths)
         replay()

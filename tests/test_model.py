@@ -146,6 +146,35 @@ def test_cached_rope_equals_megatrons_unfused_rope_bit_for_bit(megatron_cpu, dty
                                                              rotary_interleaved=True))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_swiglu_gives_megatrons_unfused_mlp_bit_for_bit(megatron_cpu, precision):
+    """models/swiglu.py (the fused SwiGLU call on the local layers) against Megatron's own
+    unfused MLP activation (chunk, silu, product, autograd's concatenated gradient): the same
+    logits and the same gradient of every parameter, on the tiny model."""
+    from megatron.core.transformer import mlp
+
+    from megatron_foresight.models import swiglu
+
+    (model,) = build_model(load_recipe(RECIPE, [f"model.precision={precision}"]), 384)
+    assert model.config.bias_activation_fusion and mlp.bias_swiglu_impl is swiglu.bias_swiglu_impl
+    tokens = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(24).expand(2, 24)
+    results = []
+    for fused in (True, False):
+        model.config.bias_activation_fusion = fused  # False: Megatron's unfused glu
+        model.zero_grad()
+        logits = model(tokens, positions, None)
+        (logits.float() ** 2).mean().backward()
+        grads = {n: (p.main_grad if hasattr(p, "main_grad") else p.grad).clone()
+                 for n, p in model.named_parameters()}
+        results.append((logits.detach(), grads))
+    (ours, ours_grads), (theirs, their_grads) = results
+    assert torch.equal(ours, theirs)
+    fc1 = [n for n in ours_grads if "linear_fc1" in n]
+    assert fc1 and all(ours_grads[n].abs().sum() > 0 for n in fc1)
+    assert all(torch.equal(ours_grads[n], their_grads[n]) for n in ours_grads)
+
+
 def test_document_masks_are_refused_on_transformer_engine_mocked_cuda(monkeypatch):
     """Per-document masks are wired for the local spec only: on a (mocked) CUDA machine with
     Transformer Engine the recipe is refused naming the key, not trained with a mask TE's

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_foresight.config import ConfigError, RecipeConfig
-from megatron_foresight.models import rope
+from megatron_foresight.models import rope, swiglu
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,9 @@ def transformer_config(cfg: RecipeConfig, use_te: bool):
         use_cpu_initialization=m.init_on_cpu if m.init_on_cpu is not None else not cuda,
         # The fused kernels need CUDA (and TE or Apex for some); the local CPU path runs the
         # plain torch versions of the same math.
-        bias_activation_fusion=use_te, bias_dropout_fusion=use_te, masked_softmax_fusion=use_te,
+        # SwiGLU takes the fused call on the local path too, where `models.swiglu` serves it
+        bias_activation_fusion=use_te or m.activation == "swiglu",
+        bias_dropout_fusion=use_te, masked_softmax_fusion=use_te,
         apply_rope_fusion=use_te, gradient_accumulation_fusion=use_te, persist_layer_norm=use_te,
         # Loss is summed per token and divided by the global token count once per step, so the
         # result does not depend on how the batch is split into microbatches or DP ranks.
@@ -211,6 +213,8 @@ def build_model(cfg: RecipeConfig, padded_vocab_size: int, pg_collection=None,
     use_te = use_transformer_engine(cfg)
     config = transformer_config(cfg, use_te)
     rope.install()  # RoPE's cos/sin computed once per table on the unfused path
+    if not use_te:
+        swiglu.install()  # SwiGLU's backward without a concatenation
     if not initialize:
         config = dataclasses.replace(config, perform_initialization=False)
     spec = layer_spec(cfg, use_te)

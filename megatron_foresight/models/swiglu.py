@@ -37,6 +37,7 @@ class SwiGLU(torch.autograd.Function):
         return activated * up
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         x, activated = ctx.saved_tensors
         gate, up = torch.chunk(x, 2, dim=-1)
@@ -57,7 +58,10 @@ def bias_swiglu_impl(x, bias, fp8_input_store=False, cpu_offload_input=False):
 
 def install() -> None:
     """Route the MLP's fused SwiGLU call to `bias_swiglu_impl` above. Idempotent; for the local
-    layers only (with Transformer Engine, Megatron's fused kernel stays)."""
+    layers only (with Transformer Engine, Megatron's fused kernel stays). The route is
+    process-wide: a Transformer Engine model built after a local one in the same process would
+    also take it (same values, without Megatron's fused kernel). MoE experts call
+    `weighted_bias_swiglu_impl`, not routed (no recipe builds experts)."""
     global _megatron_impl
     from megatron.core.transformer import mlp
 

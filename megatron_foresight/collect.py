@@ -232,47 +232,45 @@ def play_tasks(generator, tasks, make_env, sampling: Sampling, samples: int, mc:
     task after the other, each batch of a task drawing from one stream; continuously, the
     samples of all of them in one slot batch and then all their continuations, every episode
     drawing from its own streams: a task's records whichever tasks share its batch."""
-    if rollout == "rounds":
-        return [_play_rounds(generator, task, make_env, sampling, samples, mc, batch_size, fmt,
-                             seed) for task in tasks]
-    records, envs, streams = [], [], []
+    tok = generator.tokenizer
+    records, envs, owners = [], [], []
     for task in tasks:
-        r, e = start_episodes(generator.tokenizer, [task] * samples, make_env, fmt)
-        records += r
-        envs += e
-        streams += [(derived_seed(seed, task, "samples"), i) for i in range(samples)]
-    play_episodes(generator, records, envs, sampling, batch_size, fmt, continuous=True,
-                  streams=streams)
+        r, e = start_episodes(tok, [task] * samples, make_env, fmt)
+        records, envs, owners = records + r, envs + e, owners + [task] * samples
+    _play(generator, records, envs, owners, "samples", sampling, batch_size, fmt, seed, rollout)
     plays = [_played(records[k * samples:(k + 1) * samples]) for k in range(len(tasks))]
     if mc == 0:
         return plays
-    starts, start_envs, streams, spans = [], [], [], []
+    starts, start_envs, owners, spans = [], [], [], []
     for task, played in zip(tasks, plays):
-        s, e, origins = _states(generator.tokenizer, task, played.records, make_env, mc, fmt)
+        s, e, origins = _states(tok, task, played.records, make_env, mc, fmt)
         spans.append((len(starts), origins))
-        starts += s
-        start_envs += e
-        streams += [(derived_seed(seed, task, "mc"), i) for i in range(len(s))]
-    play_episodes(generator, starts, start_envs, sampling, batch_size, fmt, continuous=True,
-                  streams=streams)
+        starts, start_envs, owners = starts + s, start_envs + e, owners + [task] * len(s)
+    _play(generator, starts, start_envs, owners, "mc", sampling, batch_size, fmt, seed, rollout)
     for played, (first, origins) in zip(plays, spans):
         _add_estimates(played, starts[first:first + len(origins)], origins, mc)
     return plays
 
 
-def _play_rounds(generator, task, make_env, sampling: Sampling, samples: int, mc: int,
-                 batch_size: int, fmt, seed: int) -> TaskPlay:
-    records, envs = start_episodes(generator.tokenizer, [task] * samples, make_env, fmt)
-    play_episodes(generator, records, envs, replace(sampling, seed=derived_seed(
-        seed, task, "samples")), batch_size, fmt)
-    played = _played(records)
-    if mc == 0:
-        return played
-    starts, start_envs, origins = _states(generator.tokenizer, task, records, make_env, mc, fmt)
-    play_episodes(generator, starts, start_envs, replace(sampling, seed=derived_seed(
-        seed, task, "mc")), batch_size, fmt)
-    _add_estimates(played, starts, origins, mc)
-    return played
+def _play(generator, records, envs, owners, purpose: str, sampling: Sampling, batch_size: int,
+          fmt, seed: int, rollout: str) -> None:
+    """Play episodes of the tasks `owners` (one per record, each task's records together), with
+    draws seeded from the task and `purpose`: continuously, every episode on its own streams
+    (task seed, its index among the task's records); by rounds, task after task, each task's
+    batches on one stream."""
+    firsts: dict[int, int] = {}
+    for i, task in enumerate(owners):
+        firsts.setdefault(id(task), i)
+    if rollout == "continuous":
+        streams = [(derived_seed(seed, task, purpose), i - firsts[id(task)])
+                   for i, task in enumerate(owners)]
+        play_episodes(generator, records, envs, sampling, batch_size, fmt, continuous=True,
+                      streams=streams)
+        return
+    bounds = [*firsts.values(), len(owners)]
+    for a, b in zip(bounds, bounds[1:]):
+        play_episodes(generator, records[a:b], envs[a:b], replace(sampling, seed=derived_seed(
+            seed, owners[a], purpose)), batch_size, fmt)
 
 
 def _played(records: list[EpisodeRecord]) -> TaskPlay:

@@ -48,12 +48,17 @@ def run_once(args, rollout: str, out: Path) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="the policy (e.g. runs/demo/fe_sft)")
-    p.add_argument("--recipe", default=str(REPO / "recipes" / "tiny-cpu" / "fe_sft.yaml"))
-    p.add_argument("--tasks", type=int, default=16)
-    p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--mc", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--recipe", default=str(REPO / "recipes" / "tiny-cpu" / "fe_sft.yaml"),
+                   help="the recipe collect plays with (default: tiny-cpu/fe_sft.yaml, the "
+                        "built-in world's tasks)")
+    p.add_argument("--tasks", type=int, default=16, help="tasks per command (default 16)")
+    p.add_argument("--samples", type=int, default=4, help="episodes per task (default 4)")
+    p.add_argument("--mc", type=int, default=1,
+                   help="continuations per state for the MC estimates (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="token budget of one agent turn (default 64)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each schedule, alternating (default 3)")
     args = p.parse_args()
     runs = {r: [] for r in ROLLOUTS}
     with tempfile.TemporaryDirectory() as scratch:

@@ -14,12 +14,15 @@ off), `lean` (lean decode: no mask when nothing is padded, a two-matmul attentio
 query, decode outside the CPU compatibility mode) and `lean+shared` (and a group's prompt
 prefilled once), so each gain is attributed, and as `slots` (`Generator`'s `slot_cache`: lean+shared on continuous batching's slot KV cache, the whole batch started
 together: its own [slots, groups, length, dim] layout and RoPE tables shared by the layers,
-a row that ends leaving the forward); HF is the baseline of both tables. Agent episodes
+a row that ends leaving the forward) and `slots+fused` (the same with `fused_decode`: decode
+steps as one function over the model's weights, `inference.fused`, the default of the slot
+engine); HF is the baseline of both tables. Agent episodes
 (with --policy, make demo's FC-RL run): GRPO groups of the built-in world's validation tasks
 played to their end, by HF `generate()` driven turn by turn (`HFTurns`: the policy exported
 with `convert_to_hf`, each turn's whole context generated again, rows stopping at the
 action's closing tag), and by the engine in rounds (static plain, static lean+shared, slot
-cache) and continuously (slots refilled as episodes end, the default of FC-RL and eval).
+cache) and continuously (slots refilled as episodes end, the default of FC-RL and eval), with
+Megatron's forward for the decode steps and with the fused decode step (the default).
 
 Each side runs in its own process (the Megatron side installs the CPU compatibility layer), the
 two alternate `--repeats` times, and medians and their ratio are printed. Weights are random:
@@ -45,8 +48,8 @@ sys.path.insert(0, str(REPO))
 from megatron_foresight.inference.generate import Completion, Generator  # noqa: E402
 
 
-VARIANTS = ("plain", "lean", "lean+shared", "slots")
-EPISODE_VARIANTS = ("plain", "rounds", "rounds+slots", "continuous")
+VARIANTS = ("plain", "lean", "lean+shared", "slots", "slots+fused")
+EPISODE_VARIANTS = ("plain", "rounds", "rounds+slots", "continuous", "continuous+fused")
 
 
 def _prompts(args, vocab: int) -> list[list[int]]:
@@ -76,9 +79,12 @@ def run_megatron(args) -> dict:
     tok = ByteTokenizer()
     tok.eod = -1  # every row generates exactly --new tokens, as HF's min_new_tokens makes it
     (model,) = build_model(cfg, cfg.padded_vocab_size(tok.vocab_size))
-    lean, shared = args.variant != "plain", args.variant in ("lean+shared", "slots")
+    lean = args.variant != "plain"
+    shared = args.variant in ("lean+shared", "slots", "slots+fused")
     gen = Generator(model.eval(), tok, max_sequence_length=args.prompt + args.new,
-                    lean_decode=lean, shared_prefill=shared, slot_cache=args.variant == "slots")
+                    lean_decode=lean, shared_prefill=shared,
+                    slot_cache=args.variant.startswith("slots"),
+                    fused_decode=args.variant == "slots+fused")
     grouped = args.table == "group"
     prompts = (_group_prompts if grouped else _prompts)(args, tok.vocab_size)
     sampling = Sampling(temperature=1.0 if grouped else 0.0, max_new_tokens=args.new, seed=1)
@@ -109,9 +115,10 @@ def run_episodes_table(args) -> dict:
     lean, shared = args.variant != "plain", args.variant != "plain"
     gen = Generator(chunks[0].eval(), tok, max_sequence_length=cfg.data.seq_length,
                     pad_id=tok.eod, lean_decode=lean, shared_prefill=shared,
-                    slot_cache=args.variant == "rounds+slots")
+                    slot_cache=args.variant == "rounds+slots",
+                    fused_decode=args.variant == "continuous+fused")
     # all engine variants sample the same episodes (per-row streams)
-    return _time_episodes(args, cfg, gen, continuous=args.variant == "continuous",
+    return _time_episodes(args, cfg, gen, continuous=args.variant.startswith("continuous"),
                           row_streams=True)
 
 
@@ -315,7 +322,8 @@ def main() -> None:
     tokens = args.batch * args.new
     print(f"rollout throughput, {args.recipe}: batch {args.batch}, prompt {args.prompt}, "
           f"{args.new} new tokens per row, {args.repeats} alternating runs each, medians")
-    for table, variants in (("single", ("plain", "lean", "slots")), ("group", VARIANTS)):
+    for table, variants in (("single", ("plain", "lean", "slots", "slots+fused")),
+                            ("group", VARIANTS)):
         if table not in tables:
             continue
         sides = [("hf", "HF generate()")] + [(v, f"engine, {v}") for v in variants]
@@ -349,7 +357,8 @@ def main() -> None:
         for variant, name in (("hf", "HF generate(), turn by turn"), ("plain", "rounds, plain"),
                               ("rounds", "rounds, lean+shared"),
                               ("rounds+slots", "rounds, slot cache"),
-                              ("continuous", "continuous, lean+shared")):
+                              ("continuous", "continuous, lean+shared"),
+                              ("continuous+fused", "continuous, fused decode")):
             med = statistics.median(r for r, _ in rates[variant])
             out = rates[variant][0][1]
             print(f"  {name:28}{med:>8.0f} tokens/s  {med / hf:>5.2f}x HF  {med / base:>5.2f}x "

@@ -190,3 +190,44 @@ def test_graphed_decode_plays_the_same_episodes_mocked_cuda_graph(megatron_cpu, 
     # needed the second bucket
     assert max(len(r["ids"]) for run in got for r in run) > 128
     assert _RerunGraphs.captures >= 3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_decode_gives_the_module_paths_completions(megatron_cpu, precision):
+    """`inference.fused` decodes the slot cache as Megatron's forward does: same tokens, greedy
+    and sampled, log-probs equal to rounding; and it is really the path taken."""
+    from megatron_foresight.inference import continuous
+
+    model = _model([f"model.precision={precision}"])
+    tok = ByteTokenizer()
+    fused = Generator(model, tok, max_sequence_length=64, slot_cache=True)
+    modules = Generator(model, tok, max_sequence_length=64, slot_cache=True, fused_decode=False)
+    assert fused.fused_decode and not modules.fused_decode
+    calls = []
+    original = SlotEngine._fused_decode
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [100, 101, 102, 103], [40, 41]]
+    for sampling in (Sampling(max_new_tokens=16),
+                     Sampling(temperature=1.0, max_new_tokens=16, seed=3)):
+        want = modules.generate(prompts, sampling)
+        try:
+            SlotEngine._fused_decode = lambda self, slots: calls.append(slots) or \
+                original(self, slots)
+            got = fused.generate(prompts, sampling)
+        finally:
+            SlotEngine._fused_decode = original
+        assert [c.ids for c in got] == [c.ids for c in want]
+        _close_logprobs(got, want)
+    assert len(calls) == 2 * 15  # every decode step of both calls (the first draw: prefill)
+    assert continuous.SlotEngine is SlotEngine
+
+
+def test_fused_decode_steps_aside_for_what_it_does_not_implement(megatron_cpu, monkeypatch):
+    """The recipes expose no QK norm: the flag is set on the built model's config (a Qwen3-like
+    model has it), to check that the engine then keeps Megatron's forward."""
+    from megatron_foresight.inference.fused import unsupported
+
+    model = _model()
+    assert unsupported(model) == []
+    monkeypatch.setattr(model.config, "qk_layernorm", True)
+    assert unsupported(model) == ["QK layernorm"]
+    assert not Generator(model, ByteTokenizer(), max_sequence_length=64).fused_decode

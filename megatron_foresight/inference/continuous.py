@@ -46,6 +46,7 @@ class SlotEngine:
         seeded so, in one call per forward over its rows in slot order (as
         `Generator.generate` draws for a batch). Decode steps replay CUDA graphs when the
         generator asks for them (`inference.graphs`)."""
+        from megatron_foresight.inference.fused import FusedDecode
         from megatron_foresight.inference.graphs import DecodeGraphs
         from megatron_foresight.inference.slots import SlotContext  # imports Megatron
 
@@ -57,6 +58,8 @@ class SlotEngine:
         self.stats = generator.stats
         self.stream = None if shared_seed is None else torch.Generator().manual_seed(shared_seed)
         self.graphs = DecodeGraphs(generator, self.context) if generator.cuda_graphs else None
+        self.fused = FusedDecode(generator.model, generator.tokenizer.vocab_size) \
+            if generator.fused_decode else None
 
     def cached(self, slot: int) -> int:
         """How many tokens slot `slot` holds."""
@@ -94,6 +97,8 @@ class SlotEngine:
                 if self.graphs is not None:
                     logits_BV = self.graphs.decode(slots, [self.turns[s].pending[0]
                                                            for s in slots])
+                elif self.fused is not None:
+                    logits_BV = self._fused_decode(slots)
                 else:
                     logits_BV = self._run(slots, [self.turns[s].pending for s in slots])
             self.stats.add(len(slots))
@@ -132,6 +137,16 @@ class SlotEngine:
         index = {s: r for r, s in enumerate(run)}
         return logits_RV[torch.tensor([index[owner.get(s, s)] for s in slots],
                                       device=logits_RV.device)]
+
+    def _fused_decode(self, slots: list[int]) -> torch.Tensor:
+        """One decode step of `slots` by `inference.fused`: their logits [B, V]."""
+        dev = self.g.device
+        tokens_B = torch.tensor([self.turns[s].pending[0] for s in slots], device=dev)
+        self.context.begin(slots, [1] * len(slots), dev)
+        try:
+            return self.fused.logits(self.context, tokens_B)
+        finally:
+            self.context.end()
 
     def _run(self, slots: list[int], rows: list[list[int]]):
         """Append rows[b] to slot slots[b] (left-padded to the longest), one forward; the

@@ -141,14 +141,21 @@ class Generator:
     padded (a query at the end sees every key) and, with TP = 1, outside the CPU compatibility
     layer's device mode (a decode step allocates nothing then; the mode costs a Python call
     per op).
+    `fused_decode` (on by default, where `inference.fused.unsupported` is empty: TP = PP = 1,
+    the local layer spec): the slot engine's decode steps (continuous batching, and
+    `slot_cache`) run as one function over the model's weights instead of Megatron's module
+    stack (`inference.fused`); prefill stays Megatron's forward.
     And on a GPU, `cuda_graphs` (off by default; PP = 1): the continuous engine's decode steps
-    replay CUDA graphs (`inference.graphs`; not yet run on a GPU)."""
+    replay CUDA graphs (`inference.graphs`; not yet run on a GPU); they take precedence over
+    `fused_decode`."""
 
     def __init__(self, model, tokenizer, *, max_sequence_length: int, pad_id: int = 0,
                  shared_prefill: bool = True, lean_decode: bool = True,
-                 slot_cache: bool = False, cuda_graphs: bool = False):
+                 slot_cache: bool = False, cuda_graphs: bool = False,
+                 fused_decode: bool = True):
         from megatron.core import parallel_state
 
+        from megatron_foresight.inference import fused
         from megatron_foresight.inference.slots import SlotSelfAttention, unsupported_by_slots
 
         ps = parallel_state
@@ -182,6 +189,7 @@ class Generator:
         self.slot_cache = slot_cache and any(
             isinstance(m, SlotSelfAttention) for m in model.modules()) and \
             not unsupported_by_slots(inner.config)
+        self.fused_decode = fused_decode and not cuda_graphs and not fused.unsupported(model)
 
     @property
     def device(self) -> torch.device:

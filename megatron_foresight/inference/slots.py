@@ -41,6 +41,9 @@ class SlotContext(BaseInferenceContext):
         """Tokens cached per slot; the engine advances it after each forward."""
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.step: _Step | None = None
+        self.rotary_pos_emb: torch.Tensor | None = None
+        """The RoPE angle table [M, 1, 1, rot] the layers last received (`inference.fused`
+        decodes with it)."""
 
     def is_static_batching(self) -> bool:
         # Megatron then keeps only the last position's hidden state for the output layer; with
@@ -153,6 +156,7 @@ class SlotSelfAttention(SelfAttention):
         step = inference_context.step
         query, key, value = self.get_query_key_value_tensors(hidden_states)  # [N, B, heads, D]
         if rotary_pos_emb is not None:
+            inference_context.rotary_pos_emb = rotary_pos_emb
             cos, sin = self._angles(inference_context, step, rotary_pos_emb, query.dtype)
             query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
         k_cache, v_cache = inference_context.cache(self.layer_number, key)

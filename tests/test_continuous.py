@@ -29,8 +29,9 @@ def _model(overrides=()):
     torch.manual_seed(7)
     (model,) = build_model(load_recipe(RECIPE, ["seed=7", *overrides]), 384)
     with torch.no_grad():  # a random init is nearly uniform; sharpen it so argmax is stable
-        if getattr(model, "output_layer", None) is not None:
-            model.output_layer.weight.mul_(30)
+        output = getattr(model, "output_layer", None)
+        if output is not None and output.weight is not None:  # tied: the embedding's
+            output.weight.mul_(30)
     return model.eval()
 
 
@@ -219,6 +220,39 @@ def test_fused_decode_gives_the_module_paths_completions(megatron_cpu, precision
         _close_logprobs(got, want)
     assert len(calls) == 2 * 15  # every decode step of both calls (the first draw: prefill)
     assert continuous.SlotEngine is SlotEngine
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [
+    [], ["model.add_qkv_bias=true"], ["model.normalization=LayerNorm"],
+    ["model.activation=gelu"], ["model.untie_embeddings_and_output_weights=false"],
+    ["model.kv_channels=48"]], ids=["tiny", "qkv-bias", "layernorm", "gelu", "tied", "kv48"])
+def test_fused_decode_step_gives_megatrons_logits_bit_for_bit(megatron_cpu, shape, precision):
+    """From the same slot state (ragged: rows at different lengths), one fused decode step and
+    one step through Megatron's forward give the same logits and write the same cache."""
+    model = _model([*shape, f"model.precision={precision}"])
+    with torch.no_grad():  # biases start at zero, where their rounding would not show
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") and "norm" not in name:
+                p.normal_(0, 0.5)
+    gen = Generator(model, ByteTokenizer(), max_sequence_length=64)
+    assert gen.fused_decode
+    engine = SlotEngine(gen, 4, Sampling(max_new_tokens=8), (), shared_seed=0)
+    for slot, prompt in enumerate([[5, 6, 7, 8, 9], [40, 41], [100, 101, 102], [7] * 9]):
+        engine.start(slot, prompt, None)
+    engine.step()  # the prefill
+    slots = [0, 2, 3]  # slot 1 idle
+    lengths = list(engine.context.lengths)
+    with torch.no_grad():
+        fused = engine._fused_decode(slots)
+        cache = {k: (a.clone(), b.clone()) for k, (a, b) in engine.context.kv.items()}
+        engine.context.lengths[:] = lengths
+        megatron = engine._run(slots, [engine.turns[s].pending for s in slots])
+    assert engine.context.lengths == [n + (s in slots) for s, n in enumerate(lengths)]
+    assert fused.dtype == megatron.dtype == torch.float32
+    assert torch.equal(fused, megatron)
+    for k, (a, b) in engine.context.kv.items():
+        assert torch.equal(a, cache[k][0]) and torch.equal(b, cache[k][1])
 
 
 def test_fused_decode_steps_aside_for_what_it_does_not_implement(megatron_cpu, monkeypatch):

@@ -58,8 +58,9 @@ class SlotEngine:
         self.stats = generator.stats
         self.stream = None if shared_seed is None else torch.Generator().manual_seed(shared_seed)
         self.graphs = DecodeGraphs(generator, self.context) if generator.cuda_graphs else None
+        # a model in training mode (dropout live) decodes through Megatron's forward
         self.fused = FusedDecode(generator.model, generator.tokenizer.vocab_size) \
-            if generator.fused_decode else None
+            if generator.fused_decode and not generator.model.training else None
 
     def cached(self, slot: int) -> int:
         """How many tokens slot `slot` holds."""

@@ -52,12 +52,58 @@ def _apply_norm(x: torch.Tensor, norm: tuple) -> torch.Tensor:
     return F.layer_norm(x, norm[1], norm[2], norm[3], norm[4])
 
 
-def unsupported(model) -> list[str]:
-    """What of `model` the fused step does not implement (empty: it can decode the model)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.transformer.mlp import MLP
+def _identity(module) -> bool:
+    from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 
-    from megatron_foresight.inference.slots import SlotSelfAttention, unsupported_by_slots
+    return module is None or isinstance(module, (IdentityOp, IdentityFuncOp))
+
+
+def _layer_unsupported(layer, c) -> list[str]:
+    """What of one transformer layer the fused step does not compute as Megatron does."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from megatron_foresight.inference.slots import SlotSelfAttention
+
+    out = []
+    if type(layer).forward is not TransformerLayer.forward:
+        out.append(f"layer class {type(layer).__name__}")
+    norms = (layer.input_layernorm, layer.pre_mlp_layernorm)
+    if not all(isinstance(n, (torch.nn.RMSNorm, torch.nn.LayerNorm)) for n in norms):
+        out.append(f"norm {type(layer.input_layernorm).__name__} (torch norms only)")
+    if not all(_identity(getattr(layer, name, None)) for name in
+               ("cross_attention", "pre_cross_attn_layernorm")):
+        out.append("cross-attention")
+    attention = layer.self_attention
+    if not isinstance(attention, SlotSelfAttention):
+        out.append(f"attention {type(attention).__name__}")
+    elif not (_identity(attention.q_layernorm) and _identity(attention.k_layernorm)):
+        out.append("QK norm")
+    elif not (isinstance(attention.linear_qkv, ColumnParallelLinear)
+              and isinstance(attention.linear_proj, RowParallelLinear)):
+        out.append(f"attention linears {type(attention.linear_qkv).__name__}")
+    mlp = layer.mlp
+    if not isinstance(mlp, MLP):
+        out.append(f"MLP {type(mlp).__name__}")
+    elif not (isinstance(mlp.linear_fc1, ColumnParallelLinear)
+              and isinstance(mlp.linear_fc2, RowParallelLinear)):
+        out.append(f"MLP linears {type(mlp.linear_fc1).__name__}")
+    elif c.gated_linear_unit and mlp.activation_func is not F.silu:
+        out.append("gated MLP with an activation other than SiLU")
+    elif not c.gated_linear_unit and c.bias_activation_fusion:
+        out.append("fused bias + activation without a gated unit (Megatron's tanh GELU)")
+    elif c.glu_linear_offset or c.activation_func_clamp_value is not None:
+        out.append("GLU linear offset or activation clamp")
+    return out
+
+
+def unsupported(model) -> list[str]:
+    """What of `model` the fused step does not implement (empty: it can decode the model).
+    Every layer is checked, and each is computed from its own modules."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_foresight.inference.slots import unsupported_by_slots
 
     gpt = _unwrap(model)
     c = gpt.config
@@ -65,9 +111,11 @@ def unsupported(model) -> list[str]:
         ("tensor parallelism > 1", ps.get_tensor_model_parallel_world_size() > 1),
         ("pipeline parallelism > 1", ps.get_pipeline_model_parallel_world_size() > 1),
         ("sequence parallelism", c.sequence_parallel),
-        ("QK layernorm", c.qk_layernorm),
+        ("QK layernorm", c.qk_layernorm or c.qk_l2_norm),
         ("mixture of experts", bool(c.num_moe_experts)),
         ("multi-latent attention", c.multi_latent_attention),
+        ("heterogeneous layers", c.heterogeneous_block_specs),
+        ("experimental attention", c.experimental_attention_variant is not None),
         ("fp32 residual connection", c.fp32_residual_connection),
         ("residual after the layernorm", c.apply_residual_connection_post_layernorm),
         ("multi-token prediction", getattr(gpt, "mtp_process", False)),
@@ -76,26 +124,24 @@ def unsupported(model) -> list[str]:
     ) if bad]
     out += unsupported_by_slots(c)
     for layer in getattr(gpt.decoder, "layers", []):
-        norms = (layer.input_layernorm, layer.pre_mlp_layernorm)
-        if not all(isinstance(n, (torch.nn.RMSNorm, torch.nn.LayerNorm)) for n in norms):
-            out.append(f"norm {type(layer.input_layernorm).__name__} (torch norms only)")
-        if not isinstance(layer.self_attention, SlotSelfAttention):
-            out.append(f"attention {type(layer.self_attention).__name__}")
-        if not isinstance(layer.mlp, MLP):
-            out.append(f"MLP {type(layer.mlp).__name__}")
-        elif c.gated_linear_unit and c.activation_func is not F.silu:
-            out.append("gated MLP with an activation other than SiLU")
-        break
+        out += _layer_unsupported(layer, c)
     final = getattr(gpt.decoder, "final_layernorm", None)
     if final is None or not isinstance(final, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
         out.append("no final torch norm")
     return sorted(set(out))
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """Megatron's local linear: the product, then the bias as its own add (in bf16 an add
+    inside the product would round once instead of twice)."""
+    y = F.linear(x, weight)
+    return y if bias is None else y + bias
+
+
 class _Layer:
     """One transformer layer's parameters (references to the module's tensors)."""
 
-    def __init__(self, layer, config):
+    def __init__(self, layer):
         attention = layer.self_attention
         self.number = attention.layer_number
         self.norm1, self.norm2 = _norm(layer.input_layernorm), _norm(layer.pre_mlp_layernorm)
@@ -105,12 +151,12 @@ class _Layer:
         fc1, fc2 = layer.mlp.linear_fc1, layer.mlp.linear_fc2
         self.w_fc1, self.b_fc1 = fc1.weight, fc1.bias
         self.w_fc2, self.b_fc2 = fc2.weight, fc2.bias
-        self.groups = config.num_query_groups or config.num_attention_heads
-        self.heads = config.num_attention_heads
-        self.dim = config.kv_channels
-        self.scale = config.softmax_scale or self.dim ** -0.5
-        self.gated = config.gated_linear_unit
-        self.activation = config.activation_func
+        self.groups = attention.num_query_groups_per_partition
+        self.heads = attention.num_attention_heads_per_partition
+        self.dim = attention.hidden_size_per_attention_head
+        self.scale = attention.config.softmax_scale or self.dim ** -0.5
+        self.gated = attention.config.gated_linear_unit
+        self.activation = layer.mlp.activation_func
 
 
 class FusedDecode:
@@ -121,7 +167,7 @@ class FusedDecode:
         gpt = _unwrap(model)
         self.gpt, self.config = gpt, gpt.config
         self.embedding = gpt.embedding.word_embeddings.weight
-        self.layers = [_Layer(layer, gpt.config) for layer in gpt.decoder.layers]
+        self.layers = [_Layer(layer) for layer in gpt.decoder.layers]
         self.final_norm = _norm(gpt.decoder.final_layernorm)
         self.vocab_size = vocab_size
         self.rope = gpt.position_embedding_type == "rope"
@@ -161,7 +207,7 @@ class FusedDecode:
 
         B = h_BH.size(0)
         G, R, D = L.groups, L.heads // L.groups, L.dim
-        qkv = F.linear(_apply_norm(h_BH, L.norm1), L.w_qkv, L.b_qkv).view(B, G, R + 2, D)
+        qkv = _linear(_apply_norm(h_BH, L.norm1), L.w_qkv, L.b_qkv).view(B, G, R + 2, D)
         qk_BGKD, v_BGD = qkv[:, :, :R + 1], qkv[:, :, R + 1]  # a group's queries and key
         if cos is not None:  # one rotation of queries and keys together (elementwise: same bits)
             qk_BGKD = rope.rotate(qk_BGKD, cos, sin) if cos.size(-1) == D else \
@@ -172,11 +218,11 @@ class FusedDecode:
         v_cache[step.write_slot, :, step.write_pos] = v_BGD
         out = _attend(q_BGRD.reshape(1, B, G * R, D), step.rows(k_cache), step.rows(v_cache),
                       step.keep_BNT, L.scale)[0]
-        h_BH = h_BH + F.linear(out, L.w_proj, L.b_proj)
-        x_BF = F.linear(_apply_norm(h_BH, L.norm2), L.w_fc1, L.b_fc1)
+        h_BH = h_BH + _linear(out, L.w_proj, L.b_proj)
+        x_BF = _linear(_apply_norm(h_BH, L.norm2), L.w_fc1, L.b_fc1)
         if L.gated:
             gate, up = x_BF.chunk(2, dim=-1)
             x_BF = F.silu(gate) * up
         else:
             x_BF = L.activation(x_BF)
-        return h_BH + F.linear(x_BF, L.w_fc2, L.b_fc2)
+        return h_BH + _linear(x_BF, L.w_fc2, L.b_fc2)

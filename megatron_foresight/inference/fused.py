@@ -102,10 +102,13 @@ def unsupported(model) -> list[str]:
     """What of `model` the fused step does not implement (empty: it can decode the model).
     Every layer is checked, and each is computed from its own modules."""
     from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
 
     from megatron_foresight.inference.slots import unsupported_by_slots
 
     gpt = _unwrap(model)
+    if not isinstance(gpt, GPTModel):
+        return [f"{type(gpt).__name__} is not a Megatron GPTModel"]
     c = gpt.config
     out = [name for name, bad in (
         ("tensor parallelism > 1", ps.get_tensor_model_parallel_world_size() > 1),

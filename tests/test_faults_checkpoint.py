@@ -216,8 +216,13 @@ def test_second_trainer_on_a_run_dir_is_refused_and_the_first_loses_nothing(
     first = _launch(run_dir, data_cache)
     lock = run_dir / ".foresight.lock"
     _wait_for(lambda: lock.exists() and lock.read_text().strip())
-    second = train(run_dir, ["checkpoint.save_interval=1"], cache_dir=data_cache,
-                   extra=["--resume"], check=False)
+    # paused while the second starts: a 6-step run can finish within the second's start-up
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = train(run_dir, ["checkpoint.save_interval=1"], cache_dir=data_cache,
+                       extra=["--resume"], check=False)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     _one_line_error(second, "is in use by", f"PID {first.pid}", "another --run-dir")
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out[-3000:]

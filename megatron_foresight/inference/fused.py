@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_foresight.inference.slots import _attend, _rotate
 from megatron_foresight.models import rope
 
 
@@ -168,7 +169,7 @@ class FusedDecode:
 
     def __init__(self, model, vocab_size: int):
         gpt = _unwrap(model)
-        self.gpt, self.config = gpt, gpt.config
+        self.gpt = gpt
         self.embedding = gpt.embedding.word_embeddings.weight
         self.layers = [_Layer(layer) for layer in gpt.decoder.layers]
         self.final_norm = _norm(gpt.decoder.final_layernorm)
@@ -206,15 +207,12 @@ class FusedDecode:
 
     @staticmethod
     def _layer(L: _Layer, h_BH, context, step, cos, sin) -> torch.Tensor:
-        from megatron_foresight.inference.slots import _attend, _rotate
-
         B = h_BH.size(0)
         G, R, D = L.groups, L.heads // L.groups, L.dim
         qkv = _linear(_apply_norm(h_BH, L.norm1), L.w_qkv, L.b_qkv).view(B, G, R + 2, D)
         qk_BGKD, v_BGD = qkv[:, :, :R + 1], qkv[:, :, R + 1]  # a group's queries and key
         if cos is not None:  # one rotation of queries and keys together (elementwise: same bits)
-            qk_BGKD = rope.rotate(qk_BGKD, cos, sin) if cos.size(-1) == D else \
-                _rotate(qk_BGKD, cos, sin)
+            qk_BGKD = _rotate(qk_BGKD, cos, sin)
         q_BGRD, k_BGD = qk_BGKD[:, :, :R], qk_BGKD[:, :, R]
         k_cache, v_cache = context.kv[L.number]
         k_cache[step.write_slot, :, step.write_pos] = k_BGD

@@ -188,6 +188,8 @@ class SlotSelfAttention(SelfAttention):
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Megatron's non-interleaved RoPE on the first `rot` channels; the rest pass through."""
     rot = cos.size(-1)
+    if rot == x.size(-1):
+        return rope.rotate(x, cos, sin)
     x, rest = x[..., :rot], x[..., rot:]
     return torch.cat((rope.rotate(x, cos, sin), rest), dim=-1)
 

@@ -13,7 +13,7 @@ turn). The engine runs on Megatron's static inference context as `plain` (both s
 off), `lean` (lean decode: no mask when nothing is padded, a two-matmul attention for one
 query, decode outside the CPU compatibility mode) and `lean+shared` (and a group's prompt
 prefilled once), so each gain is attributed, and as `slots` (`Generator`'s `slot_cache`: lean+shared on continuous batching's slot KV cache, the whole batch started
-together: its own [slots, groups, length, dim] layout and RoPE tables shared by the layers,
+together: its own per-slot layout (keys stored transposed) and RoPE tables shared by the layers,
 a row that ends leaving the forward) and `slots+fused` (the same with `fused_decode`: decode
 steps as one function over the model's weights, `inference.fused`, the default of the slot
 engine); HF is the baseline of both tables. Agent episodes
@@ -25,7 +25,9 @@ cache) and continuously (slots refilled as episodes end, the default of FC-RL an
 Megatron's forward for the decode steps and with the fused decode step (the default).
 
 Each side runs in its own process (the Megatron side installs the CPU compatibility layer), the
-two alternate `--repeats` times, and medians and their ratio are printed. Weights are random:
+two alternate `--repeats` times, and medians and their ratio are printed: of the whole
+`generate()` call, and of its decode steps alone (the call's time less that of a call for one
+new token, the prefill, which is the same forward over the prompts on both sides). Weights are random:
 throughput does not depend on them when every row generates exactly --new tokens.
 """
 
@@ -87,15 +89,26 @@ def run_megatron(args) -> dict:
                     fused_decode=args.variant == "slots+fused")
     grouped = args.table == "group"
     prompts = (_group_prompts if grouped else _prompts)(args, tok.vocab_size)
-    sampling = Sampling(temperature=1.0 if grouped else 0.0, max_new_tokens=args.new, seed=1)
-    times = []
-    for i in range(args.warmup + args.timed):
-        started = time.perf_counter()
+    def call(new: int):
+        sampling = Sampling(temperature=1.0 if grouped else 0.0, max_new_tokens=new, seed=1)
         out = gen.generate(prompts, sampling)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - started)
-    assert all(len(c.ids) == args.new for c in out)
-    return {"seconds": times}
+        assert all(len(c.ids) == new for c in out)
+
+    return _timed(call, args)
+
+
+def _timed(call, args) -> dict:
+    """Seconds of the timed `call(args.new)`s after the warm-up ones, and of as many
+    `call(1)`s: the prefill and the first token, the same work on both sides."""
+    out = {}
+    for key, new in (("seconds", args.new), ("prefill_seconds", 1)):
+        out[key] = []
+        for i in range(args.warmup + args.timed):
+            started = time.perf_counter()
+            call(new)
+            if i >= args.warmup:
+                out[key].append(time.perf_counter() - started)
+    return out
 
 
 def run_episodes_table(args) -> dict:
@@ -233,19 +246,17 @@ def run_hf(args) -> dict:
         rope_theta=m.rotary_base, tie_word_embeddings=False)).eval()
     grouped = args.table == "group"
     ids = torch.tensor((_group_prompts if grouped else _prompts)(args, tok.vocab_size))
-    times = []
-    for i in range(args.warmup + args.timed):
-        started = time.perf_counter()
+
+    def call(new: int):
         torch.manual_seed(1)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=grouped,
                                  temperature=1.0, top_p=1.0, top_k=0,
-                                 max_new_tokens=args.new, min_new_tokens=args.new,
+                                 max_new_tokens=new, min_new_tokens=new,
                                  use_cache=True, pad_token_id=0, eos_token_id=None)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - started)
-    assert out.shape[1] == args.prompt + args.new
-    return {"seconds": times}
+        assert out.shape[1] == args.prompt + new
+
+    return _timed(call, args)
 
 
 def run_rl(args) -> dict:
@@ -328,19 +339,27 @@ def main() -> None:
             continue
         sides = [("hf", "HF generate()")] + [(v, f"engine, {v}") for v in variants]
         rates = {side: [] for side, _ in sides}
+        phase = {side: [] for side, _ in sides}
         for _ in range(args.repeats):
             for side, _ in sides:
                 impl, variant = ("hf", "plain") if side == "hf" else ("megatron", side)
-                seconds = _child(impl, args, variant, table)["seconds"]
-                rates[side].append(tokens / statistics.median(seconds))
+                out = _child(impl, args, variant, table)
+                whole, prefill = (statistics.median(out[k]) for k in
+                                  ("seconds", "prefill_seconds"))
+                rates[side].append(tokens / whole)
+                phase[side].append(args.batch * (args.new - 1) / (whole - prefill))
         print("single-turn decode: distinct prompts, greedy" if table == "single" else
               f"GRPO groups: {args.batch // args.group} prompts x {args.group} samples, "
               "temperature 1")
-        hf = statistics.median(rates["hf"])
+        print(f"  {'':24}{'whole generate() call':>28}    {'decode steps only':>22}")
+        hf, hf_phase = statistics.median(rates["hf"]), statistics.median(phase["hf"])
         for side, name in sides:
-            med = statistics.median(rates[side])
+            med, med_phase = statistics.median(rates[side]), statistics.median(phase[side])
             runs = ", ".join(f"{r:.0f}" for r in rates[side])
-            print(f"  {name:24}{med:>8.0f} tokens/s  {med / hf:>5.2f}x HF  [{runs}]")
+            print(f"  {name:24}{med:>8.0f} tokens/s  {med / hf:>5.2f}x HF    "
+                  f"{med_phase:>8.0f} tokens/s  {med_phase / hf_phase:>5.2f}x HF  [{runs}]")
+        print("  (decode steps only: the tokens after the first over the time a call takes "
+              "beyond a 1-token call, which is the prefill)")
     if "episodes" in tables and Path(args.policy).exists():
         sides = ("hf",) + EPISODE_VARIANTS
         rates = {v: [] for v in sides}

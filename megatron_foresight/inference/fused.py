@@ -215,10 +215,9 @@ class FusedDecode:
             qk_BGKD = _rotate(qk_BGKD, cos, sin)
         q_BGRD, k_BGD = qk_BGKD[:, :, :R], qk_BGKD[:, :, R]
         k_cache, v_cache = context.kv[L.number]
-        k_cache[step.write_slot, :, step.write_pos] = k_BGD
-        v_cache[step.write_slot, :, step.write_pos] = v_BGD
-        out = _attend(q_BGRD.reshape(1, B, G * R, D), step.rows(k_cache), step.rows(v_cache),
-                      step.keep_BNT, L.scale)[0]
+        step.write(k_cache, v_cache, k_BGD, v_BGD)
+        out = _attend(q_BGRD.reshape(1, B, G * R, D), step.key_rows(k_cache),
+                      step.value_rows(v_cache), step.keep_BNT, L.scale)[0]
         h_BH = h_BH + _linear(out, L.w_proj, L.b_proj)
         x_BF = _linear(_apply_norm(h_BH, L.norm2), L.w_fc1, L.b_fc1)
         if L.gated:

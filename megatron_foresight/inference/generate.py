@@ -128,9 +128,9 @@ class Generator:
     Three speed-ups, each switchable (benchmarks, tests): the tokens are those of the plain
     path, the log-probabilities equal to float rounding (sums in another order, ~1e-7):
     `slot_cache` (off by default): generate on continuous batching's slot KV cache
-    (`inference.continuous`; [rows, groups, length, dim] per layer, RoPE tables shared by the
-    layers, rows leave the forward as they end) instead of Megatron's static inference
-    context, where the model supports it (`inference.slots.unsupported_by_slots`). Measured on
+    (`inference.continuous`; per layer, keys [rows, groups, dim, length] and values
+    [rows, groups, length, dim], RoPE tables shared by the layers, rows leave the forward as
+    they end) instead of Megatron's static inference context, where the model supports it (`inference.slots.unsupported_by_slots`). Measured on
     the tiny model (benchmarks/rollout_throughput.py, 2 cores): 1.08x the static lean path's
     tokens/s on single-turn decode, within the runs' spread, but 0.91x on episodes played by
     rounds (it allocates and zeroes max_sequence_length per row at every call). The others

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from megatron_foresight.errors import UsageError
+from megatron_foresight.inference.slots import StepCache
 from megatron_foresight.models import rope
 
 SMALLEST_BUCKET = 128
@@ -49,7 +50,7 @@ def key_buckets(max_sequence_length: int) -> list[int]:
     return buckets + [max_sequence_length]
 
 
-class FixedDecodeStep:
+class FixedDecodeStep(StepCache):
     """One decode token for each of S slots, reading K keys: the attributes of
     `slots._Step` that `SlotSelfAttention` reads, in tensors that keep their addresses."""
 
@@ -66,9 +67,6 @@ class FixedDecodeStep:
         self.key_T = torch.arange(keys, device=device)
         self.keep_BNT = torch.zeros(slots, 1, keys, dtype=torch.bool, device=device)
         self.cos_sin: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def rows(self, cache: torch.Tensor) -> torch.Tensor:
-        return cache[self.view, :, :self.keys]
 
     def new_tokens(self, x_NBGD: torch.Tensor) -> torch.Tensor:
         return x_NBGD[0]

@@ -14,7 +14,9 @@ describes each forward with `SlotContext.begin`.
 
 Shapes: S slots, B rows in this forward, N new tokens per row (left-padded), T keys read (the
 longest row after this forward), M max_sequence_length, G key/value groups and H query heads per
-TP rank, D head dim. Cache per layer: [S, G, M, D] for K and for V.
+TP rank, D head dim. Cache per layer: keys [S, G, D, M] (stored transposed, so that a decode
+step's query-key product reads them as one matrix per group, without a transpose), values
+[S, G, M, D].
 """
 
 from __future__ import annotations
@@ -67,35 +69,64 @@ class SlotContext(BaseInferenceContext):
         """Give slot `target` slot `source`'s cache (rows with the same prompt: prefilled once)."""
         n = self.lengths[source]
         for k, v in self.kv.values():
-            k[target, :, :n] = k[source, :, :n]
+            k[target, ..., :n] = k[source, ..., :n]
             v[target, :, :n] = v[source, :, :n]
         self.lengths[target] = n
 
     def cache(self, layer: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s (keys [S, G, D, M], values [S, G, M, D])."""
         if layer not in self.kv:
             _, _, groups, dim = key.shape
-            shape = (self.slots, groups, self.max_sequence_length, dim)
-            self.kv[layer] = (key.new_zeros(shape), key.new_zeros(shape))
+            M = self.max_sequence_length
+            self.kv[layer] = (key.new_zeros(self.slots, groups, dim, M),
+                              key.new_zeros(self.slots, groups, M, dim))
         return self.kv[layer]
 
 
-class _Step:
+class StepCache:
+    """How a step reads and writes the caches; a step sets `view` (a slice of contiguous
+    slots, or None), `slot_B`, `keys`, `write_slot` and `write_pos`."""
+
+    def key_rows(self, k_cache: torch.Tensor) -> torch.Tensor:
+        """This step's slots' first `keys` keys, [B, G, D, T]."""
+        return k_cache[self.view if self.view is not None else self.slot_B, ..., :self.keys]
+
+    def value_rows(self, v_cache: torch.Tensor) -> torch.Tensor:
+        """This step's slots' first `keys` values, [B, G, T, D]."""
+        return v_cache[self.view if self.view is not None else self.slot_B, :, :self.keys]
+
+    def write(self, k_cache, v_cache, k_nGD: torch.Tensor, v_nGD: torch.Tensor) -> None:
+        """Store the new tokens' keys and values ([n, G, D], in `write_slot` order)."""
+        k_cache[self.write_slot, :, :, self.write_pos] = k_nGD
+        v_cache[self.write_slot, :, self.write_pos] = v_nGD
+
+
+class _Step(StepCache):
     """What one forward does, computed once and read by every layer."""
 
     def __init__(self, slots: list[int], lengths: list[int], new: list[int], device):
         self.slots, self.new = slots, new
         B, N = len(slots), max(new)
         self.queries = N
+        self.slot_B = torch.tensor(slots, device=device)
+        # contiguous slots read the cache as a view; others are gathered (busy rows only)
+        first = slots[0]
+        self.view = slice(first, first + B) if slots == list(range(first, first + B)) else None
+        self.cos_sin: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        if N == 1 and min(new) == 1:  # a decode step: one token per row, at the row's length
+            pos_B = torch.tensor(lengths, device=device)
+            self.pos_BN, self.valid_BN = pos_B[:, None], None
+            self.keys = max(lengths) + 1
+            self.keep_BNT = None if min(lengths) == max(lengths) else \
+                torch.arange(self.keys, device=device) <= self.pos_BN[..., None]
+            self.write_slot, self.write_pos = self.slot_B, pos_B
+            return
         offset_N = torch.arange(N, device=device) - N
         start_B = torch.tensor([length + n for length, n in zip(lengths, new)], device=device)
         self.pos_BN = start_B[:, None] + offset_N  # < length: a padded position
         self.valid_BN = None if min(new) == N else \
             offset_N >= -torch.tensor(new, device=device)[:, None]
         self.keys = max(start_B.tolist())
-        self.slot_B = torch.tensor(slots, device=device)
-        # contiguous slots read the cache as a view; others are gathered (busy rows only)
-        first = slots[0]
-        self.view = slice(first, first + B) if slots == list(range(first, first + B)) else None
         key_T = torch.arange(self.keys, device=device)
         ragged = N > 1 or len(set(start_B.tolist())) > 1
         # a padded query sees key 0 only, so no softmax row is empty; its output is never used
@@ -106,13 +137,6 @@ class _Step:
         else:
             self.write_slot = self.slot_B[:, None].expand(B, N)[self.valid_BN]
             self.write_pos = self.pos_BN[self.valid_BN]
-        self.cos_sin: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def rows(self, cache: torch.Tensor) -> torch.Tensor:
-        """This step's slots' first `keys` positions, [B, G, T, D]."""
-        if self.view is not None:
-            return cache[self.view, :, :self.keys]
-        return cache[self.slot_B, :, :self.keys]
 
     def new_tokens(self, x_NBGD: torch.Tensor) -> torch.Tensor:
         """The real (unpadded) tokens' rows of x, [valid, G, D], in `write_slot` order."""
@@ -160,9 +184,8 @@ class SlotSelfAttention(SelfAttention):
             cos, sin = self._angles(inference_context, step, rotary_pos_emb, query.dtype)
             query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
         k_cache, v_cache = inference_context.cache(self.layer_number, key)
-        k_cache[step.write_slot, :, step.write_pos] = step.new_tokens(key)
-        v_cache[step.write_slot, :, step.write_pos] = step.new_tokens(value)
-        out = _attend(query, step.rows(k_cache), step.rows(v_cache), step.keep_BNT,
+        step.write(k_cache, v_cache, step.new_tokens(key), step.new_tokens(value))
+        out = _attend(query, step.key_rows(k_cache), step.value_rows(v_cache), step.keep_BNT,
                       self.config.softmax_scale or query.size(-1) ** -0.5)
         return self.linear_proj(out)
 
@@ -194,21 +217,22 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((rope.rotate(x, cos, sin), rest), dim=-1)
 
 
-def _attend(q_NBHD, k_BGTD, v_BGTD, keep_BNT, scale: float) -> torch.Tensor:
+def _attend(q_NBHD, k_BGDT, v_BGTD, keep_BNT, scale: float) -> torch.Tensor:
     """Each row's queries over its own slot's keys, [N, B, H * D]. One query per row: two
     matmuls over the cache as it lies (see `models.attention.SDPADotProductAttention._decode`);
-    several: SDPA with the mask (grouped-query attention passed through, not expanded)."""
+    several: SDPA with the mask (grouped-query attention passed through, not expanded), on the
+    keys made contiguous (SDPA on the CPU is several times slower on a transposed view)."""
     N, B, H, D = q_NBHD.shape
-    G = k_BGTD.size(1)
+    G = k_BGDT.size(1)
     if N == 1:
         q_BGRD = q_NBHD[0].reshape(B, G, H // G, D)
-        scores_BGRT = torch.matmul(q_BGRD, k_BGTD.transpose(-1, -2)) * scale
+        scores_BGRT = torch.matmul(q_BGRD, k_BGDT) * scale
         if keep_BNT is not None:
             scores_BGRT = scores_BGRT.masked_fill(~keep_BNT[:, None], float("-inf"))
         probs = scores_BGRT.softmax(-1, dtype=torch.float32).to(q_NBHD.dtype)
         return torch.matmul(probs, v_BGTD).reshape(1, B, H * D)
     out_BHND = F.scaled_dot_product_attention(
-        q_NBHD.permute(1, 2, 0, 3), k_BGTD, v_BGTD,
+        q_NBHD.permute(1, 2, 0, 3), k_BGDT.transpose(-1, -2).contiguous(), v_BGTD,
         attn_mask=None if keep_BNT is None else keep_BNT[:, None], scale=scale,
         enable_gqa=G != H)
     return out_BHND.permute(2, 0, 1, 3).reshape(N, B, H * D)

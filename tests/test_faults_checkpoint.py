@@ -299,20 +299,36 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _steps_logged(run_dir: Path) -> int:
+    """Complete lines in the run's metrics log (a line being written is not counted)."""
+    try:
+        return (run_dir / "metrics.jsonl").read_text().count("\n")
+    except FileNotFoundError:
+        return 0
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
         baseline_run, data_cache, tmp_path):
-    """A run saving every step is killed with SIGKILL 4 times at random moments (fixed seed),
-    resumed after each; then it runs to the end. Losses equal the uninterrupted run's, every
-    step is logged exactly once, and no process of a killed trainer outlives it."""
+    """A run saving every step is killed with SIGKILL 4 times at random moments (fixed seed)
+    once it has trained a step past where it resumed (so a kill lands mid-run however fast
+    the machine), resumed after each; then it runs to the end. Losses equal the uninterrupted
+    run's, every step is logged exactly once, and no process of a killed trainer outlives it."""
     rng = random.Random(1234)
     run_dir = tmp_path / "run"
     kills = 0
     for _ in range(4):
+        before = _steps_logged(run_dir)
+        if before == 6:
+            break
         proc = _launch(run_dir, data_cache, "--resume")
         time.sleep(0.5)
         children = _descendants(proc.pid)
-        time.sleep(rng.uniform(3.0, 12.0))
+        deadline = time.monotonic() + 180
+        while (_steps_logged(run_dir) == before and proc.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.5))  # in the next step, its save, or between them
         children += _descendants(proc.pid)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)

@@ -27,8 +27,8 @@ Megatron's forward for the decode steps and with the fused decode step (the defa
 Each side runs in its own process (the Megatron side installs the CPU compatibility layer), the
 two alternate `--repeats` times, and medians and their ratio are printed: of the whole
 `generate()` call, and of its decode steps alone (the call's time less that of a call for one
-new token, the prefill, which is the same forward over the prompts on both sides). Weights are random:
-throughput does not depend on them when every row generates exactly --new tokens.
+new token, the prefill, which is the same forward over the prompts on both sides). Weights are
+random: throughput does not depend on them when every row generates exactly --new tokens.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def run_megatron(args) -> dict:
                     fused_decode=args.variant == "slots+fused")
     grouped = args.table == "group"
     prompts = (_group_prompts if grouped else _prompts)(args, tok.vocab_size)
+
     def call(new: int):
         sampling = Sampling(temperature=1.0 if grouped else 0.0, max_new_tokens=new, seed=1)
         out = gen.generate(prompts, sampling)

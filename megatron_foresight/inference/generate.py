@@ -130,9 +130,10 @@ class Generator:
     `slot_cache` (off by default): generate on continuous batching's slot KV cache
     (`inference.continuous`; per layer, keys [rows, groups, dim, length] and values
     [rows, groups, length, dim], RoPE tables shared by the layers, rows leave the forward as
-    they end) instead of Megatron's static inference context, where the model supports it (`inference.slots.unsupported_by_slots`). Measured on
-    the tiny model (benchmarks/rollout_throughput.py, 2 cores): 1.08x the static lean path's
-    tokens/s on single-turn decode, within the runs' spread, but 0.91x on episodes played by
+    they end) instead of Megatron's static inference context, where the model supports it
+    (`inference.slots.unsupported_by_slots`). Measured on the tiny model
+    (benchmarks/rollout_throughput.py, 2 cores): 1.08x the static lean path's tokens/s on
+    single-turn decode, within the runs' spread, but 0.91x on episodes played by
     rounds (it allocates and zeroes max_sequence_length per row at every call). The others
     apply to the static path:
     `shared_prefill`: rows with the same prompt (a GRPO group's G samples, `data collect`'s M

@@ -89,11 +89,16 @@ class StepCache:
 
     def key_rows(self, k_cache: torch.Tensor) -> torch.Tensor:
         """This step's slots' first `keys` keys, [B, G, D, T]."""
-        return k_cache[self.view if self.view is not None else self.slot_B, ..., :self.keys]
+        return k_cache[self._rows, ..., :self.keys]
 
     def value_rows(self, v_cache: torch.Tensor) -> torch.Tensor:
         """This step's slots' first `keys` values, [B, G, T, D]."""
-        return v_cache[self.view if self.view is not None else self.slot_B, :, :self.keys]
+        return v_cache[self._rows, :, :self.keys]
+
+    @property
+    def _rows(self):
+        # contiguous slots read the cache as a view; others are gathered (busy rows only)
+        return self.view if self.view is not None else self.slot_B
 
     def write(self, k_cache, v_cache, k_nGD: torch.Tensor, v_nGD: torch.Tensor) -> None:
         """Store the new tokens' keys and values ([n, G, D], in `write_slot` order)."""
@@ -109,30 +114,25 @@ class _Step(StepCache):
         B, N = len(slots), max(new)
         self.queries = N
         self.slot_B = torch.tensor(slots, device=device)
-        # contiguous slots read the cache as a view; others are gathered (busy rows only)
         first = slots[0]
         self.view = slice(first, first + B) if slots == list(range(first, first + B)) else None
         self.cos_sin: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
-        if N == 1 and min(new) == 1:  # a decode step: one token per row, at the row's length
-            pos_B = torch.tensor(lengths, device=device)
-            self.pos_BN, self.valid_BN = pos_B[:, None], None
-            self.keys = max(lengths) + 1
-            self.keep_BNT = None if min(lengths) == max(lengths) else \
-                torch.arange(self.keys, device=device) <= self.pos_BN[..., None]
-            self.write_slot, self.write_pos = self.slot_B, pos_B
-            return
-        offset_N = torch.arange(N, device=device) - N
-        start_B = torch.tensor([length + n for length, n in zip(lengths, new)], device=device)
-        self.pos_BN = start_B[:, None] + offset_N  # < length: a padded position
-        self.valid_BN = None if min(new) == N else \
-            offset_N >= -torch.tensor(new, device=device)[:, None]
-        self.keys = max(start_B.tolist())
-        key_T = torch.arange(self.keys, device=device)
-        ragged = N > 1 or len(set(start_B.tolist())) > 1
+        start = [length + n for length, n in zip(lengths, new)]
+        self.keys = max(start)
+        start_B = torch.tensor(start, device=device)
+        padded = min(new) < N
+        # a decode step (one token for every row) needs no offsets
+        offset_N = torch.arange(N, device=device) - N if N > 1 or padded else None
+        self.pos_BN = (start_B - 1)[:, None] if offset_N is None else \
+            start_B[:, None] + offset_N  # < length: a padded position
+        self.valid_BN = offset_N >= -torch.tensor(new, device=device)[:, None] if padded \
+            else None
+        ragged = N > 1 or min(start) != max(start)
         # a padded query sees key 0 only, so no softmax row is empty; its output is never used
-        self.keep_BNT = key_T <= self.pos_BN.clamp(min=0)[..., None] if ragged else None
+        self.keep_BNT = torch.arange(self.keys, device=device) <= \
+            self.pos_BN.clamp(min=0)[..., None] if ragged else None
         if self.valid_BN is None:
-            self.write_slot = self.slot_B.repeat_interleave(N)
+            self.write_slot = self.slot_B if N == 1 else self.slot_B.repeat_interleave(N)
             self.write_pos = self.pos_BN.reshape(-1)
         else:
             self.write_slot = self.slot_B[:, None].expand(B, N)[self.valid_BN]

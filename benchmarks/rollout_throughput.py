@@ -294,7 +294,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="rows generated together")
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens per row")
     parser.add_argument("--new", type=int, default=128, help="tokens generated per row")
-    parser.add_argument("--timed", type=int, default=2, help="timed generate calls per run")
+    parser.add_argument("--timed", type=int, default=2,
+                        help="timed generate calls per run (and as many 1-token calls, the "
+                             "prefill, for the decode-steps-only figure)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating")
     parser.add_argument("--rl-steps", type=int, default=2,
@@ -320,6 +322,9 @@ def main() -> None:
     parser.add_argument("--scratch", default=str(REPO / "runs" / "benchmark"),
                         help="where the FC-RL steps may write (nothing is saved)")
     args = parser.parse_args()
+    if args.new < 2:
+        parser.error(f"--new {args.new}: at least 2 (the decode steps are the tokens after "
+                     "the first)")
     if args.batch % args.group:
         parser.error(f"--group {args.group} must divide --batch {args.batch}")
     tables = set(args.tables.split(","))

@@ -60,7 +60,7 @@ def test_v2_reads_what_the_summary_names():
     assert text == ("<imaginary>Doc 1 (Title: Kalo) Kalo lies in Mirten.</imaginary>\n"
                     "<keyword>Kalo; Mirten</keyword>\n<analysis>Search for Kalo.</analysis>\n"
                     "<confidence>75%</confidence>\n<think>I need the region.</think>\n"
-                    "<action><search>Kalo region</search></action>")
+                    "<action><search> Kalo region </search></action>")
     assert V2.stop_texts() == ("</action>",)
     assert V2.prompt("Question: x").startswith("Before each action, write <imaginary>")
     # each v2 block is the v1 kind training weighs it as; keywords a kind of their own
@@ -134,7 +134,7 @@ def test_hindsight_writes_v2_traces_with_keywords_of_the_real_observation():
     trace = foresight_trace(t, tally, V2)
     first = V2.parse_turn(trace.turns[0].text)
     assert isinstance(first, AgentTurn) and first.think == "look"
-    assert first.foresight == Foresight('Search for "Kalo", then answer.',
+    assert first.foresight == Foresight('Search for Kalo, then answer.',
                                         "Doc 1 (Title: Kalo) Kalo lies in Mirten, founded 1510.",
                                         0.75, ("Kalo", "Mirten", "1510"))
     last = V2.parse_turn(trace.turns[2].text)

@@ -112,7 +112,7 @@ def test_hindsight_rollout_is_the_next_observation_and_value_the_mc_estimate():
     assert [p.foresight.rollout for p in parsed] == [
         "Doc 1 (Title: A) alpha.", "Doc 1 (Title: B) beta.", "The answer is wrong."]
     assert [p.foresight.value for p in parsed] == [0.67, 0.17, 0.0]
-    assert parsed[0].foresight.plan == 'Search for "q one", then 1 more search, then answer.'
+    assert parsed[0].foresight.plan == 'Search for q one, then 1 more search, then answer.'
     assert parsed[0].think == "a" and parsed[2].action.argument == "x"
     assert [turn.text for turn in trace.turns if turn.role == "env"] == \
         [turn.text for turn in t.turns if turn.role == "env"]

@@ -123,3 +123,33 @@ def test_difficulty_mix_one_hop_questions_and_two_step_problems():
         ({1}, {2})
     with pytest.raises(ValueError, match="math_max_steps must be 2 or 3"):
         WorldSizes(math_max_steps=1).check()
+
+
+def _contains(tokens: list[int], part: list[int]) -> bool:
+    return any(tokens[i:i + len(part)] == part for i in range(len(tokens) - len(part) + 1))
+
+
+def test_first_search_spells_the_entity_with_the_questions_tokens(world_dir):
+    """A name is copyable only if the search, the plan and the question write it with the same
+    tokens: glued to a tag or a quote (`<search>Olgar`) sentencepiece reads another token than
+    the question's `▁Olgar`, and the tiny agent learnt to write some fixed name instead."""
+    from plugins.fe_sft.hindsight import foresight_trace
+    from megatron_foresight.foresight.format import parse_turn
+
+    tok = SentencePieceTokenizer(str(world_dir / "tokenizer" / "spm.model"))
+    searched = 0
+    for t in read_trajectories(world_dir / "trajectories" / "train.jsonl"):
+        if t.task_type != "search":
+            continue
+        question = tok.encode(t.prompt.split("Question:")[-1])
+        agent = foresight_trace(t).turns[0].text
+        turn = parse_turn(agent)
+        query = turn.action.argument
+        if query.split()[0] not in t.prompt:
+            continue  # a noisy expert searched for another entity
+        searched += 1
+        name = tok.encode(" " + " ".join(w for w in query.split() if w[0].isupper()))
+        for where in (agent[agent.index("<search>"):], turn.foresight.plan):
+            assert _contains(tok.encode(where), name), (where, t.prompt)
+        assert _contains(question, name), t.prompt
+    assert searched >= 10

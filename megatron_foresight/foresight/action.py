@@ -21,6 +21,14 @@ class Action:
     """Character offset of the opening tag in the turn."""
 
 
+def render_action(kind: str, argument: str) -> str:
+    """An action as agents write it: `<search> query </search>`, the argument between spaces
+    (as the prompts show it). A tokenizer with a word-start marker then reads the argument's
+    first word as running text has it (sentencepiece: `▁Olgar`, not `Olgar` glued to the
+    tag), so a name is copied from the question token for token, not re-spelled."""
+    return f"{opening(kind)} {argument} {closing(kind)}"
+
+
 @dataclass(frozen=True)
 class FormatError:
     message: str

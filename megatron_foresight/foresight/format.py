@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from megatron_foresight.foresight.action import Action, FormatError, parse_action
+from megatron_foresight.foresight.action import Action, FormatError, parse_action, render_action
 from megatron_foresight.foresight.tags import (
     ANALYSIS, CONFIDENCE, FORESIGHT, IMAGINARY, KEYWORD, PLAN, ROLLOUT, THINK, VALUE, action_tags,
     all_tags, closing, observation_tags, opening,
@@ -65,7 +65,7 @@ def render_turn(turn: AgentTurn) -> str:
         parts.append(f"{opening(THINK)}{turn.think}{closing(THINK)}")
     if turn.foresight is not None:
         parts.append(render_foresight(turn.foresight))
-    parts.append(f"{opening(turn.action.kind)}{turn.action.argument}{closing(turn.action.kind)}")
+    parts.append(render_action(turn.action.kind, turn.action.argument))
     return "\n".join(parts)
 
 

@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 
 from megatron_foresight.foresight import format as v1
-from megatron_foresight.foresight.action import Action, FormatError, parse_action
+from megatron_foresight.foresight.action import Action, FormatError, parse_action, render_action
 from megatron_foresight.foresight.format import (
     AgentTurn, BlockError, Foresight, LenientTurn, find_block, read_block, skip_space,
 )
@@ -112,7 +112,7 @@ class PaperFormat(ForesightFormat):
         if turn.think is not None:
             parts.append(f"{opening(THINK)}{turn.think}{closing(THINK)}")
         a = turn.action
-        parts.append(f"{opening(ACTION)}{opening(a.kind)}{a.argument}{closing(a.kind)}"
+        parts.append(f"{opening(ACTION)}{render_action(a.kind, a.argument)}"
                      f"{closing(ACTION)}")
         return "\n".join(parts)
 

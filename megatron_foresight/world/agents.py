@@ -16,7 +16,7 @@ from fractions import Fraction
 
 from megatron_foresight.tasks import Task
 from megatron_foresight.envs.base import Episode
-from megatron_foresight.foresight.action import Action, parse_action
+from megatron_foresight.foresight.action import Action, parse_action, render_action
 from megatron_foresight.foresight.tags import ANSWER, CALC, SEARCH, THINK, wrap
 
 ATTRIBUTE_WORDS = {"region": "region", "founded": "founded year", "trade": "trade",
@@ -28,7 +28,7 @@ History = list[tuple[str, "str | None"]]
 
 
 def _turn(thought: str, tag: str, argument: str) -> str:
-    return f"{wrap(THINK, thought)}\n{wrap(tag, argument)}"
+    return f"{wrap(THINK, thought)}\n{render_action(tag, argument)}"
 
 
 def _passage_says(observation: str | None, entity: str, value: str) -> bool:

@@ -2,7 +2,7 @@
 
 Every agent turn of a trajectory gets the foresight block it should have written:
 * `<plan>`: the action it took, and what the rest of the trajectory did after it
-  ("Search for "X", then 1 more search, then answer.");
+  ("Search for X, then 1 more search, then answer.");
 * `<rollout>`: the observation the environment really returned next (its content, without the
   <information> / <result> wrapper), or, for the turn that ended the episode, whether the answer
   was accepted (`format.final_observation`);
@@ -41,7 +41,7 @@ _NOT_NAMES = {"Doc", "Title", "The", "No", "A", "An", "In", "Of"}
 _STOP = {"the", "a", "an", "of", "in", "is", "was", "to", "and", "no", "by", "on", "at", "for",
          "doc", "title", "answer"}
 
-_FIRST = {SEARCH: 'Search for "{}"', CALC: "Compute {}", ANSWER: "Answer {}"}
+_FIRST = {SEARCH: 'Search for {}', CALC: "Compute {}", ANSWER: "Answer {}"}
 _MORE = {SEARCH: ("search", "searches"), CALC: ("calculation", "calculations")}
 
 

@@ -9,7 +9,6 @@ import math
 import os
 
 import pytest
-import yaml
 
 from megatron_foresight.configtree import ConfigError
 from megatron_foresight.config import load_recipe
@@ -116,7 +115,8 @@ def test_overrides_addressed_to_a_stage_reach_only_that_stage():
         Experiment(TINY_CPU, "/tmp/unused", [7], ROWS, 4, ["fe_sft:seed=3"])
     exp = Experiment(TINY_CPU, "/tmp/unused", [7], ROWS, 4, ["fe_sft:schedule.train_steps=150"])
     assert exp.config(7, ("sft",)).schedule.train_steps == 150  # SFT runs FE-SFT's recipe
-    assert exp.config(7, ("wm_amt",)).schedule.train_steps == 100
+    recipe_steps = load_recipe(TINY_CPU / "wm_amt.yaml", []).schedule.train_steps
+    assert exp.config(7, ("wm_amt",)).schedule.train_steps == recipe_steps != 150
 
 
 def test_format_none_reads_bare_turns_and_refuses_foresight_only_parts():

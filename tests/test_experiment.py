@@ -9,6 +9,7 @@ import math
 import os
 
 import pytest
+import yaml
 
 from megatron_foresight.configtree import ConfigError
 from megatron_foresight.config import load_recipe

@@ -238,10 +238,15 @@ class ScheduleConfig:
     """Sequences per forward/backward pass; gradients accumulate to the global batch."""
     warmup_steps: int = 10
     """Linear warmup from 0 to optimizer.lr."""
-    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    """Decay from optimizer.lr to optimizer.min_lr after warmup."""
+    decay_style: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    """Decay from optimizer.lr to optimizer.min_lr after warmup. wsd (warmup-stable-decay):
+    the LR stays at optimizer.lr and falls (cosine) to min_lr over the last `anneal_steps`
+    of the decay; for a skill that arrives late, as a transition at a high LR (README, the
+    tiny agent)."""
     decay_steps: Optional[int] = None
     """Steps over which the decay runs (counting warmup); null means train_steps."""
+    anneal_steps: Optional[int] = None
+    """decay_style: wsd only: the closing steps of the decay in which the LR falls."""
     eval_interval: int = 0
     """Evaluate on the validation split every this many steps (0: only at the end)."""
     eval_steps: int = 2
@@ -259,6 +264,15 @@ class ScheduleConfig:
               f"micro_batch_size ({self.micro_batch_size})")
         check(0 <= self.warmup_steps < self.lr_decay_steps, "warmup_steps",
               f"must be in [0, decay_steps={self.lr_decay_steps}), got {self.warmup_steps}")
+        stable = self.lr_decay_steps - self.warmup_steps
+        if self.decay_style == "wsd":
+            check(self.anneal_steps is not None and 1 <= self.anneal_steps <= stable,
+                  "anneal_steps", f"decay_style: wsd needs anneal_steps in [1, {stable}] (decay "
+                  f"steps after warmup), got {self.anneal_steps}")
+        else:
+            check(self.anneal_steps is None, "anneal_steps",
+                  f"only decay_style: wsd anneals; decay_style is {self.decay_style} "
+                  "(remove anneal_steps or set decay_style: wsd)")
 
     @property
     def lr_decay_steps(self) -> int:

@@ -127,6 +127,31 @@ def test_fp8_and_schedule_rules():
     assert "warmup_steps: must be in [0, decay_steps=150)" in \
         error_of(LM_RECIPE, ["schedule.warmup_steps=150"])
     assert "optimizer.min_lr" in error_of(LM_RECIPE, ["optimizer.min_lr=1"])
+    assert "schedule.anneal_steps: decay_style: wsd needs anneal_steps in [1, 135]" in \
+        error_of(LM_RECIPE, ["schedule.decay_style=wsd"])
+    assert "only decay_style: wsd anneals" in error_of(LM_RECIPE, ["schedule.anneal_steps=10"])
+
+
+def test_wsd_holds_the_peak_then_anneals_to_min_lr_over_anneal_steps():
+    """Megatron's own scheduler, as build_scheduler sets it up from the recipe."""
+    import torch
+    from megatron_foresight.training.optimizer import build_scheduler
+
+    cfg = load_recipe(LM_RECIPE, ["schedule.train_steps=100", "schedule.warmup_steps=10",
+                                  "schedule.decay_style=wsd", "schedule.anneal_steps=20",
+                                  "optimizer.lr=1e-3", "optimizer.min_lr=1e-4"])
+
+    class Optimizer:  # what the scheduler touches: the parameter groups' lr and weight decay
+        param_groups = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0).param_groups
+
+    scheduler, lrs = build_scheduler(cfg, Optimizer()), []
+    for _ in range(100):
+        scheduler.step(1)
+        lrs.append(Optimizer.param_groups[0]["lr"])
+    assert lrs[4] == pytest.approx(5e-4)  # warmup: step 5 of 10
+    assert lrs[9:80] == [pytest.approx(1e-3)] * 71  # steps 10-80 at the peak
+    assert 1e-4 < lrs[89] < lrs[80] < 1e-3  # falling over the last 20
+    assert lrs[99] == pytest.approx(1e-4)
 
 
 def test_presets_match_published_shapes():

@@ -25,16 +25,18 @@ def build_optimizer(cfg: RecipeConfig, model_chunks: list):
 
 
 def build_scheduler(cfg: RecipeConfig, optimizer):
-    """Linear warmup from 0, then cosine/linear/constant decay to min_lr, stepped once per
-    optimizer step."""
+    """Linear warmup from 0, then cosine/linear/constant decay to min_lr, or wsd (Megatron's
+    WSD: constant, then a cosine anneal), stepped once per optimizer step."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     o, s = cfg.optimizer, cfg.schedule
+    wsd = s.decay_style == "wsd"
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=s.warmup_steps,
-        lr_decay_steps=s.lr_decay_steps, lr_decay_style=s.decay_style,
+        lr_decay_steps=s.lr_decay_steps, lr_decay_style="WSD" if wsd else s.decay_style,
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=s.train_steps,
         wd_incr_style="constant",
+        **({"wsd_decay_steps": s.anneal_steps, "lr_wsd_decay_style": "cosine"} if wsd else {}),
     )
 
 

@@ -246,7 +246,8 @@ class ScheduleConfig:
     decay_steps: Optional[int] = None
     """Steps over which the decay runs (counting warmup); null means train_steps."""
     anneal_steps: Optional[int] = None
-    """decay_style: wsd only: the closing steps of the decay in which the LR falls."""
+    """decay_style: wsd only: the closing steps of the decay in which the LR falls; at most
+    the decay's steps after warmup (a run shortened on the command line anneals over all)."""
     eval_interval: int = 0
     """Evaluate on the validation split every this many steps (0: only at the end)."""
     eval_steps: int = 2
@@ -264,11 +265,10 @@ class ScheduleConfig:
               f"micro_batch_size ({self.micro_batch_size})")
         check(0 <= self.warmup_steps < self.lr_decay_steps, "warmup_steps",
               f"must be in [0, decay_steps={self.lr_decay_steps}), got {self.warmup_steps}")
-        stable = self.lr_decay_steps - self.warmup_steps
         if self.decay_style == "wsd":
-            check(self.anneal_steps is not None and 1 <= self.anneal_steps <= stable,
-                  "anneal_steps", f"decay_style: wsd needs anneal_steps in [1, {stable}] (decay "
-                  f"steps after warmup), got {self.anneal_steps}")
+            check(self.anneal_steps is not None and self.anneal_steps >= 1, "anneal_steps",
+                  f"decay_style: wsd needs anneal_steps >= 1 (the closing steps of the decay "
+                  f"in which the LR falls), got {self.anneal_steps}")
         else:
             check(self.anneal_steps is None, "anneal_steps",
                   f"only decay_style: wsd anneals; decay_style is {self.decay_style} "
@@ -277,6 +277,13 @@ class ScheduleConfig:
     @property
     def lr_decay_steps(self) -> int:
         return self.decay_steps if self.decay_steps is not None else self.train_steps
+
+    @property
+    def lr_anneal_steps(self) -> int | None:
+        """wsd's anneal_steps, capped at the decay's steps after warmup."""
+        if self.anneal_steps is None:
+            return None
+        return min(self.anneal_steps, self.lr_decay_steps - self.warmup_steps)
 
 
 @dataclass

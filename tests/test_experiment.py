@@ -219,7 +219,10 @@ def test_a_run_dir_trained_from_another_recipe_is_refused(tmp_path):
     _check_unchanged(Experiment(TINY_CPU, run_dir, [1234], rows, 8))
     kept = json.loads((run_dir / "recipes.json").read_text())
     assert set(kept) == {"wm_amt", "wm_amt+fe_sft"}
-    assert kept["wm_amt+fe_sft"]["schedule.train_steps"] == 300 and "seed" not in kept["wm_amt"]
+    fe_steps = load_recipe(TINY_CPU / "fe_sft.yaml", []).schedule.train_steps
+    assert fe_steps != 70  # the override below must change it
+    assert kept["wm_amt+fe_sft"]["schedule.train_steps"] == fe_steps and \
+        "seed" not in kept["wm_amt"]
     changed = Experiment(TINY_CPU, run_dir, [1234], rows, 8, ["fe_sft:schedule.train_steps=70"])
     _check_unchanged(changed)  # nothing trained yet: the new recipe is kept
     assert json.loads((run_dir / "recipes.json").read_text())[
@@ -228,7 +231,7 @@ def test_a_run_dir_trained_from_another_recipe_is_refused(tmp_path):
     _check_unchanged(Experiment(TINY_CPU, run_dir, [1234, 1235], rows, 8,
                                 ["fe_sft:schedule.train_steps=70"]))  # one more seed
     with pytest.raises(UsageError, match=r"step wm_amt\+fe_sft .*schedule.train_steps: 70 then, "
-                                         r"300 now.*new --run-dir"):
+                                         rf"{fe_steps} now.*new --run-dir"):
         _check_unchanged(Experiment(TINY_CPU, run_dir, [1234], rows, 8))
     (run_dir / "recipes.json").write_text("{not json")
     with pytest.raises(UsageError, match="recipes.json is unreadable"):

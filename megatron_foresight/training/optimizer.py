@@ -36,7 +36,7 @@ def build_scheduler(cfg: RecipeConfig, optimizer):
         lr_decay_steps=s.lr_decay_steps, lr_decay_style="WSD" if wsd else s.decay_style,
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=s.train_steps,
         wd_incr_style="constant",
-        **({"wsd_decay_steps": s.anneal_steps, "lr_wsd_decay_style": "cosine"} if wsd else {}),
+        **({"wsd_decay_steps": s.lr_anneal_steps, "lr_wsd_decay_style": "cosine"} if wsd else {}),
     )
 
 

@@ -214,6 +214,7 @@ def test_fc_rl_in_the_paper_tag_set_from_a_v2_fe_sft_policy(medium_world, medium
               "data.seq_length=768", "logging.tensorboard=false", "checkpoint.save_interval=0"]
     fe = tmp_path / "fe"
     foresight(["train", str(recipes / "fe_sft.yaml"), *common, "schedule.train_steps=200",
+               "schedule.decay_style=cosine", "schedule.anneal_steps=null",  # as measured
                "schedule.eval_interval=0", "schedule.eval_steps=2",
                f"checkpoint.init_from={medium_wm_amt}", "--run-dir", str(fe)], timeout=1800)
     final = json.loads((fe / "metrics.jsonl").read_text().splitlines()[-1])

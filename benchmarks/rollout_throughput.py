@@ -29,6 +29,10 @@ two alternate `--repeats` times, and medians and their ratio are printed: of the
 `generate()` call, and of its decode steps alone (the call's time less that of a call for one
 new token, the prefill, which is the same forward over the prompts on both sides). Weights are
 random: throughput does not depend on them when every row generates exactly --new tokens.
+
+On a GPU both sides run there (HF's model is moved to it; every timed call ends synchronized)
+and the slot engine is also timed with its decode steps replayed as CUDA graphs
+(`inference.graphs`: `slots+graphs` in the first two tables, `continuous+graphs` in the third).
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ from megatron_foresight.inference.generate import Completion, Generator  # noqa:
 
 VARIANTS = ("plain", "lean", "lean+shared", "slots", "slots+fused")
 EPISODE_VARIANTS = ("plain", "rounds", "rounds+slots", "continuous", "continuous+fused")
+GRAPHS = ("slots+graphs", "continuous+graphs")
+"""On a GPU, the slot engine with its decode steps replayed as CUDA graphs (`inference.graphs`)."""
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
 def _prompts(args, vocab: int) -> list[list[int]]:
@@ -82,11 +90,12 @@ def run_megatron(args) -> dict:
     tok.eod = -1  # every row generates exactly --new tokens, as HF's min_new_tokens makes it
     (model,) = build_model(cfg, cfg.padded_vocab_size(tok.vocab_size))
     lean = args.variant != "plain"
-    shared = args.variant in ("lean+shared", "slots", "slots+fused")
+    shared = args.variant in ("lean+shared", "slots", "slots+fused", "slots+graphs")
     gen = Generator(model.eval(), tok, max_sequence_length=args.prompt + args.new,
                     lean_decode=lean, shared_prefill=shared,
                     slot_cache=args.variant.startswith("slots"),
-                    fused_decode=args.variant == "slots+fused")
+                    fused_decode=args.variant == "slots+fused",
+                    cuda_graphs=args.variant == "slots+graphs")
     grouped = args.table == "group"
     prompts = (_group_prompts if grouped else _prompts)(args, tok.vocab_size)
 
@@ -107,6 +116,8 @@ def _timed(call, args) -> dict:
         for i in range(args.warmup + args.timed):
             started = time.perf_counter()
             call(new)
+            if CUDA:  # HF's output stays on the GPU; the engine's tokens are read already
+                torch.cuda.synchronize()
             if i >= args.warmup:
                 out[key].append(time.perf_counter() - started)
     return out
@@ -130,7 +141,8 @@ def run_episodes_table(args) -> dict:
     gen = Generator(chunks[0].eval(), tok, max_sequence_length=cfg.data.seq_length,
                     pad_id=tok.eod, lean_decode=lean, shared_prefill=shared,
                     slot_cache=args.variant == "rounds+slots",
-                    fused_decode=args.variant == "continuous+fused")
+                    fused_decode=args.variant == "continuous+fused",
+                    cuda_graphs=args.variant == "continuous+graphs")
     # all engine variants sample the same episodes (per-row streams)
     return _time_episodes(args, cfg, gen, continuous=args.variant.startswith("continuous"),
                           row_streams=True)
@@ -195,8 +207,10 @@ class HFTurns:
                                      for row in input_ids])
 
         pad = 0
-        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts],
+                           device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                            device=self.model.device)
         torch.manual_seed(sampling.seed)
         with torch.no_grad():
             out = self.model.generate(
@@ -226,7 +240,7 @@ def run_hf_episodes(args) -> dict:
     cfg = _recipe(args, byte=False)
     with tempfile.TemporaryDirectory() as tmp:  # the policy as it is now, exported
         hf_dir = convert_to_hf(args.policy, Path(tmp) / "hf", dtype="float32")
-        model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(DEVICE).eval()
     return _time_episodes(args, cfg, HFTurns(model, loop.recipe_tokenizer(cfg),
                                              cfg.data.seq_length))
 
@@ -244,9 +258,10 @@ def run_hf(args) -> dict:
         intermediate_size=m.ffn_hidden_size, num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.query_groups,
         max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.norm_epsilon,
-        rope_theta=m.rotary_base, tie_word_embeddings=False)).eval()
+        rope_theta=m.rotary_base, tie_word_embeddings=False)).to(DEVICE).eval()
     grouped = args.table == "group"
-    ids = torch.tensor((_group_prompts if grouped else _prompts)(args, tok.vocab_size))
+    ids = torch.tensor((_group_prompts if grouped else _prompts)(args, tok.vocab_size),
+                       device=DEVICE)
 
     def call(new: int):
         torch.manual_seed(1)
@@ -311,7 +326,7 @@ def main() -> None:
                              "the table is skipped when it does not exist")
     parser.add_argument("--turn-tokens", type=int, default=64,
                         help="max new tokens per agent turn in the episodes table")
-    parser.add_argument("--variant", choices=VARIANTS + EPISODE_VARIANTS[1:],
+    parser.add_argument("--variant", choices=VARIANTS + EPISODE_VARIANTS[1:] + GRAPHS,
                         default="lean+shared",
                         help=argparse.SUPPRESS)
     parser.add_argument("--table", choices=["single", "group"], default="single",
@@ -339,8 +354,9 @@ def main() -> None:
     tokens = args.batch * args.new
     print(f"rollout throughput, {args.recipe}: batch {args.batch}, prompt {args.prompt}, "
           f"{args.new} new tokens per row, {args.repeats} alternating runs each, medians")
-    for table, variants in (("single", ("plain", "lean", "slots", "slots+fused")),
-                            ("group", VARIANTS)):
+    graphs = GRAPHS[:1] if CUDA else ()
+    for table, variants in (("single", ("plain", "lean", "slots", "slots+fused") + graphs),
+                            ("group", VARIANTS + graphs)):
         if table not in tables:
             continue
         sides = [("hf", "HF generate()")] + [(v, f"engine, {v}") for v in variants]
@@ -367,7 +383,7 @@ def main() -> None:
         print("  (decode steps only: the tokens after the first over the time a call takes "
               "beyond a 1-token call, which is the prefill)")
     if "episodes" in tables and Path(args.policy).exists():
-        sides = ("hf",) + EPISODE_VARIANTS
+        sides = ("hf",) + EPISODE_VARIANTS + GRAPHS[1:] * CUDA
         rates = {v: [] for v in sides}
         for _ in range(args.repeats):
             for variant in sides:
@@ -383,7 +399,10 @@ def main() -> None:
                               ("rounds", "rounds, lean+shared"),
                               ("rounds+slots", "rounds, slot cache"),
                               ("continuous", "continuous, lean+shared"),
-                              ("continuous+fused", "continuous, fused decode")):
+                              ("continuous+fused", "continuous, fused decode"),
+                              ("continuous+graphs", "continuous, CUDA graphs")):
+            if variant not in rates:
+                continue
             med = statistics.median(r for r, _ in rates[variant])
             out = rates[variant][0][1]
             print(f"  {name:28}{med:>8.0f} tokens/s  {med / hf:>5.2f}x HF  {med / base:>5.2f}x "

@@ -81,6 +81,23 @@ def test_world_tokenizer_makes_every_tag_one_token(world_dir):
     assert tok.vocab_size <= 1024 and tok.eod == 2
 
 
+def test_world_tokenizer_keeps_names_and_common_words_whole(tmp_path):
+    """In a world of the default sizes and vocabulary (few trajectories: they do not matter
+    here), every word of every entity's name and the questions' common words are one token
+    after a space: copying a name is copying one token. (The unigram model this tokenizer was
+    before split "people" in four pieces and "Brilo" in two.)"""
+    build_world(tmp_path, seed=5, progress=False, sizes=WorldSizes(
+        search_tasks=300, math_tasks=300, trajectories=60, validation_trajectories=10,
+        mc_samples=0))
+    tok = SentencePieceTokenizer(str(tmp_path / "tokenizer" / "spm.model"))
+    entities = json.loads((tmp_path / "world.json").read_text())["entities"]
+    words = {w for e in entities for w in e["name"].split()}
+    split = sorted(w for w in words if len(tok.encode(" " + w)) != 1)
+    assert len(words) > 400 and not split, split
+    for word in ("people", "live", "profession", "founded", "many", "days"):
+        assert len(tok.encode(" " + word)) == 1, word
+
+
 def test_world_tokenizer_exports_to_hugging_face_with_the_same_ids(world_dir, tmp_path):
     from transformers import AutoTokenizer
 

@@ -223,22 +223,30 @@ class SentencePieceTokenizer:
         return self.describe()
 
     def save_hf(self, out: Path) -> None:
-        """The same tokenizer for transformers: a `tokenizers` Unigram model with this model's
-        pieces and scores, spaces as "▁", byte fallback, and the user-defined pieces (the tags)
-        matched before segmentation, as sentencepiece does."""
+        """The same tokenizer for transformers: a `tokenizers` BPE model (merges ranked as
+        sentencepiece ranks its pieces) or Unigram model (the pieces and their scores), spaces
+        as "▁", byte fallback, and the user-defined pieces (the tags) matched before
+        segmentation, as sentencepiece does."""
         from sentencepiece import sentencepiece_model_pb2
         from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
         from transformers import PreTrainedTokenizerFast
 
         proto = sentencepiece_model_pb2.ModelProto()
         proto.ParseFromString(self.path.read_bytes())
-        if proto.trainer_spec.model_type != proto.trainer_spec.UNIGRAM or \
+        spec = proto.trainer_spec
+        if spec.model_type not in (spec.UNIGRAM, spec.BPE) or \
                 proto.normalizer_spec.add_dummy_prefix or proto.normalizer_spec.name != "identity":
-            raise UsageError(f"{self.path}: only unigram models with identity normalization and "
-                             "no dummy prefix (what build-world trains) export to Hugging Face")
+            raise UsageError(f"{self.path}: only BPE or unigram models with identity "
+                             "normalization and no dummy prefix (what build-world trains) export "
+                             "to Hugging Face")
         piece = proto.SentencePiece
-        core = Tokenizer(models.Unigram([(p.piece, p.score) for p in proto.pieces],
-                                        unk_id=self.sp.unk_id(), byte_fallback=True))
+        if spec.model_type == spec.BPE:
+            vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+            core = Tokenizer(models.BPE(vocab, _bpe_merges(proto), byte_fallback=True,
+                                        unk_token=self.sp.id_to_piece(self.sp.unk_id())))
+        else:
+            core = Tokenizer(models.Unigram([(p.piece, p.score) for p in proto.pieces],
+                                            unk_id=self.sp.unk_id(), byte_fallback=True))
         core.normalizer = normalizers.Replace(" ", "▁")
         core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                           decoders.Fuse()])
@@ -253,8 +261,24 @@ class SentencePieceTokenizer:
         ).save_pretrained(out)
 
 
+def _bpe_merges(proto) -> list[tuple[str, str]]:
+    """The merges of a sentencepiece BPE model, for `tokenizers.models.BPE`. Sentencepiece
+    joins the adjacent pair whose joined piece scores highest (comes first in the model), so
+    each ordinary piece of two or more characters is a merge of every split of it into two
+    pieces of the model, ranked by the joined piece's place (then by the parts')."""
+    normal = proto.SentencePiece.NORMAL
+    rank = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == normal}
+    merges = []
+    for joined, i in rank.items():
+        for cut in range(1, len(joined)):
+            left, right = joined[:cut], joined[cut:]
+            if left in rank and right in rank:
+                merges.append((i, rank[left], rank[right], left, right))
+    return [(left, right) for *_, left, right in sorted(merges)]
+
+
 def train_sentencepiece(texts: Iterable[str], out: str | Path, vocab_size: int) -> Path:
-    """Train a unigram sentencepiece model on `texts` and write it to `out` (a .model file).
+    """Train a BPE sentencepiece model on `texts` and write it to `out` (a .model file).
     The foresight and environment tags and the newline are single pieces; unseen characters
     fall back to bytes; text round-trips exactly (no normalization, no added whitespace), so
     a document tokenized in segments decodes to the document. Deterministic: the same texts
@@ -271,7 +295,7 @@ def train_sentencepiece(texts: Iterable[str], out: str | Path, vocab_size: int) 
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size,
-        model_type="unigram", user_defined_symbols=[*symbols(), "\n"], byte_fallback=True,
+        model_type="bpe", user_defined_symbols=[*symbols(), "\n"], byte_fallback=True,
         split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
         add_dummy_prefix=False, allow_whitespace_only_pieces=True, hard_vocab_limit=False,
         unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, minloglevel=2)

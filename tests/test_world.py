@@ -170,3 +170,36 @@ def test_first_search_spells_the_entity_with_the_questions_tokens(world_dir):
             assert _contains(tok.encode(where), name), (where, t.prompt)
         assert _contains(question, name), t.prompt
     assert searched >= 10
+
+
+def test_experts_quote_the_words_they_copy_from(world_dir):
+    """What an expert copies it first quotes: a search expert's think repeats, word for word,
+    the sentence of a passage it read that states the value it uses next (the answer, or the
+    next hop's entity); a math expert's step names each of the problem's numbers with the
+    problem's own words around it. A model imitating them copies along text it has just
+    matched, not straight from a passage or problem to the value."""
+    from megatron_foresight.foresight.action import parse_action
+
+    quotes = steps = 0
+    for t in read_trajectories(world_dir / "trajectories" / "train.jsonl"):
+        question = t.prompt.split("Problem:")[-1]
+        for k in range(2, len(t.turns), 2):
+            agent = t.turns[k].text
+            read = "\n".join(turn.text for turn in t.turns[1:k:2])  # the observations so far
+            think = agent[agent.index("<think>") + 7:agent.index("</think>")]
+            action = parse_action(agent)
+            if " says: " in think:
+                quotes += 1
+                sentence = think.split(" says: ", 1)[1].split(". ")[0] + "."
+                assert sentence in read, (think, read)
+                if action.kind == "answer" and t.outcome.success:
+                    assert action.argument.strip() in sentence, (think, agent)
+        for turn in t.turns[::2]:
+            action = parse_action(turn.text)
+            if t.task_type == "math" and action.kind == "calc":
+                steps += 1
+                think = turn.text.split("<think>")[1].split("</think>")[0]
+                where = think.split(": ", 1)[1].rsplit(", so ", 1)[0]
+                for part in where.split(", "):
+                    assert part in question, (part, question)
+    assert quotes >= 10 and steps >= 20

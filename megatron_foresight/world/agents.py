@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -38,6 +39,33 @@ def _passage_says(observation: str | None, entity: str, value: str) -> bool:
         f"(Title: {entity})" in line and value in line for line in observation.splitlines())
 
 
+def _quote(observation: str, entity: str, value: str) -> str | None:
+    """The sentence of the passage titled `entity` that states `value` (None if it is not in
+    `observation` whole). Experts quote it before they use the value, so that a model imitating
+    them copies the passage's own words up to the value, then the value after them."""
+    head = f"(Title: {entity}) "
+    for line in observation.splitlines():
+        if head in line:
+            for sentence in re.split(r"(?<=\.) ", line.split(head, 1)[1]):
+                if re.search(rf"(?<!\w){re.escape(value)}(?!\w)", sentence) and \
+                        sentence.endswith("."):
+                    return sentence
+    return None
+
+
+def _number_in_context(question: str, number: str) -> str:
+    """`number` where it first appears in `question`, with up to two words before it and one
+    after, within its sentence ("equally among 12 shops"); the number alone if it is not
+    there. A math expert names where each number of a step comes from."""
+    found = re.search(rf"(?<![\d.]){re.escape(number)}(?!\d)", question)
+    if not found:
+        return number
+    before = re.split(r"[.?!]\s", question[:found.start()])[-1].split()[-2:]
+    after = question[found.end():].split()[:1]
+    after = [w.rstrip(".,?!") for w in after if w.rstrip(".,?!") and w[0].isalpha()]
+    return " ".join([*before, number, *after])
+
+
 class SearchExpert:
     """Searches for each hop's entity, reads the value off the returned passage, answers."""
 
@@ -47,35 +75,42 @@ class SearchExpert:
         self.entity_names = entity_names
         self.values_by_attribute = values_by_attribute
 
-    def _progress(self, task: Task, history: History) -> tuple[int, int]:
-        hops, hop, tries = task.meta["hops"], 0, 0
+    def _progress(self, task: Task, history: History) -> tuple[int, int, str | None]:
+        """Hops done, failed searches for the next one, and the sentence that gave the last
+        hop's value (None before the first)."""
+        hops, hop, tries, said = task.meta["hops"], 0, 0, None
         for agent_text, observation in history:
             action = parse_action(agent_text)
             if not isinstance(action, Action) or action.kind != SEARCH or hop == len(hops):
                 continue
             entity, value = hops[hop]["entity"], hops[hop]["value"]
             if entity in action.argument and _passage_says(observation, entity, value):
+                said = _quote(observation, entity, value)
                 hop, tries = hop + 1, 0
             else:
                 tries += 1
-        return hop, tries
+        return hop, tries, said
 
     def _wrong(self, attribute: str, right: str, rng: random.Random) -> str:
         return rng.choice([v for v in self.values_by_attribute[attribute] if v != right])
 
     def act(self, task: Task, history: History, rng: random.Random) -> str:
         hops = task.meta["hops"]
-        hop, tries = self._progress(task, history)
+        hop, tries, said = self._progress(task, history)
+        # what the last passage read said, in its words: the value comes right after them
+        read = f"The passage on {hops[hop - 1]['entity']} says: {said} " if said else ""
         if hop == len(hops) or tries >= self.max_tries:
             final = hops[-1]
             answer = final["value"] if hop == len(hops) else self._wrong(
                 final["attribute"], final["value"], rng)
             if rng.random() < self.noise:
                 answer = self._wrong(final["attribute"], final["value"], rng)
-            return _turn(f"The passages point to {answer}.", ANSWER, answer)
+            thought = f"{read}The answer is {answer}." if hop == len(hops) and said else \
+                f"The passages point to {answer}."
+            return _turn(thought, ANSWER, answer)
         entity, words = hops[hop]["entity"], ATTRIBUTE_WORDS[hops[hop]["attribute"]]
         thought = (f"I need the {words} of {entity}." if hop == 0 else
-                   f"That gives {entity}; now I need its {words}.")
+                   f"{read}Now I need the {words} of {entity}.")
         if rng.random() < self.noise:
             entity = rng.choice([n for n in self.entity_names if n != entity])
         query = entity if tries else f"{entity} {words}"
@@ -122,7 +157,12 @@ class MathExpert:
             delta = rng.choice([d for d in range(-9, 10) if d and operands[i] + d > 0])
             operands[i] += delta
         expression = f"{_show(operands[0])} {op} {_show(operands[1])}"
-        return _turn(f"Step {len(results) + 1}: {expression}.", CALC, expression)
+        # where the problem's numbers of this step are, in its words (the true numbers, also
+        # when this step miscopies one)
+        where = ", ".join(_number_in_context(task.question, _show(a)) for a in args
+                          if not isinstance(a, str))
+        return _turn(f"Step {len(results) + 1}: {where + ', so ' if where else ''}"
+                     f"{expression}.", CALC, expression)
 
 
 @dataclass

@@ -90,7 +90,7 @@ def run_megatron(args) -> dict:
     tok.eod = -1  # every row generates exactly --new tokens, as HF's min_new_tokens makes it
     (model,) = build_model(cfg, cfg.padded_vocab_size(tok.vocab_size))
     lean = args.variant != "plain"
-    shared = args.variant in ("lean+shared", "slots", "slots+fused", "slots+graphs")
+    shared = args.variant not in ("plain", "lean")
     gen = Generator(model.eval(), tok, max_sequence_length=args.prompt + args.new,
                     lean_decode=lean, shared_prefill=shared,
                     slot_cache=args.variant.startswith("slots"),
@@ -383,7 +383,7 @@ def main() -> None:
         print("  (decode steps only: the tokens after the first over the time a call takes "
               "beyond a 1-token call, which is the prefill)")
     if "episodes" in tables and Path(args.policy).exists():
-        sides = ("hf",) + EPISODE_VARIANTS + GRAPHS[1:] * CUDA
+        sides = ("hf",) + EPISODE_VARIANTS + (GRAPHS[1:] if CUDA else ())
         rates = {v: [] for v in sides}
         for _ in range(args.repeats):
             for variant in sides:

@@ -32,25 +32,23 @@ def _turn(thought: str, tag: str, argument: str) -> str:
     return f"{wrap(THINK, thought)}\n{render_action(tag, argument)}"
 
 
-def _passage_says(observation: str | None, entity: str, value: str) -> bool:
-    """Whether the passage titled `entity` came back (as `search.format_passages` lists it)
-    and states `value`."""
-    return observation is not None and any(
-        f"(Title: {entity})" in line and value in line for line in observation.splitlines())
+def _stating_line(observation: str | None, entity: str, value: str) -> str | None:
+    """The line of the passage titled `entity` (as `search.format_passages` lists it) if it
+    came back and states `value`; None otherwise."""
+    if observation is None:
+        return None
+    return next((line for line in observation.splitlines()
+                 if f"(Title: {entity})" in line and value in line), None)
 
 
-def _quote(observation: str, entity: str, value: str) -> str | None:
-    """The sentence of the passage titled `entity` that states `value` (None if it is not in
-    `observation` whole). Experts quote it before they use the value, so that a model imitating
-    them copies the passage's own words up to the value, then the value after them."""
-    head = f"(Title: {entity}) "
-    for line in observation.splitlines():
-        if head in line:
-            for sentence in re.split(r"(?<=\.) ", line.split(head, 1)[1]):
-                if re.search(rf"(?<!\w){re.escape(value)}(?!\w)", sentence) and \
-                        sentence.endswith("."):
-                    return sentence
-    return None
+def _quote(line: str, entity: str, value: str) -> str | None:
+    """The sentence of a passage's line (`_stating_line`) that states `value`, whole; None if
+    none does. Experts quote it before they use the value, so that a model imitating them copies
+    the passage's own words up to the value, then the value after them."""
+    text = line.split(f"(Title: {entity}) ", 1)[-1]
+    return next((sentence for sentence in re.split(r"(?<=\.) ", text)
+                 if sentence.endswith(".") and
+                 re.search(rf"(?<!\w){re.escape(value)}(?!\w)", sentence)), None)
 
 
 def _number_in_context(question: str, number: str) -> str:
@@ -84,8 +82,9 @@ class SearchExpert:
             if not isinstance(action, Action) or action.kind != SEARCH or hop == len(hops):
                 continue
             entity, value = hops[hop]["entity"], hops[hop]["value"]
-            if entity in action.argument and _passage_says(observation, entity, value):
-                said = _quote(observation, entity, value)
+            line = _stating_line(observation, entity, value)
+            if entity in action.argument and line:
+                said = _quote(line, entity, value)
                 hop, tries = hop + 1, 0
             else:
                 tries += 1

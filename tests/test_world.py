@@ -98,6 +98,16 @@ def test_world_tokenizer_keeps_names_and_common_words_whole(tmp_path):
         assert len(tok.encode(" " + word)) == 1, word
 
 
+def test_a_vocabulary_too_small_for_the_worlds_characters_says_how_large(tmp_path):
+    from megatron_foresight.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"vocabulary of 100 pieces is too small .* need \d+; "
+                                         r"ask for at least that many \(build-world: --vocab"):
+        build_world(tmp_path, seed=5, progress=False, sizes=WorldSizes(
+            search_tasks=200, math_tasks=200, trajectories=10, validation_trajectories=2,
+            mc_samples=0, vocab_size=100))
+
+
 def test_world_tokenizer_exports_to_hugging_face_with_the_same_ids(world_dir, tmp_path):
     from transformers import AutoTokenizer
 

@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 out=${1:?usage: bash tools/cuda_check.sh OUT [WORK]}
 work=${2:-/tmp/cuda_check}
 py=${PYTHON:-python3}
-mkdir -p "$out" "$work"
+mkdir -p "$out" "$work" || exit 1
 export PYTHONUNBUFFERED=1 FORESIGHT_DEBUG=1
 
 part() {  # part NAME SECONDS COMMAND...: run it with a limit, log to OUT/NAME.log

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,12 +294,22 @@ def train_sentencepiece(texts: Iterable[str], out: str | Path, vocab_size: int) 
             yield from (line for line in text.split("\n") if line)
 
     model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size,
-        model_type="bpe", user_defined_symbols=[*symbols(), "\n"], byte_fallback=True,
-        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=False, allow_whitespace_only_pieces=True, hard_vocab_limit=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, minloglevel=2)
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size,
+            model_type="bpe", user_defined_symbols=[*symbols(), "\n"], byte_fallback=True,
+            split_digits=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True, hard_vocab_limit=False, unk_id=0, bos_id=1,
+            eos_id=2, pad_id=3, num_threads=1, minloglevel=2)
+    except RuntimeError as e:
+        needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+        if not needed:
+            raise
+        raise UsageError(f"a tokenizer vocabulary of {vocab_size} pieces is too small for this "
+                         f"text: its characters, the tags and the 256 byte pieces need "
+                         f"{needed.group(1)}; ask for at least that many (build-world: "
+                         "--vocab-size)") from None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

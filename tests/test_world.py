@@ -124,6 +124,24 @@ def test_world_tokenizer_exports_to_hugging_face_with_the_same_ids(world_dir, tm
     assert hf.eos_token_id == tok.eod and hf.pad_token_id == tok.pad and len(hf) == tok.vocab_size
 
 
+def test_a_retrained_tokenizer_of_the_same_size_is_another_tokenizer(world_dir, tmp_path):
+    """Cached token streams are keyed by the tokenizer's `describe()`: a model rewritten in
+    the same place with the same number of bytes (here one piece's score changed) must not
+    reuse them. (It was keyed by the file's size.)"""
+    from sentencepiece import sentencepiece_model_pb2
+
+    path = tmp_path / "spm.model"
+    path.write_bytes((world_dir / "tokenizer" / "spm.model").read_bytes())
+    before = SentencePieceTokenizer(str(path)).describe()
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    proto.pieces[-1].score -= 1.0
+    path.write_bytes(proto.SerializeToString())
+    assert path.stat().st_size == len((world_dir / "tokenizer" / "spm.model").read_bytes())
+    after = SentencePieceTokenizer(str(path)).describe()
+    assert after != before and after["path"] == before["path"]
+
+
 def test_asking_for_more_tasks_than_the_world_has_says_what_to_change():
     from megatron_foresight.errors import UsageError
     from megatron_foresight.world.build import World

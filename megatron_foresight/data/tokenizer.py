@@ -208,6 +208,7 @@ class SentencePieceTokenizer:
         self.pad = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eod
         self.bos = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.vocab_size = self.sp.get_piece_size()
+        self._digest = hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -216,8 +217,11 @@ class SentencePieceTokenizer:
         return self.sp.decode([int(i) for i in ids])
 
     def describe(self) -> dict:
+        """What identifies the token streams it writes (cache keys, PREFIX.json): the model's
+        bytes, not its size (a world rebuilt in the same place trains another model of the
+        same vocabulary, often of the same size)."""
         return {"type": "sentencepiece", "path": str(self.path.resolve()),
-                "size": self.path.stat().st_size, "vocab_size": self.vocab_size}
+                "sha256": self._digest, "vocab_size": self.vocab_size}
 
     @property
     def unique_identifiers(self) -> dict:

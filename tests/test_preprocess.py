@@ -210,3 +210,50 @@ def test_document_masks_make_a_packed_document_see_only_itself(tmp_path, megatro
         without = model(tokens[None], pos, None)
     assert torch.allclose(with_mask[0, start:end], alone[0], atol=1e-4)
     assert not torch.allclose(without[0, start:end], alone[0], atol=1e-2)
+
+
+def test_fe_sft_samples_give_no_loss_to_a_trajectory_cut_at_their_start(trajectories, tmp_path,
+                                                                         megatron_cpu):
+    """A sample is a window of the document stream; the part of a trajectory whose beginning
+    lies in an earlier window is learnt without its task. With `mask_cut_documents` (FE-SFT's
+    default) exactly that part gets no loss: the labels up to and including the first
+    end-of-document, where the tokens before it are the end of a document and not a whole
+    one; the rest of the loss mask is the plain dataset's."""
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.data.indexed import build_gpt_datasets
+    from megatron_foresight.data.segmented import CutStartMaskedGPTDataset, SegmentedGPTDataset
+    from helpers.run import REPO
+
+    assert load_recipe(REPO / "recipes/tiny-cpu/fe_sft.yaml").stage_config.mask_cut_documents
+    assert not load_recipe(REPO / "recipes/tiny-cpu/wm_amt.yaml").stage_config.mask_cut_documents
+    preprocess([trajectories], tmp_path / "t", "transcript", BYTE, progress=False)
+    tokens, _ = _read(tmp_path / "t")
+    docs = [tokens[i].tobytes() for i in range(len(tokens))]
+    eod = ByteTokenizer().eod
+
+    def build(cls):
+        return build_gpt_datasets(
+            [str(tmp_path / "t")], None, seq_length=256, seed=1, split="100,0,0",
+            num_samples=(120, 0), tokenizer=ByteTokenizer(), cache_dir=tmp_path / "cache",
+            dataset_cls=cls)[0]
+
+    plain, masked = build(SegmentedGPTDataset), build(CutStartMaskedGPTDataset)
+    cut = whole = 0
+    for i in range(len(plain)):
+        a, b = plain[i], masked[i]
+        assert torch.equal(a["tokens"], b["tokens"])
+        zeroed = ((a["loss_mask"] > 0) & (b["loss_mask"] == 0)).nonzero().flatten().tolist()
+        assert torch.all(b["loss_mask"] <= a["loss_mask"])
+        sample = torch.cat([a["tokens"][:1], a["labels"]]).numpy().astype(tokens[0].dtype)
+        ends = np.flatnonzero(sample == eod)
+        if not len(ends):  # the whole window lies inside one document
+            continue
+        head = sample[:ends[0] + 1].tobytes()
+        if zeroed:
+            assert zeroed == list(range(ends[0])), (i, zeroed[:3], zeroed[-3:], ends[0])
+            assert any(d.endswith(head) and len(d) > len(head) for d in docs)
+            cut += 1
+        else:
+            assert any(d == head for d in docs), i  # began at a document's first token
+            whole += 1
+    assert cut >= 60, (cut, whole)  # byte-level windows almost never begin a document

@@ -26,7 +26,14 @@ class _SegmentView:
 
 
 class SegmentedGPTDataset(GPTDataset):
-    """Samples with a `segments` tensor beside `labels`: the segment type of each label."""
+    """Samples with a `segments` tensor beside `labels`: the segment type of each label.
+
+    GPTDataset cuts samples from the stream of documents without regard to their bounds, so a
+    sample usually begins inside a document whose beginning is in another sample. With
+    `mask_cut_start` the labels of that document's part get no loss (`loss_mask` 0): for agent
+    trajectories its turns would be learnt without the task they answer."""
+
+    mask_cut_start = False
 
     def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split,
                  config):
@@ -50,7 +57,26 @@ class SegmentedGPTDataset(GPTDataset):
         segments = torch.from_numpy(segments)
         segments = segments[1:] if self.config.add_extra_token_to_sequence else segments
         item["segments"] = torch.zeros_like(segments) if idx is None else segments
+        if self.mask_cut_start and idx is not None:
+            cut = self.cut_start_tokens(idx)
+            if cut > 1:  # label j is the sample's token j + 1
+                item["loss_mask"] = item["loss_mask"].clone()  # GPTDataset may cache it
+                item["loss_mask"][:cut - 1] = 0.0
         return item
+
+    def cut_start_tokens(self, idx: int) -> int:
+        """How many of sample `idx`'s first tokens belong to a document that began before it
+        (0 when the sample starts at a document's first token)."""
+        first, offset = self.sample_index[self.shuffle_index[idx]]
+        if not offset:
+            return 0
+        return int(self.dataset.sequence_lengths[self.document_index[first]]) - int(offset)
+
+
+class CutStartMaskedGPTDataset(SegmentedGPTDataset):
+    """`SegmentedGPTDataset` with no loss on a document cut at the sample's start."""
+
+    mask_cut_start = True
 
 
 def segment_weight_table(weights: dict[str, float]) -> torch.Tensor:

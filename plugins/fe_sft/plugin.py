@@ -48,7 +48,7 @@ class Config(BlendConfig):
     mask_cut_documents: bool = True
     """No loss on a trajectory whose beginning (the task) lies before the sample's first token:
     a sample of `data.seq_length` tokens is cut from the stream of trajectories and usually
-    begins inside one. In the tiny recipe 34% of the agent's tokens were such, learnt without
+    begins inside one. In the tiny recipe 35% of the agent's tokens were such, learnt without
     the question or problem they answer."""
 
     def check_recipe(self, cfg) -> None:

@@ -26,6 +26,8 @@ def _build(stage, world, tmp_path):
     recipe = next(p for p in sorted((REPO / "recipes" / "tiny-cpu").glob("*.yaml"))
                   if load_recipe(p).stage == stage)
     overrides = ["data.seq_length=64", f"data.world={world}"]
+    if stage == "fe_sft":  # a 64-byte sample never holds a trajectory's first agent turn
+        overrides.append("fe_sft.mask_cut_documents=false")
     cfg = load_recipe(recipe, overrides + [f"{stage}.builtin_docs=300"] if stage == "lm"
                       else overrides)
     plugin = stage_cls(cfg)

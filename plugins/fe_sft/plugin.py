@@ -49,7 +49,8 @@ class Config(BlendConfig):
     """No loss on a trajectory whose beginning (the task) lies before the sample's first token:
     a sample of `data.seq_length` tokens is cut from the stream of trajectories and usually
     begins inside one. In the tiny recipe 35% of the agent's tokens were such, learnt without
-    the question or problem they answer."""
+    the question or problem they answer. Samples shorter than a trajectory keep almost no
+    loss with it: raise `data.seq_length` above the trajectories' usual length."""
 
     def check_recipe(self, cfg) -> None:
         named = [s for s in [*self.sources, *(self.valid_sources or [])]

@@ -204,7 +204,7 @@ class HFTurns:
         class AtTag(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
                 return torch.tensor([ended(Completion(ids=row[width:].tolist()))
-                                     for row in input_ids])
+                                     for row in input_ids], device=input_ids.device)
 
         pad = 0
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts],
@@ -290,6 +290,12 @@ def run_rl(args) -> dict:
     return {k: [s[k] for s in steps] for k in keys}
 
 
+def _progress(line: str) -> None:
+    """Each run's figure as it comes (stderr), so a run stopped by a time limit still shows
+    what it measured; the tables follow on stdout once every run is in."""
+    print(f"  [measured] {line}", file=sys.stderr, flush=True)
+
+
 def _child(impl: str, args, variant: str = "lean+shared", table: str = "single") -> dict:
     cmd = [sys.executable, __file__, "--impl", impl, "--variant", variant, "--table", table,
            "--group", str(args.group), "--batch", str(args.batch), "--prompt",
@@ -370,6 +376,7 @@ def main() -> None:
                                   ("seconds", "prefill_seconds"))
                 rates[side].append(tokens / whole)
                 phase[side].append(args.batch * (args.new - 1) / (whole - prefill))
+                _progress(f"{table}, {side}: {rates[side][-1]:.0f} tokens/s")
         print("single-turn decode: distinct prompts, greedy" if table == "single" else
               f"GRPO groups: {args.batch // args.group} prompts x {args.group} samples, "
               "temperature 1")
@@ -390,6 +397,7 @@ def main() -> None:
                 out = (_child("hf-episodes", args) if variant == "hf" else
                        _child("episodes", args, variant))
                 rates[variant].append((out["tokens"] / statistics.median(out["seconds"]), out))
+                _progress(f"episodes, {variant}: {rates[variant][-1][0]:.0f} tokens/s")
         print(f"agent episodes: {args.batch // args.group} validation tasks x {args.group} "
               f"samples (GRPO groups), {args.batch} rows or slots, temperature 1, "
               f"<= {args.turn_tokens} tokens per turn, policy {args.policy}")

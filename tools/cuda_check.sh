@@ -43,6 +43,6 @@ part tests "${TESTS_S:-150}" "$py" -m pytest -p no:cacheprovider -q -rA tests/te
 part pipeline "${PIPELINE_S:-270}" "$py" -m megatron_foresight pipeline recipes/tiny-cpu \
     --run-dir "$work/pipeline"
 cp "$work/pipeline/report.json" "$out/" 2>/dev/null
-part rollout "${ROLLOUT_S:-120}" "$py" benchmarks/rollout_throughput.py --repeats 1 \
+part rollout "${ROLLOUT_S:-300}" "$py" benchmarks/rollout_throughput.py --repeats 1 \
     --tables "${ROLLOUT_TABLES:-single,group}" --policy "$work/pipeline/fc_rl" \
     --scratch "$work/benchmark"

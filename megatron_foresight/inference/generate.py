@@ -147,7 +147,7 @@ class Generator:
     `slot_cache`) run as one function over the model's weights instead of Megatron's module
     stack (`inference.fused`); prefill stays Megatron's forward.
     And on a GPU, `cuda_graphs` (off by default; PP = 1): the continuous engine's decode steps
-    replay CUDA graphs (`inference.graphs`; not yet run on a GPU); they take precedence over
+    replay CUDA graphs (`inference.graphs`; run on one H200, TP = 1); they take precedence over
     `fused_decode`."""
 
     def __init__(self, model, tokenizer, *, max_sequence_length: int, pad_id: int = 0,

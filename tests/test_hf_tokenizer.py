@@ -151,6 +151,34 @@ def test_an_edited_chat_template_is_another_tokenizer(smollm2_dir, tmp_path):
     assert tokenizer_config(str(smollm2_dir), chat_template=True).chat_template  # --chat-template
 
 
+def test_an_edited_tokenizer_json_of_the_same_size_is_another_tokenizer(smollm2_dir, tmp_path):
+    """Caches and PREFIX.json key on describe(): a tokenizer.json edited in place, same
+    vocabulary size, must tokenize again; a dataset preprocessed with it says why it is
+    refused."""
+    import shutil
+
+    from megatron_foresight.training.sources import check_tokenizer
+
+    edited = tmp_path / "edited"
+    shutil.copytree(smollm2_dir, edited)
+    before = HFTokenizer(str(edited)).describe()
+    data = json.loads((edited / "tokenizer.json").read_text())
+    merges = data["model"]["merges"]
+    merges[0], merges[1] = merges[1], merges[0]  # two merges' ranks swapped
+    (edited / "tokenizer.json").write_text(json.dumps(data))
+    after = HFTokenizer(str(edited)).describe()
+    assert after["vocab_size"] == before["vocab_size"] and after["path"] == before["path"]
+    assert after != before and len(after["sha256"]) == 16
+    assert HFTokenizer(str(edited)).describe() == after  # the same files, the same key
+    meta = tmp_path / "d.json"
+    meta.write_text(json.dumps({"tokenizer": before}))
+    with pytest.raises(UsageError, match="set data.tokenizer to match"):
+        check_tokenizer(str(tmp_path / "d"), HFTokenizer(str(edited)))
+    meta.write_text(json.dumps({"tokenizer": {k: v for k, v in after.items() if k != "sha256"}}))
+    with pytest.raises(UsageError, match="before tokenizers were identified by their content"):
+        check_tokenizer(str(tmp_path / "d"), HFTokenizer(str(edited)))
+
+
 def test_the_vocabulary_is_the_models_and_tags_stay_text(tok):
     """No token is added: the tags are several tokens, and the vocabulary is the 49152 rows
     of SmolLM2's embedding, which Megatron pads no further (a multiple of 128)."""

@@ -149,6 +149,18 @@ class HFTokenizer:
             raise UsageError(f"data.tokenizer.chat_template: the tokenizer in {path} has no "
                              "chat template; set chat_template: false")
         self.chat_template = chat_template
+        self._digest = self._vocabulary_digest()
+
+    def _vocabulary_digest(self) -> str:
+        """sha256 of the files that define the ids: tokenizer.json (what the fast tokenizer
+        reads), else the slow tokenizer's files; with added_tokens.json either way."""
+        names = ["tokenizer.json"] if (self.path / "tokenizer.json").is_file() else [
+            "tokenizer.model", "vocab.json", "merges.txt"]
+        digest = hashlib.sha256()
+        for name in [*names, "added_tokens.json"]:
+            if (self.path / name).is_file():
+                digest.update(name.encode() + b"\0" + (self.path / name).read_bytes())
+        return digest.hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -163,10 +175,12 @@ class HFTokenizer:
         return self.tokenizer.decode(ids)
 
     def describe(self) -> dict:
-        """What identifies the token streams it writes (cache keys, PREFIX.json): the chat
-        template changes the prompt's tokens, and so does an edit of the template's text
-        (hence its hash, not just that it is on)."""
-        out = {"type": "hf", "path": str(self.path.resolve()), "vocab_size": self.vocab_size}
+        """What identifies the token streams it writes (cache keys, PREFIX.json): the
+        vocabulary files' bytes (an edited tokenizer.json of the same size in the same place is
+        another tokenizer); the chat template changes the prompt's tokens, and so does an edit
+        of the template's text (hence its hash, not just that it is on)."""
+        out = {"type": "hf", "path": str(self.path.resolve()), "sha256": self._digest,
+               "vocab_size": self.vocab_size}
         if not self.chat_template:
             return out
         template = self.tokenizer.chat_template

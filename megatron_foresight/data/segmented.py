@@ -4,6 +4,8 @@ label token from the parallel `_segments` stream, so a stage weights its loss by
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from megatron.core.datasets.gpt_dataset import GPTDataset
@@ -12,6 +14,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron_foresight.data.preprocess import SEGMENTS_SUFFIX
 from megatron_foresight.data.render import Seg
 from megatron_foresight.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 
 class _SegmentView:
@@ -79,6 +83,120 @@ class CutStartMaskedGPTDataset(SegmentedGPTDataset):
     mask_cut_start = True
 
 
+def pack_documents(lengths: np.ndarray, documents: np.ndarray, seq_length: int,
+                   window: int = 64) -> tuple[list[int], list[tuple[int, int]], int]:
+    """Samples of whole documents for Megatron's sample query: the documents reordered a little
+    (`order`), where each sample starts (`starts`: position in `order` and token offset, one
+    row per sample and a last row one past the end), and the padding tokens.
+
+    A sample takes the next document, then the largest of the next `window` unplaced documents
+    that still fits, until none does; the rest of its `seq_length` tokens is padding. A
+    document longer than a sample fills samples of its own, and its last part starts a sample
+    that others join. Every document is placed once. The last row is `(len(order), 0)`: the
+    last sample's final label is the token after it, which the caller provides (the next
+    epoch's first document) or replaces (`end_packing`)."""
+    pending: list[int | None] = [int(d) for d in documents]
+    order: list[int] = []
+    starts = [(0, 0)]
+    padding = 0
+    head = 0  # pending[:head] are placed
+    while head < len(pending):
+        doc = pending[head]
+        head += 1
+        order.append(doc)
+        size = int(lengths[doc])
+        offset = 0
+        while size - offset > seq_length:  # a whole sample of a long document
+            offset += seq_length
+            starts.append((len(order) - 1, offset))
+        used = size - offset
+        while used < seq_length:  # the largest of the next `window` unplaced that fits
+            best, seen, k = None, 0, head
+            while k < len(pending) and seen < window:
+                d = pending[k]
+                if d is not None:
+                    seen += 1
+                    if lengths[d] <= seq_length - used and (
+                            best is None or lengths[d] > lengths[pending[best]]):
+                        best = k
+                k += 1
+            if best is None:
+                break
+            order.append(pending[best])
+            used += int(lengths[pending[best]])
+            pending[best] = None
+        while head < len(pending) and pending[head] is None:
+            head += 1
+        padding += seq_length - used
+        starts.append((len(order), 0))
+    return order, starts, padding
+
+
+def end_packing(order: list[int], starts: list[tuple[int, int]], lengths) -> None:
+    """Make the last row of `pack_documents`' starts end the last sample on its own last token
+    (nothing follows it): the last label is the last document's end-of-document."""
+    if order:
+        starts[-1] = (len(order) - 1, int(lengths[order[-1]]) - 1)
+
+
+class PackedGPTDataset(SegmentedGPTDataset):
+    """Samples made of whole documents (`pack_documents`), padded to the sequence length
+    (padding has no loss), where GPTDataset cuts them from the stream regardless of bounds. A
+    document longer than a sample is still cut (`PackedCutStartMaskedGPTDataset` gives its parts
+    after the first no loss). For agent trajectories no turn is learnt without its task, and no
+    loss is thrown away to get there (with plain cutting and `mask_cut_start`, the masked cut
+    parts were 35% of FE-SFT's agent tokens in the tiny recipe).
+
+    Epochs: each is the split's documents in an order shuffled with the dataset's seed, packed
+    on its own; epochs are added until there are enough samples. The samples are shuffled
+    within their epoch and the epochs follow each other, so every document is seen once before
+    any is seen twice. The index is built on load, not cached: ~1 s per 100,000 documents
+    (padding ~5% for lengths around half a sample, 14% for FE-SFT's foresight traces)."""
+
+    def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split,
+                 config):
+        super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples,
+                         index_split, config)
+        if not self.config.add_extra_token_to_sequence:
+            raise UsageError("packing documents needs add_extra_token_to_sequence (Megatron's "
+                             "default)")
+        # GPTDataset caches the first sample's loss mask after zeroing its padding in place, so
+        # every later sample would lose the loss where the first one was padded: no cache here
+        self.masks_and_position_ids_are_cacheable = False
+        lengths = self.dataset.sequence_lengths
+        rng = np.random.RandomState(self.config.random_seed)
+        order: list[int] = []
+        starts = [(0, 0)]
+        epochs = [0]  # where each epoch's samples begin
+        padding = 0
+        while len(starts) - 1 < max(self.num_samples or 0, 1):
+            more, rows, pad = pack_documents(lengths, rng.permutation(self.indices),
+                                             self.config.sequence_length)
+            if not more:
+                break
+            starts += [(len(order) + i, o) for i, o in rows[1:]]
+            order += more
+            padding += pad
+            epochs.append(len(starts) - 1)
+        end_packing(order, starts, lengths)
+        self.document_index = np.array(order, dtype=np.int32)
+        self.sample_index = np.array(starts, dtype=np.int64)
+        self.shuffle_index = np.concatenate(
+            [a + rng.permutation(b - a) for a, b in zip(epochs, epochs[1:])] or [[]]
+        ).astype(np.int64)
+        samples = len(starts) - 1
+        log.info("%s (%s): %d samples of whole documents in %d epoch(s), %.1f%% of their "
+                 "tokens padding", indexed_dataset.path_prefix, index_split.name, samples,
+                 len(epochs) - 1, 100 * padding / max(1, samples * self.config.sequence_length))
+
+
+class PackedCutStartMaskedGPTDataset(PackedGPTDataset):
+    """`PackedGPTDataset` with no loss on the parts after the first of a document longer than
+    a sample."""
+
+    mask_cut_start = True
+
+
 def segment_weight_table(weights: dict[str, float]) -> torch.Tensor:
     """Loss weight by segment type id, from `weights` by type name (e.g. {"observation": 1.0,
     "action": 0.2}; types not named weigh 0). Index it with a batch's `segments`."""
@@ -86,3 +204,10 @@ def segment_weight_table(weights: dict[str, float]) -> torch.Tensor:
     for name, w in weights.items():
         table[Seg[name.upper()]] = w
     return table
+
+
+def dataset_class(pack: bool, mask_cut: bool) -> type[SegmentedGPTDataset]:
+    """The dataset class a blend stage's `pack_documents` and `mask_cut_documents` ask for."""
+    return {(False, False): SegmentedGPTDataset, (False, True): CutStartMaskedGPTDataset,
+            (True, False): PackedGPTDataset,
+            (True, True): PackedCutStartMaskedGPTDataset}[pack, mask_cut]

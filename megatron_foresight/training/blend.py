@@ -17,9 +17,7 @@ import torch
 from megatron_foresight.configtree import check
 from megatron_foresight.data.indexed import build_gpt_datasets
 from megatron_foresight.data.render import RENDERERS, TEXT_RENDERER, Seg
-from megatron_foresight.data.segmented import (
-    CutStartMaskedGPTDataset, SegmentedGPTDataset, segment_weight_table,
-)
+from megatron_foresight.data.segmented import dataset_class, segment_weight_table
 from megatron_foresight.config import StageConfig
 from megatron_foresight.training.plugin import (
     BuildContext, StageData, SupervisedStage, masked_token_loss,
@@ -58,6 +56,12 @@ class BlendConfig(StageConfig):
     token. Samples are cut from the stream of documents without regard to their bounds: text
     loses little by it, agent turns whose task was cut off are learnt without the question they
     answer (FE-SFT sets it; 35% of its agent tokens in the tiny recipe)."""
+    pack_documents: bool = False
+    """Samples of whole documents: as many as fit in data.seq_length tokens, the rest padded
+    (no loss on padding), instead of cutting the stream of documents at every seq_length
+    tokens. No document is cut unless it is longer than a sample (then mask_cut_documents
+    applies to its later parts), so cut-off turns cost no loss; padding costs compute (the
+    share is logged when the data is built)."""
 
     def __post_init__(self):
         check(len(self.sources) > 0, "sources", "needs at least one dataset")
@@ -112,8 +116,7 @@ class BlendStage(SupervisedStage):
             seed=ctx.cfg.seed, split=stage.split,
             num_samples=(ctx.num_train_samples, ctx.num_valid_samples), tokenizer=ctx.tokenizer,
             cache_dir=ctx.cache_dir,
-            dataset_cls=CutStartMaskedGPTDataset if stage.mask_cut_documents
-            else SegmentedGPTDataset,
+            dataset_cls=dataset_class(stage.pack_documents, stage.mask_cut_documents),
             valid_prefixes=[prefix(s) for s in stage.valid_sources or []],
             document_masks=ctx.cfg.data.document_masks)
         self.logged = [] if stage.segment_weights is None else sorted(

@@ -51,6 +51,11 @@ class Config(BlendConfig):
     begins inside one. In the tiny recipe 35% of the agent's tokens were such, learnt without
     the question or problem they answer. Samples shorter than a trajectory keep almost no
     loss with it: raise `data.seq_length` above the trajectories' usual length."""
+    pack_documents: bool = True
+    """Samples of whole trajectories, padded, instead of windows cut from their stream: no
+    trajectory is cut unless it is longer than `data.seq_length`, so mask_cut_documents costs
+    (almost) no loss. In the tiny recipe 400 samples hold 171,496 agent tokens with loss,
+    against 135,004 cut and masked (14% of the packed samples' tokens are padding)."""
 
     def check_recipe(self, cfg) -> None:
         named = [s for s in [*self.sources, *(self.valid_sources or [])]

@@ -161,7 +161,8 @@ class PackedGPTDataset(SegmentedGPTDataset):
             raise UsageError("packing documents needs add_extra_token_to_sequence (Megatron's "
                              "default)")
         # GPTDataset caches the first sample's loss mask after zeroing its padding in place, so
-        # every later sample would lose the loss where the first one was padded: no cache here
+        # every later sample would lose the loss where the first one was padded (Megatron-LM
+        # issues #1269 and #1711, still so in megatron-core 0.16.1): no cache here
         self.masks_and_position_ids_are_cacheable = False
         lengths = self.dataset.sequence_lengths
         rng = np.random.RandomState(self.config.random_seed)

@@ -157,13 +157,17 @@ class PackedGPTDataset(SegmentedGPTDataset):
                  config):
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples,
                          index_split, config)
-        if not self.config.add_extra_token_to_sequence:
-            raise UsageError("packing documents needs add_extra_token_to_sequence (Megatron's "
-                             "default)")
         # GPTDataset caches the first sample's loss mask after zeroing its padding in place, so
         # every later sample would lose the loss where the first one was padded (Megatron-LM
         # issues #1269 and #1711, still so in megatron-core 0.16.1): no cache here
         self.masks_and_position_ids_are_cacheable = False
+
+    def _build_document_sample_shuffle_indices(self):
+        """The packed indices, in place of GPTDataset's (which would be built and cached on
+        disk only to go unused)."""
+        if not self.config.add_extra_token_to_sequence:
+            raise UsageError("packing documents needs add_extra_token_to_sequence (Megatron's "
+                             "default)")
         lengths = self.dataset.sequence_lengths
         rng = np.random.RandomState(self.config.random_seed)
         order: list[int] = []
@@ -180,15 +184,14 @@ class PackedGPTDataset(SegmentedGPTDataset):
             padding += pad
             epochs.append(len(starts) - 1)
         end_packing(order, starts, lengths)
-        self.document_index = np.array(order, dtype=np.int32)
-        self.sample_index = np.array(starts, dtype=np.int64)
-        self.shuffle_index = np.concatenate(
-            [a + rng.permutation(b - a) for a, b in zip(epochs, epochs[1:])] or [[]]
-        ).astype(np.int64)
+        shuffle = np.concatenate(
+            [a + rng.permutation(b - a) for a, b in zip(epochs, epochs[1:])] or [[]])
         samples = len(starts) - 1
         log.info("%s (%s): %d samples of whole documents in %d epoch(s), %.1f%% of their "
-                 "tokens padding", indexed_dataset.path_prefix, index_split.name, samples,
+                 "tokens padding", self.dataset.path_prefix, self.index_split.name, samples,
                  len(epochs) - 1, 100 * padding / max(1, samples * self.config.sequence_length))
+        return (np.array(order, dtype=np.int32), np.array(starts, dtype=np.int64),
+                shuffle.astype(np.int64))
 
 
 class PackedCutStartMaskedGPTDataset(PackedGPTDataset):

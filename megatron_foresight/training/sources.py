@@ -52,7 +52,8 @@ def check_tokenizer(prefix: str, tok) -> None:
                          "data preprocess`?")
     written_with = json.loads(meta_path.read_text())["tokenizer"]
     if written_with != tok.describe():
-        older = written_with.get("type") in ("sentencepiece", "hf") and "sha256" not in written_with
+        older = (written_with.get("type") in ("sentencepiece", "hf")
+                 and "sha256" not in written_with)
         raise UsageError(f"{prefix} was tokenized with {written_with}, but the recipe's "
                          f"tokenizer is {tok.describe()}; set data.tokenizer to match or "
                          "preprocess again with --tokenizer" + (

@@ -11,7 +11,7 @@ from megatron_foresight.data.tokenizer import ByteTokenizer
 from megatron_foresight.foresight.action import Action
 from megatron_foresight.foresight.format import AgentTurn, Foresight, render_turn
 from megatron_foresight.rl.advantages import (
-    gae, group_baseline, grpo_advantages, rloo_baseline, whiten,
+    gae, group_baseline, groups_with_signal, grpo_advantages, rloo_baseline, whiten,
 )
 from megatron_foresight.rl.loss import (
     aggregate, kl_estimate, policy_loss, truncated_is_weights, value_loss,
@@ -85,6 +85,14 @@ def test_grpo_advantages_by_hand():
     assert plain.tolist() == [1.0, -1.0]
     with pytest.raises(ValueError, match="groups of 3"):
         grpo_advantages(torch.zeros(4), group_size=3)
+
+
+def test_groups_with_signal_counts_groups_whose_rewards_differ():
+    # groups of 3: all fail, one success, all succeed, F1-like rewards that differ
+    assert groups_with_signal([0, 0, 0, 0, 1, 0, 1, 1, 1, 0.5, 0.5, 0.2], 3) == 0.5
+    assert groups_with_signal([0.0] * 8, 4) == 0.0
+    with pytest.raises(ValueError, match="groups of 4"):
+        groups_with_signal([0.0] * 6, 4)
 
 
 def test_group_baseline_for_per_turn_rewards_of_uneven_groups():

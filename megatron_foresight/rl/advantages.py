@@ -27,6 +27,16 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool 
     return centred.reshape(-1)
 
 
+def groups_with_signal(rewards: Sequence[float], group_size: int) -> float:
+    """The share of groups (G consecutive rewards, one task each) whose rewards are not all
+    equal: the groups a group baseline learns anything from. With the task reward, a policy
+    whose samples all fail (or all succeed) gives GRPO no task signal at all."""
+    if not rewards or len(rewards) % group_size:
+        raise ValueError(f"{len(rewards)} rewards do not split into groups of {group_size}")
+    groups = [rewards[i:i + group_size] for i in range(0, len(rewards), group_size)]
+    return sum(max(g) != min(g) for g in groups) / len(groups)
+
+
 def group_baseline(values: Sequence[float], groups: Sequence[int], normalize_std: bool = True,
                    eps: float = 1e-6) -> list[float]:
     """GRPO's normalization for per-turn rewards: each value minus the mean of the values that

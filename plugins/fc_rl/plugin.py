@@ -30,6 +30,7 @@ from megatron_foresight.eval.agent_eval import score_episodes, scores_by_set
 from megatron_foresight.inference.agent import run_episodes
 from megatron_foresight.inference.generate import Generator, Sampling
 from megatron_foresight.models.provider import mask_padded_vocab
+from megatron_foresight.rl.advantages import groups_with_signal
 from megatron_foresight.rl.algorithms import AlgorithmConfig, GRPOConfig, build_algorithm
 from megatron_foresight.rl.loss import masked_sums, per_token_policy_loss, truncated_is_weights
 from megatron_foresight.rl.rewards import REWARD_TERMS, RewardSettings
@@ -326,7 +327,10 @@ class ForesightRLStage(OnPolicyStage):
         metrics.update({"rollout/format_validity": episodes["format_validity"],
                         "rollout/turns_per_episode": episodes["turns_per_episode"],
                         "rollout/agent_tokens": sum(len(t.ids) for r in records
-                                                    for t in r.turns) / len(records)})
+                                                    for t in r.turns) / len(records),
+                        # groups whose task rewards differ: all the task reward teaches GRPO
+                        "rollout/task_signal_groups": groups_with_signal(
+                            [r.reward for r in records], self.stage.group_size)})
         if episodes["value_brier"] is not None:
             metrics["rollout/value_brier"] = episodes["value_brier"]
         for task in tasks:  # how the draw by weight fell this step

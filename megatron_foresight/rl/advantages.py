@@ -11,16 +11,21 @@ from typing import Sequence
 import torch
 
 
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Rewards laid out group by group as [groups, G] (float)."""
+    rewards = rewards.float()
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"{tuple(rewards.shape)} rewards do not split into groups of "
+                         f"{group_size}")
+    return rewards.view(-1, group_size)
+
+
 def grpo_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool = True,
                     eps: float = 1e-6) -> torch.Tensor:
     """(r - mean of its group) [/ (std of its group + eps)] for rewards laid out group by group
     (episodes [0, G) share a prompt, then [G, 2G), ...). The std is the unbiased sample std,
     as in the GRPO paper; a group whose rewards are all equal gets zero advantages."""
-    rewards = rewards.float()
-    if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"{tuple(rewards.shape)} rewards do not split into groups of "
-                         f"{group_size}")
-    grouped = rewards.view(-1, group_size)
+    grouped = _grouped(rewards, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if normalize_std and group_size > 1:
         centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
@@ -31,10 +36,10 @@ def groups_with_signal(rewards: Sequence[float], group_size: int) -> float:
     """The share of groups (G consecutive rewards, one task each) whose rewards are not all
     equal: the groups a group baseline learns anything from. With the task reward, a policy
     whose samples all fail (or all succeed) gives GRPO no task signal at all."""
-    if not rewards or len(rewards) % group_size:
-        raise ValueError(f"{len(rewards)} rewards do not split into groups of {group_size}")
-    groups = [rewards[i:i + group_size] for i in range(0, len(rewards), group_size)]
-    return sum(max(g) != min(g) for g in groups) / len(groups)
+    if not rewards:
+        raise ValueError(f"no rewards to split into groups of {group_size}")
+    grouped = _grouped(torch.tensor(rewards), group_size)
+    return (grouped.amax(dim=1) != grouped.amin(dim=1)).float().mean().item()
 
 
 def group_baseline(values: Sequence[float], groups: Sequence[int], normalize_std: bool = True,

@@ -58,6 +58,9 @@ class Config(StageConfig):
     group_size: int = 4
     """G: samples per task, normalized against each other (group algorithms; PPO may use 1)."""
     temperature: float = 1.0
+    """Sampling temperature of the rollouts. Below 1 the samples succeed more often (more
+    groups with task signal: `rollout/task_signal_groups`); the ratio and the loss use the
+    untempered policy's log-probs, and `logprob_gap_mean` is logged only at 1.0."""
     top_p: float = 1.0
     max_new_tokens: int = 320
     """Per agent turn; a turn that reaches it is cut (and scores as malformed)."""

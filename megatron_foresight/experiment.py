@@ -261,7 +261,8 @@ class Experiment:
         step's resolved recipe (every key but the seed, the run it starts from and W&B names)
         is kept in `recipes.json` when first seen, and a later call that resolves it otherwise
         while its run exists is refused, naming the keys, rather than mixing two recipes in one
-        table. Adding seeds or rows is fine. `configs`: `check()`'s."""
+        table. Adding seeds or rows is fine, and so is a key the code gained since, at its
+        default (`_added_at_default`). `configs`: `check()`'s."""
         from megatron_foresight.runtime.dist import read_launch_env
 
         path = self.run_dir / "recipes.json"
@@ -271,13 +272,20 @@ class Experiment:
             raise UsageError(f"{path} is unreadable ({e}): it records the recipes of the runs "
                              "in this directory; restore it or use a new --run-dir") from None
         now = {"+".join(c): _recipe_keys(cfg, base=len(c) == 1) for c, cfg in configs.items()}
-        for step, keys in now.items():
+        defaults: dict = {}
+        for chain, cfg in configs.items():
+            step, keys = "+".join(chain), now["+".join(chain)]
             before = kept.get(step)
             if before is None or before == keys or \
                     not any((self.run_dir / f"seed{s}" / step).exists() for s in self.seeds):
                 continue
+            if cfg.stage not in defaults:
+                defaults[cfg.stage] = _stage_defaults(cfg.stage)
             changed = sorted(k for k in before.keys() | keys.keys()
-                             if before.get(k) != keys.get(k))
+                             if before.get(k) != keys.get(k)
+                             and not _added_at_default(k, before, keys, defaults[cfg.stage]))
+            if not changed:
+                continue
             shown = "; ".join(f"{k}: {json.dumps(before.get(k))} then, {json.dumps(keys.get(k))} "
                               f"now" for k in changed[:4])
             raise UsageError(f"{self.run_dir}: the runs of step {step} were trained from another "
@@ -325,6 +333,25 @@ class Experiment:
 
 
 _PER_RUN_KEYS = ("seed", "logging.wandb_group", "logging.wandb_run_name")
+
+
+def _stage_defaults(stage: str) -> dict:
+    """The flat keys of a recipe that sets nothing but its stage: every key at its default
+    (built without the stage's recipe checks, which ask for what only a recipe gives)."""
+    from megatron_foresight.config import RecipeConfig
+    from megatron_foresight.training.plugin import load_plugin
+
+    cfg = RecipeConfig(stage=stage)
+    cfg.stage_config = load_plugin(stage).Config()
+    return _recipe_keys(cfg, base=True)
+
+
+def _added_at_default(key: str, before: dict, now: dict, defaults: dict) -> bool:
+    """A key the recorded recipe lacks (the code gained it since the runs were trained) that
+    this call resolves to its default: not a change of recipe, since a key is added with the
+    default that keeps what the code did before. A key set otherwise, by the recipe, a preset
+    or an override, is a change."""
+    return key not in before and key in now and key in defaults and now[key] == defaults[key]
 
 
 def _recipe_keys(cfg, base: bool) -> dict:

@@ -15,7 +15,8 @@ from megatron_foresight.configtree import ConfigError
 from megatron_foresight.config import load_recipe
 from megatron_foresight.errors import UsageError
 from megatron_foresight.experiment import (
-    ROWS, Experiment, format_summary, mean_interval, parse_rows, summarize, t975,
+    ROWS, Experiment, _stage_defaults, format_summary, mean_interval, parse_rows, summarize,
+    t975,
 )
 from megatron_foresight.foresight.format import AgentTurn
 from megatron_foresight.foresight.formats import FORMATS
@@ -235,6 +236,30 @@ def test_a_run_dir_trained_from_another_recipe_is_refused(tmp_path):
         _check_unchanged(Experiment(TINY_CPU, run_dir, [1234], rows, 8))
     (run_dir / "recipes.json").write_text("{not json")
     with pytest.raises(UsageError, match="recipes.json is unreadable"):
+        _check_unchanged(Experiment(TINY_CPU, run_dir, [1234], rows, 8))
+
+
+def test_a_key_the_code_gained_since_is_no_change_at_its_default(tmp_path):
+    """A run directory recorded before the code had a key continues while the key resolves to
+    its default (the behaviour the code had), and is refused once the recipe sets it
+    otherwise."""
+    run_dir = tmp_path / "exp"
+    rows = parse_rows("wm_amt+fe_sft")
+    _check_unchanged(Experiment(TINY_CPU, run_dir, [1234], rows, 8))
+    (run_dir / "seed1234" / "wm_amt+fe_sft").mkdir(parents=True)
+    kept = json.loads((run_dir / "recipes.json").read_text())
+    step = kept["wm_amt+fe_sft"]
+    defaults = _stage_defaults("fe_sft")
+    assert step["fe_sft.pack_documents"] == defaults["fe_sft.pack_documents"]
+    assert step["optimizer.lr"] == 3e-3 != defaults["optimizer.lr"]  # the recipe sets it
+    del step["fe_sft.pack_documents"]
+    (run_dir / "recipes.json").write_text(json.dumps(kept))
+    _check_unchanged(Experiment(TINY_CPU, run_dir, [1234], rows, 8))  # continues
+    assert "fe_sft.pack_documents" in json.loads(
+        (run_dir / "recipes.json").read_text())["wm_amt+fe_sft"]  # recorded from now on
+    del step["optimizer.lr"]
+    (run_dir / "recipes.json").write_text(json.dumps(kept))
+    with pytest.raises(UsageError, match=r"optimizer.lr: null then, 0.003 now"):
         _check_unchanged(Experiment(TINY_CPU, run_dir, [1234], rows, 8))
 
 

@@ -148,3 +148,43 @@ def test_the_slot_cache_gives_the_static_paths_completions(megatron_cpu):
         _close_logprobs(slots, static)
         assert len({len(o.ids) for o in slots[:5]}) > 1  # rows ended at different steps
         assert slots[5].stop == "context" and not slots[5].ids
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.7])
+def test_logit_temperature_scores_what_the_sampler_drew(megatron_cpu, temperature):
+    """FC-RL's `tempered_policy`: with `LogitTemperature` on, the model's per-token loss (the
+    path the log-prob recomputation and the loss take) gives the log-probs the sampler recorded
+    at that temperature; inside `off()` the sampler draws as from the bare model; without
+    the temperature the scores are other ones (the check can fail)."""
+    from megatron_foresight.models.provider import LogitTemperature, mask_padded_vocab
+
+    torch.manual_seed(11)
+    vocab = ByteTokenizer().vocab_size
+    (model,) = build_model(load_recipe(RECIPE, ["seed=11"]), 384)
+    with torch.no_grad():  # between uniform and one-hot, so the temperature matters
+        model.output_layer.weight.mul_(4)
+    model.eval()
+    mask_padded_vocab(model, vocab)
+    prompts = [[5, 6, 7, 8, 9], [40, 41, 42, 43, 44], [7, 7, 9, 100, 3]]
+    sampling = Sampling(temperature=temperature, max_new_tokens=16, seed=5)
+    bare = Generator(model, ByteTokenizer(), max_sequence_length=128).generate(prompts, sampling)
+    tempering = LogitTemperature(model, temperature)
+    with tempering.off():
+        drawn = Generator(model, ByteTokenizer(), max_sequence_length=128).generate(prompts,
+                                                                                  sampling)
+    assert [o.ids for o in drawn] == [o.ids for o in bare]
+
+    def scores():
+        out = []
+        for prompt, o in zip(prompts, drawn):
+            ids = torch.tensor([prompt + o.ids])
+            with torch.no_grad():
+                ce = model(ids[:, :-1], torch.arange(ids.shape[1] - 1)[None], None,
+                           labels=ids[:, 1:])
+            out.append(-ce[0, len(prompt) - 1:].float())
+        return torch.cat(out)
+
+    recorded = torch.tensor([lp for o in drawn for lp in o.logprobs])
+    assert torch.allclose(scores(), recorded, atol=5e-5, rtol=0)
+    with tempering.off():
+        assert (scores() - recorded).abs().max() > 0.05

@@ -120,6 +120,21 @@ def test_tp2_or_pp2_rollouts_and_update_match_one_process(medium_world, medium_f
         assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
 
 
+def test_tempered_policy_trains_the_distribution_it_samples(medium_world, medium_fe_sft,
+                                                           tmp_path):
+    """`fc_rl.tempered_policy` at the tiny recipe's temperature 0.5: the trainer recomputes the
+    log-probs the sampler drew with (the gap is logged, and as small as float rounding, as at
+    1.0), so the importance ratio starts at 1 for the tempered policy, and the step trains."""
+    run = tmp_path / "tempered"
+    _train(medium_world, tmp_path, run, "schedule.train_steps=1", "logging.log_interval=1",
+           "fc_rl.temperature=0.5", "fc_rl.tempered_policy=true", policy=medium_fe_sft)
+    step = _steps(run)[1]
+    print(f"gap mean {step['logprob_gap_mean']:.2e}, max {step['logprob_gap_max']:.2e}, "
+          f"ratio {step['ratio_mean']:.6f}, grad norm {step['grad_norm']:.4f}")
+    assert step["logprob_gap_mean"] < 1e-4 and step["logprob_gap_max"] < 1e-3
+    assert step["grad_norm"] > 0
+
+
 def test_rollout_by_rounds_plays_the_continuous_rollouts_episodes(medium_world, medium_fe_sft,
                                                                  straight, tmp_path):
     """`fc_rl.rollout: rounds` (one turn of every episode per batch) against the default

@@ -11,6 +11,8 @@ stages before it drew. So TP=2 or PP=2 starts from exactly the model TP=1/PP=1 s
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import functools
 import logging
@@ -277,4 +279,37 @@ def mask_padded_vocab(model, vocab_size: int) -> None:
         return logits.masked_fill(padded, float("-inf")), bias
 
     layer.register_forward_hook(hook)
+
+
+class LogitTemperature:
+    """Divides the logits of `model`'s output layer (the last pipeline stage's; a model without
+    one is left alone) by `temperature` while `on`: the model then scores, and trains, the
+    distribution a sampler at that temperature draws from. A forward hook like
+    `mask_padded_vocab`'s (-inf stays -inf). Sampling divides by the temperature itself, so
+    rollouts run inside `off()`; the fused decode step reads the weights, not the layer."""
+
+    def __init__(self, model, temperature: float):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature, self.on = float(temperature), True
+        inner = model
+        while hasattr(inner, "module"):
+            inner = inner.module
+        layer = getattr(inner, "output_layer", None)
+        self.handle = None if layer is None else layer.register_forward_hook(self._hook)
+
+    def _hook(self, _module, _inputs, output):
+        if not self.on or self.temperature == 1.0:
+            return None
+        logits, bias = output
+        return logits / self.temperature, None if bias is None else bias / self.temperature
+
+    @contextlib.contextmanager
+    def off(self):
+        """The plain logits inside (sampling, greedy validation); the previous state after."""
+        before, self.on = self.on, False
+        try:
+            yield
+        finally:
+            self.on = before
 

@@ -16,6 +16,7 @@ agent's tokens, KL to the frozen reference when `kl_coef` > 0, and the algorithm
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -29,7 +30,7 @@ from megatron_foresight.configtree import check
 from megatron_foresight.eval.agent_eval import score_episodes, scores_by_set
 from megatron_foresight.inference.agent import run_episodes
 from megatron_foresight.inference.generate import Generator, Sampling
-from megatron_foresight.models.provider import mask_padded_vocab
+from megatron_foresight.models.provider import LogitTemperature, mask_padded_vocab
 from megatron_foresight.rl.advantages import groups_with_signal
 from megatron_foresight.rl.algorithms import AlgorithmConfig, GRPOConfig, build_algorithm
 from megatron_foresight.rl.loss import masked_sums, per_token_policy_loss, truncated_is_weights
@@ -59,8 +60,14 @@ class Config(StageConfig):
     """G: samples per task, normalized against each other (group algorithms; PPO may use 1)."""
     temperature: float = 1.0
     """Sampling temperature of the rollouts. Below 1 the samples succeed more often (more
-    groups with task signal: `rollout/task_signal_groups`); the ratio and the loss use the
-    untempered policy's log-probs, and `logprob_gap_mean` is logged only at 1.0."""
+    groups with task signal: `rollout/task_signal_groups`). The ratio and the loss use the
+    untempered policy's log-probs unless `tempered_policy` is on, and `logprob_gap_mean` is
+    logged only where the trainer's log-probs are the sampler's (1.0, or `tempered_policy`)."""
+    tempered_policy: bool = False
+    """Train the policy the rollouts sample from: the log-prob recomputation, the loss and the
+    KL reference divide the logits by `temperature` (as verl and TRL do), so the importance
+    ratio starts from the sampler's own log-probs at any temperature. Off: the untempered
+    policy's log-probs (the same at temperature 1.0)."""
     top_p: float = 1.0
     max_new_tokens: int = 320
     """Per agent turn; a turn that reaches it is cut (and scores as malformed)."""
@@ -191,6 +198,7 @@ class ForesightRLStage(OnPolicyStage):
         self.algorithm = build_algorithm(self.stage.algorithm, self.stage.reward_weights)
         self.settings = RewardSettings(self.stage.calibration_rule)
         self.reference = None
+        self.tempering = None  # LogitTemperature of the policy with tempered_policy
 
     @property
     def epochs(self) -> int:
@@ -229,7 +237,14 @@ class ForesightRLStage(OnPolicyStage):
         """Padded vocabulary rows get -inf logits (the sampler never draws them), so trained and
         sampled log-probabilities agree; then what the algorithm adds (PPO's critic)."""
         mask_padded_vocab(chunks[-1], self.tokenizer.vocab_size)
+        if self.stage.tempered_policy:
+            self.tempering = LogitTemperature(chunks[-1], self.stage.temperature)
         return self.algorithm.extend_model(chunks, ctx)
+
+    def _sampling(self):
+        """Where the policy samples or plays greedily: its plain logits (the sampler divides
+        by the temperature itself)."""
+        return self.tempering.off() if self.tempering else contextlib.nullcontext()
 
     # ----------------------------------------------------------------------------------------
     # rollout
@@ -250,6 +265,8 @@ class ForesightRLStage(OnPolicyStage):
             chunks = build_model(self.cfg, self.cfg.padded_vocab_size(self.tokenizer.vocab_size),
                                  rt.ctx.pg_collection)
             mask_padded_vocab(chunks[-1], self.tokenizer.vocab_size)
+            if self.stage.tempered_policy:  # KL between the tempered policies
+                LogitTemperature(chunks[-1], self.stage.temperature)
             ckpt.load_checkpoint(ckpt.find_checkpoint(self.cfg.checkpoint.init_from),
                                  chunks=chunks, ctx=rt.ctx)
             self.reference = chunks[0].eval()
@@ -266,7 +283,7 @@ class ForesightRLStage(OnPolicyStage):
         sampling = Sampling(temperature=s.temperature, top_p=s.top_p,
                             max_new_tokens=s.max_new_tokens,
                             seed=self.cfg.seed + 1_000_003 * rt.step + 101 * rt.ctx.dp_rank)
-        with torch.no_grad():
+        with torch.no_grad(), self._sampling():
             return run_episodes(self._generator(rt.chunks[0]),
                                 [t for t in tasks for _ in range(s.group_size)],
                                 self.task_sets.make_env, sampling,
@@ -298,8 +315,9 @@ class ForesightRLStage(OnPolicyStage):
                 gap_sum += gap.sum().item()
                 gap_max = max(gap_max, gap.max().item())
                 count += gap.numel()
-        if not count or self.stage.temperature != 1.0 or self.stage.top_p != 1.0:
-            return {}  # comparable only when the rollout drew from the plain softmax
+        if not count or self.stage.top_p != 1.0 or (
+                self.stage.temperature != 1.0 and not self.stage.tempered_policy):
+            return {}  # comparable only where the trainer scores the distribution drawn from
         return {"logprob_gap_mean": gap_sum / count, "logprob_gap_max": gap_max}
 
     def collect(self, rt: StageRuntime) -> tuple[list[dict], dict[str, float]]:
@@ -377,7 +395,7 @@ class ForesightRLStage(OnPolicyStage):
         model = rt.chunks[0]
         model.eval()
         tasks = self.task_sets.tasks("validation", n)
-        with torch.no_grad():
+        with torch.no_grad(), self._sampling():
             records = run_episodes(self._generator(model), tasks, self.task_sets.make_env,
                                    Sampling(max_new_tokens=self.stage.max_new_tokens),
                                    batch_size=len(tasks), progress=False, fmt=self.cfg.format,

@@ -139,6 +139,26 @@ def test_plan_names_the_action_and_counts_what_follows():
             Action("answer", "1", 0)]
     assert plan_text(acts, 0) == "Compute 2 * 3, then 2 more calculations, then answer."
     assert plan_text(acts, 3) == "Answer 1."
+    assert plan_text(acts, 0, ahead=False) == "Compute 2 * 3."  # fe_sft.plan_ahead: false
+
+
+def test_plans_without_what_followed_are_cached_apart(tmp_path):
+    """`fe_sft.plan_ahead: false` renders the same trajectories with plans of the action only,
+    into a cache file of its own (a shared cache never serves one recipe the other's plans)."""
+    from plugins.fe_sft.plugin import cached_foresight_traces
+
+    t = _trajectory([("agent", "<search>q one</search>"),
+                     ("env", "<information>Doc 1 (Title: A) alpha.</information>"),
+                     ("agent", "<answer>x</answer>")], True, [])
+    source = tmp_path / "t.jsonl"
+    write_jsonl([t], source)
+    ahead = cached_foresight_traces(source, tmp_path / "cache")
+    only = cached_foresight_traces(source, tmp_path / "cache", plan_ahead=False)
+    assert ahead != only
+    plans = [[parse_turn(turn.text).foresight.plan for turn in x.turns if turn.role == "agent"]
+             for x in (next(read_trajectories(ahead)), next(read_trajectories(only)))]
+    assert plans == [["Search for q one, then answer.", "Answer x."],
+                     ["Search for q one.", "Answer x."]]
 
 
 def test_wm_amt_renderer_is_found_by_its_stage_name():

@@ -38,6 +38,9 @@ def main(argv=None) -> int:
                                                    "a pattern such as out/fe-%%06d.tar)")
     p.add_argument("--format", choices=sorted(FORMATS), default="v1",
                    help="the foresight format version to write (default v1)")
+    p.add_argument("--no-plan-ahead", dest="plan_ahead", action="store_false",
+                   help="plans name the action only, not what followed it (fe_sft.plan_ahead: "
+                        "false, as the tiny recipe trains)")
     args = p.parse_args(argv)
     from tqdm import tqdm
 
@@ -45,7 +48,7 @@ def main(argv=None) -> int:
     try:
         traces = foresight_traces(tqdm(read_trajectories(args.input), desc="foresight traces",
                                        unit=" traj", disable=None), tally,
-                                  FORMATS[args.format])
+                                  FORMATS[args.format], args.plan_ahead)
         if args.output.endswith(".jsonl"):
             write_jsonl(traces, args.output)
         else:

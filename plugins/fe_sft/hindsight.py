@@ -45,9 +45,12 @@ _FIRST = {SEARCH: 'Search for {}', CALC: "Compute {}", ANSWER: "Answer {}"}
 _MORE = {SEARCH: ("search", "searches"), CALC: ("calculation", "calculations")}
 
 
-def plan_text(actions: list[Action], i: int) -> str:
-    """The plan of the i-th action: the action itself, then the kinds of what followed."""
+def plan_text(actions: list[Action], i: int, ahead: bool = True) -> str:
+    """The plan of the i-th action: the action itself, then (`ahead`) the kinds of what
+    followed."""
     parts = [_FIRST[actions[i].kind].format(actions[i].argument)]
+    if not ahead:
+        return parts[0] + "."
     later = Counter(a.kind for a in actions[i + 1:])
     for kind in (SEARCH, CALC):
         if later[kind]:
@@ -74,9 +77,10 @@ def expected_keywords(observation: str) -> tuple[str, ...]:
 
 
 def foresight_trace(trajectory: Trajectory, tally: Counter | None = None,
-                    fmt: ForesightFormat = FORMATS["v1"]) -> Trajectory:
+                    fmt: ForesightFormat = FORMATS["v1"], plan_ahead: bool = True) -> Trajectory:
     """`trajectory` with a hindsight foresight block in every agent turn that parses, in the
-    format version `fmt`."""
+    format version `fmt`; the plans name what followed each action unless not `plan_ahead`
+    (`plan_text`)."""
     tally = Counter() if tally is None else tally
     values = {m.turn: m.value for m in trajectory.mc}
     agent_at = [i for i, t in enumerate(trajectory.turns) if t.role == "agent"]
@@ -93,7 +97,7 @@ def foresight_trace(trajectory: Trajectory, tally: Counter | None = None,
             tally["values from the outcome (no MC estimate)"] += 1
         value = round(values.get(k, float(trajectory.outcome.success)), VALUE_DECIMALS)
         rollout = _rollout(trajectory, i, turn.action)
-        foresight = Foresight(plan_text(actions, j), rollout, value, expected_keywords(rollout))
+        foresight = Foresight(plan_text(actions, j, plan_ahead), rollout, value, expected_keywords(rollout))
         turns[i] = Turn("agent", fmt.render_turn(replace(turn, foresight=foresight)))
         tally["turns with foresight"] += 1
     tally["trajectories"] += 1
@@ -102,6 +106,7 @@ def foresight_trace(trajectory: Trajectory, tally: Counter | None = None,
 
 
 def foresight_traces(trajectories: Iterable[Trajectory], tally: Counter,
-                     fmt: ForesightFormat = FORMATS["v1"]) -> Iterator[Trajectory]:
+                     fmt: ForesightFormat = FORMATS["v1"],
+                     plan_ahead: bool = True) -> Iterator[Trajectory]:
     for t in trajectories:
-        yield foresight_trace(t, tally, fmt)
+        yield foresight_trace(t, tally, fmt, plan_ahead)

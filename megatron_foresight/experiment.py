@@ -25,6 +25,7 @@ again, a run cut short resumes from its checkpoint, evaluations already written 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -336,21 +337,44 @@ _PER_RUN_KEYS = ("seed", "logging.wandb_group", "logging.wandb_run_name")
 
 
 def _stage_defaults(stage: str) -> dict:
-    """The flat keys of a recipe that sets nothing but its stage: every key at its default
-    (built without the stage's recipe checks, which ask for what only a recipe gives)."""
+    """The default of every field of the recipe's config classes, by flat `section.key` (the
+    stage's section under its name; the default algorithm's fields for `fc_rl.algorithm`).
+    Only dataclass fields are keys here: a free-form mapping such as `fc_rl.reward_weights` is
+    one value, so an entry added to it is never taken for a key the code gained. Built
+    without the stage's recipe checks (they ask for what only a recipe gives); a stage whose
+    config cannot be built bare gives none."""
     from megatron_foresight.config import RecipeConfig
+    from megatron_foresight.configtree import to_dict
     from megatron_foresight.training.plugin import load_plugin
 
-    cfg = RecipeConfig(stage=stage)
-    cfg.stage_config = load_plugin(stage).Config()
-    return _recipe_keys(cfg, base=True)
+    out: dict = {}
+
+    def walk(obj, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            if not f.init:
+                continue
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out[f"{prefix}{f.name}"] = json.loads(json.dumps(to_dict(value), default=str))
+
+    try:
+        walk(RecipeConfig(stage=stage), "")
+        walk(load_plugin(stage).Config(), f"{stage}.")
+    except (TypeError, ValueError) as e:  # a plugin config with required fields, say
+        log.info("experiment: no defaults of stage %s (%s): every added key is a change",
+                 stage, e)
+        return {}
+    return out
 
 
 def _added_at_default(key: str, before: dict, now: dict, defaults: dict) -> bool:
     """A key the recorded recipe lacks (the code gained it since the runs were trained) that
     this call resolves to its default: not a change of recipe, since a key is added with the
     default that keeps what the code did before. A key set otherwise, by the recipe, a preset
-    or an override, is a change."""
+    or an override, is a change; so is anything inside a list (`tasks:`) or a free-form
+    mapping, and a field of an algorithm other than the default one."""
     return key not in before and key in now and key in defaults and now[key] == defaults[key]
 
 

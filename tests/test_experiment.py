@@ -242,7 +242,7 @@ def test_a_run_dir_trained_from_another_recipe_is_refused(tmp_path):
 def test_a_key_the_code_gained_since_is_no_change_at_its_default(tmp_path):
     """A run directory recorded before the code had a key continues while the key resolves to
     its default (the behaviour the code had), and is refused once the recipe sets it
-    otherwise."""
+    otherwise; an entry new to a free-form mapping is always a change."""
     run_dir = tmp_path / "exp"
     rows = parse_rows("wm_amt+fe_sft")
     _check_unchanged(Experiment(TINY_CPU, run_dir, [1234], rows, 8))
@@ -260,6 +260,14 @@ def test_a_key_the_code_gained_since_is_no_change_at_its_default(tmp_path):
     del step["optimizer.lr"]
     (run_dir / "recipes.json").write_text(json.dumps(kept))
     with pytest.raises(UsageError, match=r"optimizer.lr: null then, 0.003 now"):
+        _check_unchanged(Experiment(TINY_CPU, run_dir, [1234], rows, 8))
+    # an entry added to a mapping is a change of recipe, even at the mapping's default value
+    step["optimizer.lr"] = 3e-3
+    assert step["fe_sft.segment_weights.think"] == \
+        defaults["fe_sft.segment_weights"]["think"] == 1.0
+    del step["fe_sft.segment_weights.think"]
+    (run_dir / "recipes.json").write_text(json.dumps(kept))
+    with pytest.raises(UsageError, match=r"fe_sft.segment_weights.think: null then, 1.0 now"):
         _check_unchanged(Experiment(TINY_CPU, run_dir, [1234], rows, 8))
 
 

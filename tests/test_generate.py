@@ -169,10 +169,12 @@ def test_logit_temperature_scores_what_the_sampler_drew(megatron_cpu, temperatur
     sampling = Sampling(temperature=temperature, max_new_tokens=16, seed=5)
     bare = Generator(model, ByteTokenizer(), max_sequence_length=128).generate(prompts, sampling)
     tempering = LogitTemperature(model, temperature)
-    with tempering.off():
+    with tempering.off():  # decoding by the fused step (weights) and by the layers themselves
         drawn = Generator(model, ByteTokenizer(), max_sequence_length=128).generate(prompts,
                                                                                   sampling)
-    assert [o.ids for o in drawn] == [o.ids for o in bare]
+        layered = Generator(model, ByteTokenizer(), max_sequence_length=128,
+                            fused_decode=False).generate(prompts, sampling)
+    assert [o.ids for o in drawn] == [o.ids for o in bare] == [o.ids for o in layered]
 
     def scores():
         out = []

@@ -124,14 +124,19 @@ def test_tempered_policy_trains_the_distribution_it_samples(medium_world, medium
                                                            tmp_path):
     """`fc_rl.tempered_policy` at the tiny recipe's temperature 0.5: the trainer recomputes the
     log-probs the sampler drew with (the gap is logged, and as small as float rounding, as at
-    1.0), so the importance ratio starts at 1 for the tempered policy, and the step trains."""
+    1.0), so the importance ratio starts at 1 for the tempered policy, and the step trains.
+    The KL reference is tempered too: its KL to the policy it equals at the step's start stays
+    near 0 (an untempered reference would be far)."""
     run = tmp_path / "tempered"
     _train(medium_world, tmp_path, run, "schedule.train_steps=1", "logging.log_interval=1",
-           "fc_rl.temperature=0.5", "fc_rl.tempered_policy=true", policy=medium_fe_sft)
+           "fc_rl.temperature=0.5", "fc_rl.tempered_policy=true", "fc_rl.kl_coef=0.1",
+           policy=medium_fe_sft)
     step = _steps(run)[1]
     print(f"gap mean {step['logprob_gap_mean']:.2e}, max {step['logprob_gap_max']:.2e}, "
-          f"ratio {step['ratio_mean']:.6f}, grad norm {step['grad_norm']:.4f}")
+          f"ratio {step['ratio_mean']:.6f}, kl {step['kl']:.2e}, grad norm "
+          f"{step['grad_norm']:.4f}")
     assert step["logprob_gap_mean"] < 1e-4 and step["logprob_gap_max"] < 1e-3
+    assert step["kl"] < 1e-3
     assert step["grad_norm"] > 0
 
 

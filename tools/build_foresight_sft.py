@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Write FE-SFT's foresight-format traces from trajectories, by hindsight.
 
-Each agent turn gets a foresight block: the plan (the action taken and what followed), the
+Each agent turn gets a foresight block: the plan (the action taken and what followed; the
+action only with --no-plan-ahead, as the tiny recipe's FE-SFT trains), the
 rollout (the observation the environment really returned next) and the value (the Monte-Carlo
 success estimate of that state, rounded to two decimals), in the foresight format version of
 --format (v1: a <foresight> block; v2: <imaginary>, <keyword>, <analysis>, <confidence>,

@@ -5,7 +5,7 @@ any text: malformed output is data for the format reward.
 
     <think> free reasoning </think>                  (optional)
     <foresight>
-    <plan> the next action and what follows </plan>
+    <plan> the next action (and what follows) </plan>
     <rollout> the observation the environment is predicted to return </rollout>
     <value> 0.00 .. 1.00 </value>                    (probability the task ends in success)
     </foresight>

@@ -12,7 +12,6 @@ stages before it drew. So TP=2 or PP=2 starts from exactly the model TP=1/PP=1 s
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import functools
 import logging
@@ -285,8 +284,9 @@ class LogitTemperature:
     """Divides the logits of `model`'s output layer (the last pipeline stage's; a model without
     one is left alone) by `temperature` while `on`: the model then scores, and trains, the
     distribution a sampler at that temperature draws from. A forward hook like
-    `mask_padded_vocab`'s (-inf stays -inf). Sampling divides by the temperature itself, so
-    rollouts run inside `off()`; the fused decode step reads the weights, not the layer."""
+    `mask_padded_vocab`'s (-inf stays -inf), giving float32 logits as the sampler divides
+    them. Sampling divides by the temperature itself, so rollouts run inside `off()`; the
+    fused decode step reads the weights, not the layer, but a prefill goes through it."""
 
     def __init__(self, model, temperature: float):
         if not temperature > 0:
@@ -301,8 +301,9 @@ class LogitTemperature:
     def _hook(self, _module, _inputs, output):
         if not self.on or self.temperature == 1.0:
             return None
-        logits, bias = output
-        return logits / self.temperature, None if bias is None else bias / self.temperature
+        logits, bias = output  # in float32, as the sampler divides them (bf16 would round)
+        return (logits.float() / self.temperature,
+                None if bias is None else bias.float() / self.temperature)
 
     @contextlib.contextmanager
     def off(self):
@@ -312,4 +313,3 @@ class LogitTemperature:
             yield
         finally:
             self.on = before
-

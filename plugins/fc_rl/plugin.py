@@ -62,7 +62,8 @@ class Config(StageConfig):
     """Sampling temperature of the rollouts. Below 1 the samples succeed more often (more
     groups with task signal: `rollout/task_signal_groups`). The ratio and the loss use the
     untempered policy's log-probs unless `tempered_policy` is on, and `logprob_gap_mean` is
-    logged only where the trainer's log-probs are the sampler's (1.0, or `tempered_policy`)."""
+    logged only where the trainer's log-probs are the sampler's (top_p 1.0, and temperature
+    1.0 or `tempered_policy`)."""
     tempered_policy: bool = False
     """Train the policy the rollouts sample from: the log-prob recomputation, the loss and the
     KL reference divide the logits by `temperature` (as verl and TRL do), so the importance

@@ -2,7 +2,8 @@
 
 Every agent turn of a trajectory gets the foresight block it should have written:
 * `<plan>`: the action it took, and what the rest of the trajectory did after it
-  ("Search for X, then 1 more search, then answer.");
+  ("Search for X, then 1 more search, then answer."), or the action only ("Search for X.")
+  without `plan_ahead` (`fe_sft.plan_ahead: false`);
 * `<rollout>`: the observation the environment really returned next (its content, without the
   <information> / <result> wrapper), or, for the turn that ended the episode, whether the answer
   was accepted (`format.final_observation`);
@@ -97,7 +98,8 @@ def foresight_trace(trajectory: Trajectory, tally: Counter | None = None,
             tally["values from the outcome (no MC estimate)"] += 1
         value = round(values.get(k, float(trajectory.outcome.success)), VALUE_DECIMALS)
         rollout = _rollout(trajectory, i, turn.action)
-        foresight = Foresight(plan_text(actions, j, plan_ahead), rollout, value, expected_keywords(rollout))
+        foresight = Foresight(plan_text(actions, j, plan_ahead), rollout, value,
+                              expected_keywords(rollout))
         turns[i] = Turn("agent", fmt.render_turn(replace(turn, foresight=foresight)))
         tally["turns with foresight"] += 1
     tally["trajectories"] += 1

@@ -35,7 +35,8 @@ class Config(BlendConfig):
 
     sources: list[str] = field(default_factory=lambda: ["foresight:world:train", "world:train"])
     """Datasets to blend: foresight:X is X (world:SPLIT or a trajectory file) turned into
-    foresight traces by hindsight (`tools/build_foresight_sft.py` writes the same); X alone is
+    foresight traces by hindsight (`tools/build_foresight_sft.py` writes the same, given
+    --no-plan-ahead where `plan_ahead` is false); X alone is
     format-free traces; also trajectory files already in the foresight format."""
     weights: Optional[list[float]] = field(default_factory=lambda: [0.85, 0.15])
     """Blend weights, one per source (foresight traces vs format-free traces)."""
@@ -62,7 +63,8 @@ class Config(BlendConfig):
     followed includes the errors a trajectory's agent went on to make (the built-in world's
     scripted experts err on purpose: 23% of its one-hop questions' trajectories search twice),
     which the turn's context cannot tell. The tiny recipe sets false: its agent then solved
-    0.292 of 400 validation tasks instead of 0.105 (README, the tiny agent)."""
+    0.292 of 400 validation tasks instead of 0.105 (README, the tiny agent; one seed). The
+    larger recipes keep the default: unmeasured on their models, which may plan further."""
 
     def check_recipe(self, cfg) -> None:
         named = [s for s in [*self.sources, *(self.valid_sources or [])]

@@ -126,7 +126,7 @@ def test_tempered_policy_trains_the_distribution_it_samples(medium_world, medium
     log-probs the sampler drew with (the gap is logged, and as small as float rounding, as at
     1.0), so the importance ratio starts at 1 for the tempered policy, and the step trains.
     The KL reference is tempered too: its KL to the policy it equals at the step's start stays
-    near 0 (an untempered reference would be far)."""
+    near 0."""
     run = tmp_path / "tempered"
     _train(medium_world, tmp_path, run, "schedule.train_steps=1", "logging.log_interval=1",
            "fc_rl.temperature=0.5", "fc_rl.tempered_policy=true", "fc_rl.kl_coef=0.1",

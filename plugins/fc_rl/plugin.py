@@ -104,8 +104,9 @@ class Config(StageConfig):
     cuda_graphs: bool = False
     """Replay the continuous rollout's decode step as CUDA graphs, one per key-length bucket
     (inference.graphs): one launch per token instead of one per kernel. GPU, continuous
-    rollout and pipeline parallelism 1 only; not yet run on a GPU (tested on the CPU with the
-    graph mocked), so off by default."""
+    rollout and pipeline parallelism 1 only; run once on one H200 at TP 1 (single-turn decode
+    and `tests/test_cuda.py`, inference.graphs), not on FC-RL's multi-turn episodes or with
+    TP > 1 there, so off by default."""
 
     def check_recipe(self, cfg) -> None:
         """What FC-RL needs of the rest of the recipe; run whenever the recipe loads, so

@@ -190,3 +190,56 @@ def test_logit_temperature_scores_what_the_sampler_drew(megatron_cpu, temperatur
     assert torch.allclose(scores(), recorded, atol=5e-5, rtol=0)
     with tempering.off():
         assert (scores() - recorded).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("slots", [True, False], ids=["slots", "static"])
+def test_decoding_runs_without_fp8_mocked_te(megatron_cpu, slots, monkeypatch):
+    """A recipe's `model.fp8` makes Megatron's TransformerBlock enter Transformer Engine's FP8
+    autocast on every forward, whose GEMMs need row counts that decode batches do not have:
+    the decoder takes FP8 off while it decodes and puts it back after. Transformer Engine
+    cannot run here (no GPU), so the autocast is replaced by one that fails: decoding must
+    not enter it, a plain forward (training) still does."""
+    from megatron.core.transformer import transformer_block
+
+    model = _model()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41]]
+    expected = [c.ids for c in Generator(model, ByteTokenizer(), max_sequence_length=64,
+                                         slot_cache=slots).generate(prompts,
+                                                                    Sampling(max_new_tokens=6))]
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    for config in configs.values():
+        config.fp8 = "hybrid"
+
+    def fp8_autocast(*args, **kwargs):
+        raise AssertionError("entered the FP8 autocast")
+
+    monkeypatch.setattr(transformer_block, "get_fp8_context", fp8_autocast)
+    gen = Generator(model, ByteTokenizer(), max_sequence_length=64, slot_cache=slots)
+    assert [c.ids for c in gen.generate(prompts, Sampling(max_new_tokens=6))] == expected
+    assert all(c.fp8 == "hybrid" for c in configs.values())
+    with pytest.raises(AssertionError, match="FP8 autocast"), torch.no_grad():
+        model(torch.tensor([prompts[0]]), torch.arange(len(prompts[0]))[None], None)
+
+
+def test_te_attention_decodes_on_the_slot_cache_mocked_te(megatron_cpu, monkeypatch):
+    """Transformer Engine's core attention ignores the explicit mask that hides the static
+    path's left padding, so a model with it decodes on the slot cache (which masks each row
+    itself) even when not asked to, and a batch of unequal prompts that the slot cache cannot
+    run is refused. TE cannot run here: its detection is replaced by one that says yes."""
+    from megatron_foresight.errors import UsageError
+    from megatron_foresight.inference import generate
+
+    model = _model()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41]]
+    sampling = Sampling(max_new_tokens=6)
+    static = Generator(model, ByteTokenizer(), max_sequence_length=64)
+    assert not static.slot_cache
+    expected = [c.ids for c in static.generate(prompts, sampling)]
+    monkeypatch.setattr(generate, "_te_core_attention", lambda model: True)
+    te = Generator(model, ByteTokenizer(), max_sequence_length=64)
+    assert te.slot_cache
+    assert [c.ids for c in te.generate(prompts, sampling)] == expected
+    te.slot_cache = False  # as when `unsupported_by_slots` names something of the model
+    with pytest.raises(UsageError, match="unequal lengths"):
+        te.generate(prompts, sampling)
+    assert [c.ids for c in te.generate([prompts[0]], sampling)] == expected[:1]

@@ -36,3 +36,13 @@ def test_sbatch_script_outside_srun_is_a_single_process():
 ])
 def test_first_host_of_a_nodelist(nodelist, first):
     assert expand_first_host(nodelist) == first
+
+
+def test_each_process_gets_its_own_gpu_and_too_many_are_refused():
+    from megatron_foresight.errors import UsageError
+    from megatron_foresight.runtime.dist import cuda_device
+
+    assert [cuda_device(r, 8) for r in range(8)] == list(range(8))
+    assert cuda_device(5, 1) == 0  # one GPU per task (Slurm binds it): the one it sees
+    with pytest.raises(UsageError, match="local rank 8 on a node showing 8 GPUs"):
+        cuda_device(8, 8)

@@ -143,7 +143,7 @@ def play_episodes(generator: Generator, records: list[EpisodeRecord], envs: list
     if len(streams) != len(records):
         raise ValueError(f"{len(streams)} streams for {len(records)} episodes")
     if continuous:
-        with generator.without_sequence_parallel():
+        with generator.for_decoding():
             _Continuous(generator, records, envs, sampling, batch_size, stops, on_end,
                         streams).run()
         return

@@ -176,7 +176,7 @@ def generate(generator: Generator, prompts: list[list[int]], sampling: Sampling,
                         shared_seed=sampling.seed if row_seeds is None else None)
     out = [engine.start(b, p, None if row_seeds is None else row_seeds[b])
            for b, p in enumerate(prompts)]
-    with generator.without_sequence_parallel():
+    with generator.for_decoding():
         while engine.turns:
             for slot, completion in engine.step():
                 out[slot] = completion

@@ -103,6 +103,18 @@ def _draw(logits_BV: torch.Tensor, sampling: Sampling,
     return ids_B, logp_BV.gather(-1, ids_B[:, None])[:, 0]
 
 
+def _te_core_attention(model) -> bool:
+    """Whether the model's layers use Transformer Engine's core attention (never on the CPU,
+    where Transformer Engine does not import)."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    return any(isinstance(m, TEDotProductAttention) for m in model.modules())
+
+
 def _distinct(rows: list[list[int]]) -> tuple[list[int], list[int] | None]:
     """The first row of each distinct prompt, and for every row the position of its prompt in
     that list; None instead when all rows differ (nothing to share)."""
@@ -131,7 +143,8 @@ class Generator:
     (`inference.continuous`; per layer, keys [rows, groups, dim, length] and values
     [rows, groups, length, dim], RoPE tables shared by the layers, rows leave the forward as
     they end) instead of Megatron's static inference context, where the model supports it
-    (`inference.slots.unsupported_by_slots`). Measured on the tiny model
+    (`inference.slots.unsupported_by_slots`); always with Transformer Engine's core attention,
+    which would not hide the static path's left padding. Measured on the tiny model
     (benchmarks/rollout_throughput.py, 2 cores): 1.08x the static lean path's tokens/s on
     single-turn decode, within the runs' spread, but 0.91x on episodes played by
     rounds (it allocates and zeroes max_sequence_length per row at every call). The others
@@ -187,9 +200,13 @@ class Generator:
                              f"{self.device.type} (fc_rl.cuda_graphs: false to roll out here)")
         self.cuda_graphs = cuda_graphs
         inner = getattr(model, "module", model)
-        self.slot_cache = slot_cache and any(
-            isinstance(m, SlotSelfAttention) for m in model.modules()) and \
+        slots = any(isinstance(m, SlotSelfAttention) for m in model.modules()) and \
             not unsupported_by_slots(inner.config)
+        # Transformer Engine's core attention takes the mask type Megatron gives it (causal,
+        # or none while decoding) and ignores the explicit mask that hides the static path's
+        # left padding: a TE model decodes on the slot cache, which masks each row itself.
+        self.te_attention = _te_core_attention(model)
+        self.slot_cache = slots and (slot_cache or self.te_attention)
         self.fused_decode = fused_decode and not cuda_graphs and not fused.unsupported(model)
 
     @property
@@ -298,22 +315,33 @@ class Generator:
             from megatron_foresight.inference import continuous
 
             return continuous.generate(self, prompts, sampling, stop_texts, row_seeds)
-        with self.without_sequence_parallel():
+        with self.for_decoding():
             return self._generate(prompts, sampling, stop_texts, row_seeds)
 
     @contextlib.contextmanager
-    def without_sequence_parallel(self):
+    def for_decoding(self):
+        """The model as decoding runs it: without sequence parallelism (a decode step's one
+        token per row cannot be split over the TP ranks) and without FP8 (Transformer Engine's
+        FP8 GEMMs need row counts that are multiples of 8 or 16, and a decode batch is B rows
+        that shrink as rows finish: its matmuls run in the weights' own bf16). Both are
+        flags Megatron reads on each forward. The FP8 half was not run on a GPU."""
         inner = getattr(self.model, "module", self.model)
-        if not inner.config.sequence_parallel:
-            yield
-            return
-        from megatron.core.transformer.utils import set_model_to_sequence_parallel
+        sequence_parallel = inner.config.sequence_parallel
+        fp8 = {id(m.config): (m.config, m.config.fp8) for m in inner.modules()
+               if getattr(getattr(m, "config", None), "fp8", None)}
+        if sequence_parallel:
+            from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
-        set_model_to_sequence_parallel(inner, False)
+            set_model_to_sequence_parallel(inner, False)
+        for config, _ in fp8.values():
+            config.fp8 = None
         try:
             yield
         finally:
-            set_model_to_sequence_parallel(inner, True)
+            for config, recipe in fp8.values():
+                config.fp8 = recipe
+            if sequence_parallel:
+                set_model_to_sequence_parallel(inner, True)
 
     def _generate(self, prompts, sampling, stop_texts, row_seeds) -> list[Completion]:
         from megatron.core.inference.contexts import StaticInferenceContext
@@ -327,6 +355,15 @@ class Generator:
             return out
         rows = [prompts[i] for i in live]
         B, L = len(rows), max(len(p) for p in rows)
+        if self.te_attention and any(len(p) != L for p in rows):
+            from megatron_foresight.inference.slots import unsupported_by_slots
+
+            inner = getattr(self.model, "module", self.model)
+            raise UsageError(
+                "prompts of unequal lengths in one batch: this model's Transformer Engine "
+                "attention would not hide their padding, and the slot cache that masks it "
+                f"cannot run this model ({', '.join(unsupported_by_slots(inner.config))}); "
+                "generate with batch size 1")
         new = min(sampling.max_new_tokens, self.max_sequence_length - min(len(p) for p in rows))
         dev = self.device
         tokens_BL = torch.full((B, L), self.pad_id, dtype=torch.long, device=dev)

@@ -96,6 +96,17 @@ def fp8_settings(m) -> dict:
                 fp8_amax_compute_algo=m.fp8_amax_compute_algo)
 
 
+@functools.cache
+def grad_accum_fusion_available() -> bool:
+    """Whether Apex's `fused_weight_gradient_mlp_cuda` kernel is importable: the output layer
+    is Megatron's own `ColumnParallelLinear` even under the TE spec, and it refuses to build
+    with `gradient_accumulation_fusion` without that kernel (NVIDIA's containers ship Apex; a
+    pip install of transformer-engine alone does not). Not run on a GPU here."""
+    import importlib.util
+
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
 def transformer_config(cfg: RecipeConfig, use_te: bool):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -131,7 +142,8 @@ def transformer_config(cfg: RecipeConfig, use_te: bool):
         # SwiGLU takes the fused call on the local path too, where `models.swiglu` serves it
         bias_activation_fusion=use_te or m.activation == "swiglu",
         bias_dropout_fusion=use_te, masked_softmax_fusion=use_te,
-        apply_rope_fusion=use_te, gradient_accumulation_fusion=use_te, persist_layer_norm=use_te,
+        apply_rope_fusion=use_te, persist_layer_norm=use_te,
+        gradient_accumulation_fusion=use_te and grad_accum_fusion_available(),
         # Loss is summed per token and divided by the global token count once per step, so the
         # result does not depend on how the batch is split into microbatches or DP ranks.
         calculate_per_token_loss=True,

@@ -65,6 +65,21 @@ def read_launch_env(environ=None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, None, None, "single")
 
 
+def cuda_device(local_rank: int, visible: int) -> int:
+    """The GPU of the process with this node-local rank, `visible` GPUs showing: its own when
+    each process sees only one (Slurm's per-task binding), else the local rank's; more processes
+    than GPUs on a node is refused here rather than as NCCL's "Duplicate GPU detected"."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        from megatron_foresight.errors import UsageError
+
+        raise UsageError(f"process of local rank {local_rank} on a node showing {visible} GPUs: "
+                         "start one process per GPU (torchrun --nproc_per_node, srun "
+                         "--ntasks-per-node at most the GPUs per node)")
+    return local_rank
+
+
 def init_distributed(launch: LaunchEnv, timeout_minutes: int = 30) -> str:
     """Start torch.distributed: NCCL with CUDA, gloo (plus the CPU compatibility layer) without.
     Returns the device type."""
@@ -74,7 +89,7 @@ def init_distributed(launch: LaunchEnv, timeout_minutes: int = 30) -> str:
         # compute they overlap with (what Megatron-LM's launch scripts set); must precede the
         # CUDA context.
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(cuda_device(launch.local_rank, torch.cuda.device_count()))
         backend, device = "nccl", "cuda"
     else:
         from megatron_foresight.runtime import compat

@@ -104,8 +104,9 @@ class Config(StageConfig):
     cuda_graphs: bool = False
     """Replay the continuous rollout's decode step as CUDA graphs, one per key-length bucket
     (inference.graphs): one launch per token instead of one per kernel. GPU, continuous
-    rollout and pipeline parallelism 1 only; not yet run on a GPU (tested on the CPU with the
-    graph mocked), so off by default."""
+    rollout and pipeline parallelism 1 only; run once on one H200 at TP 1 (single-turn decode
+    and `tests/test_cuda.py`, inference.graphs), not on FC-RL's multi-turn episodes or with
+    TP > 1 there, so off by default."""
 
     def check_recipe(self, cfg) -> None:
         """What FC-RL needs of the rest of the recipe; run whenever the recipe loads, so
@@ -123,9 +124,9 @@ class Config(StageConfig):
               "FC-RL rollouts run one model chunk per pipeline stage; set it to null (plain "
               "1F1B pipelining)")
         check(cfg.model.fp8 is None, "model.fp8",
-              "FC-RL generates outside Megatron's training schedule, where Transformer Engine's "
-              "FP8 weight cache is not refreshed and decode batches are not padded for FP8; "
-              "set model.fp8: null for this stage")
+              "FC-RL samples without FP8 (decode batches do not have the row counts FP8 "
+              "GEMMs need) and would train in it, so the log-prob ratios would compare two "
+              "precisions; set model.fp8: null for this stage")
         check(not self.cuda_graphs or self.rollout == "continuous", "fc_rl.cuda_graphs",
               "CUDA graphs replay the continuous rollout's decode step: set fc_rl.rollout: "
               "continuous, or fc_rl.cuda_graphs: false")

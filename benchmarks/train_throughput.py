@@ -2,7 +2,7 @@
 `LlamaForCausalLM` of the same shape, on the same batches, in one run.
 
     python benchmarks/train_throughput.py [--steps 20] [--warmup 3] [--repeats 3] \
-        [--recipe recipes/tiny-cpu/lm.yaml] [section.key=value ...]
+        [--recipe recipes/tiny-cpu/lm.yaml] [--vs section.key=value ...] [section.key=value ...]
 
 Both sides: the recipe's model shape, fp32, global batch split into the same microbatches
 (gradient accumulation), AdamW with the recipe's betas / weight decay, gradient clipping at the
@@ -12,6 +12,10 @@ must not pay for), the two alternate `--repeats` times, and the medians and thei
 printed. The Megatron side is `megatron_foresight.training.loop.train_step`, what `foresight
 train` runs: schedule, DDP, Megatron optimizer, per-token loss accounting. Its time is also split
 into forward+backward and optimizer step, to show where a gap would come from.
+
+With `--vs OVERRIDE` (repeatable) the baseline is the Megatron path itself with those overrides
+added, instead of the Hugging Face loop: one setting against another on the same batches, e.g.
+`--recipe recipes/tiny-cpu/fe_sft.yaml --vs data.document_masks=false data.document_masks=true`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def _recipe(args):
 
     return load_recipe(args.recipe, ["checkpoint.save_interval=0", "schedule.eval_steps=0",
                                      f"schedule.train_steps={args.steps + args.warmup}",
-                                     "schedule.warmup_steps=1", *args.overrides])
+                                     "schedule.warmup_steps=1", *args.overrides, *args.vs])
 
 
 def _timed_steps(step_fn, args, split=None) -> dict:
@@ -140,9 +144,10 @@ def run_hf(args) -> dict:
 
 
 def _child(impl: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--impl", impl, "--steps", str(args.steps), "--warmup",
-           str(args.warmup), "--recipe", str(args.recipe), "--scratch", args.scratch,
-           *args.overrides]
+    vs = [f"--vs={o}" for o in args.vs] if impl == "baseline" else []
+    cmd = [sys.executable, __file__, "--impl", "megatron" if args.vs else impl, "--steps",
+           str(args.steps), "--warmup", str(args.warmup), "--recipe", str(args.recipe),
+           "--scratch", args.scratch, *vs, *args.overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"{impl} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -169,25 +174,35 @@ def main() -> None:
     parser.add_argument("--impl", choices=["megatron", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--scratch", default=str(REPO / "runs" / "benchmark"),
                         help="where the Megatron side may write (nothing is saved)")
+    parser.add_argument("--vs", action="append", default=[], metavar="OVERRIDE",
+                        help="compare against the Megatron path with this override added "
+                             "(repeatable) instead of the Hugging Face loop")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, section.key=value")
     args = parser.parse_args()
     if args.impl:
         print(json.dumps((run_megatron if args.impl == "megatron" else run_hf)(args)))
         return
-    results = {"megatron": [], "hf": []}
+    results = {"megatron": [], "baseline": []}
     for _ in range(args.repeats):
         for impl in results:
-            results[impl].append(_child(impl, args))
-    mega, hf = _summary(results["megatron"]), _summary(results["hf"])
+            results[impl].append(_child("hf" if impl == "baseline" and not args.vs else impl,
+                                        args))
+    mega, base = _summary(results["megatron"]), _summary(results["baseline"])
+    names = ("Megatron-Core path", "HF transformers loop")
+    if args.vs:
+        names = (" ".join(args.overrides) or "as the recipe", "with " + " ".join(args.vs))
     print(f"train throughput, {args.recipe} {' '.join(args.overrides)}: "
           f"{args.steps} timed steps x {args.repeats} runs each, "
-          f"{results['hf'][0]['tokens_per_step']} tokens/step, {torch.get_num_threads()} threads")
-    print(f"{'':24}{'tokens/s':>10}{'fwd+bwd s/step':>16}{'optim s/step':>14}  runs")
-    for name, s in (("Megatron-Core path", mega), ("HF transformers loop", hf)):
+          f"{results['baseline'][0]['tokens_per_step']} tokens/step, "
+          f"{torch.get_num_threads()} threads")
+    width = max(24, *(len(n) + 2 for n in names))
+    print(f"{'':{width}}{'tokens/s':>10}{'fwd+bwd s/step':>16}{'optim s/step':>14}  runs")
+    for name, s in zip(names, (mega, base)):
         runs = ", ".join(f"{t:.0f}" for t in s["runs"])
-        print(f"{name:24}{s['tokens_per_s']:>10.0f}{s['forward_backward_s']:>16.3f}"
+        print(f"{name:{width}}{s['tokens_per_s']:>10.0f}{s['forward_backward_s']:>16.3f}"
               f"{s['optimizer_s']:>14.3f}  [{runs}]")
-    print(f"ratio Megatron / HF tokens/s: {mega['tokens_per_s'] / hf['tokens_per_s']:.2f}")
+    label = "ratio tokens/s, first row / second" if args.vs else "ratio Megatron / HF tokens/s"
+    print(f"{label}: {mega['tokens_per_s'] / base['tokens_per_s']:.2f}")
 
 
 if __name__ == "__main__":

@@ -306,9 +306,10 @@ class DataConfig:
     """Training sequences are packed from several documents (trajectories, passages): with
     this on, each token attends only to earlier tokens of its own document (Megatron's
     `reset_attention_mask`, a [seq, seq] mask per sample), as it does when the model plays one
-    episode alone; off, a document also sees the tail of the one packed before it (cheaper:
-    no mask is built or passed). RoPE is relative, so positions need no reset. Local layer
-    spec only for now (on Transformer Engine it needs packed-sequence (THD) parameters)."""
+    episode alone; off, a document also sees the tail of the one packed before it. Training
+    attends document by document (the causal kernel on each), about as fast as without the
+    mask. RoPE is relative, so positions need no reset. Local layer spec only for now (on
+    Transformer Engine it needs packed-sequence (THD) parameters)."""
 
     def __post_init__(self):
         check_at_least(self, 2, "seq_length")

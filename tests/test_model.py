@@ -95,6 +95,54 @@ def test_sdpa_core_attention_equals_megatron_local_attention(megatron_cpu):
         assert torch.allclose(a, b, atol=1e-4)
 
 
+def _document_mask(starts_per_row, s):
+    """Megatron's reset attention mask ([b, 1, s, s], True where hidden) for rows whose
+    documents begin at `starts_per_row`."""
+    pos = torch.arange(s)
+    doc_bS = torch.stack([torch.bucketize(pos, torch.tensor(starts), right=True)
+                          for starts in starts_per_row])
+    return ((doc_bS[:, :, None] != doc_bS[:, None, :]) | (pos[None, :] > pos[:, None]))[:, None]
+
+
+def test_sdpa_attends_document_by_document_under_a_document_mask(megatron_cpu, monkeypatch):
+    """data.document_masks: in training, SDPA runs each document of a row on its own (causal
+    kernel) and gives Megatron's local attention under the explicit mask, forward and
+    gradients; a mask that is not per-document (here one that hides a key from a later
+    query of its own document) takes the explicit-mask path and still agrees."""
+    from megatron_foresight.models import attention
+
+    megatron_attn, sdpa_attn = _attention_pair()
+    megatron_attn.train(), sdpa_attn.train()
+    calls = []
+    by_document = attention.SDPADotProductAttention._by_document
+    monkeypatch.setattr(attention.SDPADotProductAttention, "_by_document",
+                        lambda self, *a: calls.append(a[3]) or by_document(self, *a))
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(32, 3, 8, 32, generator=g, requires_grad=True)
+    k = torch.randn(32, 3, 2, 32, generator=g, requires_grad=True)
+    v = torch.randn(32, 3, 2, 32, generator=g, requires_grad=True)
+    documents = _document_mask([[0, 5, 20], [0], [0, 31]], 32)
+    other = documents.clone()
+    other[1, 0, 9, 3] = True
+    for mask, spans in ((documents, [[(0, 5), (5, 20), (20, 32)], [(0, 32)], [(0, 31), (31, 32)]]),
+                        (other, None)):
+        calls.clear()
+        ref = megatron_attn(q, k, v, mask)
+        grads_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+        out = sdpa_attn(q, k, v, mask)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        assert calls == ([spans] if spans else [])
+        assert attention.document_spans(mask) == spans
+        assert torch.allclose(out, ref, atol=1e-5)
+        for a, b in zip(grads, grads_ref):
+            assert torch.allclose(a, b, atol=1e-4)
+    # one mask for the whole batch ([1, 1, s, s]) applies to every row
+    shared = _document_mask([[0, 12]], 32)
+    calls.clear()
+    assert torch.allclose(sdpa_attn(q, k, v, shared), megatron_attn(q, k, v, shared), atol=1e-5)
+    assert calls == [[[(0, 12), (12, 32)]]]
+
+
 def test_sdpa_core_attention_decodes_against_a_longer_key_cache(megatron_cpu):
     """With a KV cache the 3 new queries sit at the end of 10 positions: query i may see keys
     up to 7 + i (bottom-right aligned causal mask), checked against plain softmax attention."""

@@ -210,6 +210,10 @@ def test_document_masks_make_a_packed_document_see_only_itself(tmp_path, megatro
         without = model(tokens[None], pos, None)
     assert torch.allclose(with_mask[0, start:end], alone[0], atol=1e-4)
     assert not torch.allclose(without[0, start:end], alone[0], atol=1e-2)
+    model.train()  # training attends document by document (the causal kernel per document)
+    with torch.no_grad():
+        trained = model(tokens[None], pos, mask[None])
+    assert torch.allclose(trained, with_mask, atol=1e-4)
 
 
 def test_fe_sft_samples_give_no_loss_to_a_trajectory_cut_at_their_start(trajectories, tmp_path,

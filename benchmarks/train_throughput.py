@@ -2,9 +2,9 @@
 `LlamaForCausalLM` of the same shape, on the same batches, in one run.
 
     python benchmarks/train_throughput.py [--steps 20] [--warmup 3] [--repeats 3] \
-        [--recipe recipes/tiny-cpu/lm.yaml] [--vs section.key=value ...] [section.key=value ...]
+        [--recipe recipes/tiny-cpu/lm.yaml] [--vs section.key=value] [section.key=value ...]
 
-Both sides: the recipe's model shape, fp32, global batch split into the same microbatches
+Both sides: the recipe's model shape, fp32 (with `--vs`, the recipe's precision), global batch split into the same microbatches
 (gradient accumulation), AdamW with the recipe's betas / weight decay, gradient clipping at the
 recipe's value, the recipe's LR schedule, and the same samples read by the same loader. Each side
 runs in its own process (the Megatron side needs the CPU compatibility layer, which the baseline
@@ -13,9 +13,10 @@ printed. The Megatron side is `megatron_foresight.training.loop.train_step`, wha
 train` runs: schedule, DDP, Megatron optimizer, per-token loss accounting. Its time is also split
 into forward+backward and optimizer step, to show where a gap would come from.
 
-With `--vs OVERRIDE` (repeatable) the baseline is the Megatron path itself with those overrides
-added, instead of the Hugging Face loop: one setting against another on the same batches, e.g.
-`--recipe recipes/tiny-cpu/fe_sft.yaml --vs data.document_masks=false data.document_masks=true`.
+With `--vs OVERRIDE` (one override each, repeatable) the baseline is the Megatron path itself
+with the same overrides and those added last, instead of the Hugging Face loop: one setting
+against another on the same batches, e.g. `--recipe recipes/tiny-cpu/fe_sft.yaml
+data.document_masks=true --vs data.document_masks=false`.
 """
 
 from __future__ import annotations

@@ -211,6 +211,9 @@ def test_document_masks_make_a_packed_document_see_only_itself(tmp_path, megatro
     assert torch.allclose(with_mask[0, start:end], alone[0], atol=1e-4)
     assert not torch.allclose(without[0, start:end], alone[0], atol=1e-2)
     model.train()  # training attends document by document (the causal kernel per document)
+    from megatron_foresight.models.attention import document_spans
+    spans = document_spans(mask[None])
+    assert spans is not None and spans[0][1][0] == start  # the second document, as packed
     with torch.no_grad():
         trained = model(tokens[None], pos, mask[None])
     assert torch.allclose(trained, with_mask, atol=1e-4)

@@ -16,6 +16,7 @@ attention is passed through to SDPA, not expanded), output [sq, b, heads * d].
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,8 @@ class SDPADotProductAttention(DotProductAttention):
         if sq == 1 and not self.training:
             return self._decode(query, key, value, attention_mask)
         dropout = self.attention_dropout.p if self.training else 0.0
-        if attention_mask is not None and sq == sk and self.training:
+        if attention_mask is not None and sq == sk and self.training \
+                and attention_mask.shape[-2:] == (sq, sk) and attention_mask.size(0) in (1, b):
             documents = document_spans(attention_mask)
             if documents is not None:
                 return self._by_document(query, key, value, documents, dropout)
@@ -72,7 +74,9 @@ class SDPADotProductAttention(DotProductAttention):
         """Attention under a per-document mask (`data.document_masks`), one document at a
         time with SDPA's causal kernel: the same result as the explicit mask (up to float
         rounding). The explicit mask leaves SDPA's causal kernel and cost FE-SFT's step 17%
-        of its tokens/s; this path costs none there (benchmarks/train_throughput.py --vs).
+        of its tokens/s at d692f67 (before this path); this path costs none there and 9% on
+        WM-AMT's shorter documents (2 CPU cores, benchmarks/train_throughput.py --vs; not
+        measured on a GPU, where a Python loop over documents may cost more).
         It is not faster than the causal sample: SDPA's CPU backward costs about the same per
         token at 512 as at 1,024 tokens, and padding the documents into a few batched calls
         (one per length bucket) was slower still, gathers included."""
@@ -111,22 +115,27 @@ class SDPADotProductAttention(DotProductAttention):
 
 
 
-_last_spans: tuple[torch.Tensor, list | None] | None = None
+_last_spans: tuple | None = None  # (weak reference to the mask, its address, version, spans)
 
 
 def document_spans(attention_mask: torch.Tensor) -> list[list[tuple[int, int]]] | None:
     """The documents of each row of a per-document causal mask (Megatron's reset attention
     mask: [b or 1, 1, s, s], True where hidden), as `(start, end)` spans per batch row; None
-    when the mask is anything else (left padding, a custom mask), which then goes to SDPA as
-    it is. Checked in full, so the spans path never computes another attention than the mask.
-    Every layer of a forward (and its recomputation) gets the same mask object: it is read
-    once, and the object is kept with its spans so that no other tensor can take its
-    address."""
+    when the mask is anything else (a key-padding mask, a custom mask), which then goes to
+    SDPA as it is. Checked in full, so the spans path never computes another attention than
+    the mask (a left-padded prefill mask whose pads see themselves is per-document: each pad
+    is a one-token document). Every layer of a forward gets the same mask (activation
+    recomputation gives a detached alias of it: same storage, same version counter): it is
+    read once per forward. The last mask is remembered by a weak reference, so nothing is held
+    after it dies, and an in-place change (a new version) reads it again."""
     global _last_spans
-    if _last_spans is not None and _last_spans[0] is attention_mask:
-        return _last_spans[1]
+    key = (attention_mask.data_ptr(), tuple(attention_mask.shape), attention_mask.stride(),
+           attention_mask._version)
+    if _last_spans is not None and _last_spans[0]() is not None and _last_spans[1] == key:
+        return _last_spans[2]
     spans = None
     if attention_mask.dim() == 4 and attention_mask.size(1) == 1 \
+            and attention_mask.size(2) == attention_mask.size(3) \
             and attention_mask.dtype == torch.bool:
         hidden_bSS = attention_mask[:, 0]
         s = hidden_bSS.size(-1)
@@ -141,5 +150,5 @@ def document_spans(attention_mask: torch.Tensor) -> list[list[tuple[int, int]]] 
             for row in starts_bS.tolist():
                 bounds = [i for i, start in enumerate(row) if start] + [s]
                 spans.append(list(zip(bounds[:-1], bounds[1:])))
-    _last_spans = (attention_mask, spans)
+    _last_spans = (weakref.ref(attention_mask), key, spans)
     return spans

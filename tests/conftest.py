@@ -200,6 +200,6 @@ def medium_fe_sft(medium_world, medium_cache, medium_wm_amt, tmp_path_factory) -
                # and the samples: cut from the stream, cut trajectories masked. From the policy
                # of packed samples (the recipe's default: format 0.854, reward +0.065 at step 0)
                # six RL steps lowered the reward to -0.104 and format to 0.706 (session 15)
-               "fe_sft.pack_documents=false",
+               "fe_sft.pack_documents=false", "data.document_masks=false",
                f"checkpoint.init_from={medium_wm_amt}", "--run-dir", str(run_dir)], timeout=1800)
     return run_dir

@@ -114,7 +114,6 @@ class SDPADotProductAttention(DotProductAttention):
         return out_bgrd.reshape(1, b, heads * d)
 
 
-
 _last_spans: tuple | None = None  # (weak reference to the mask, its address, version, spans)
 
 

@@ -152,16 +152,6 @@ class CollectOptions(EvalOptions):
         return json.loads(json.dumps(values, default=str))
 
 
-def check_parallel(cfg) -> None:
-    """Collect writes one shard per data-parallel rank from the first rank of each TP x PP
-    group; context-parallel ranks of a group would each write the same episodes again."""
-    cp = cfg.parallel.context_parallel_size
-    if cp > 1:
-        raise UsageError(f"parallel.context_parallel_size={cp}: collect does not split "
-                         "episodes over context-parallel ranks (each would write the same "
-                         "shard); collect with parallel.context_parallel_size=1")
-
-
 def read_manifest(out: Path) -> dict | None:
     """OUT's collect.json, or None when there is none; one that does not read (empty after a
     crash on a file system that lost it, or edited) is a one-line error, not a traceback."""

@@ -156,7 +156,7 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = None
     """Interleaved pipeline: model chunks per pipeline stage."""
     context_parallel_size: int = 1
-    """Context parallelism: the sequence split over this many processes (CUDA)."""
+    """Context parallelism (the sequence split over processes): only 1 for now."""
     expert_model_parallel_size: int = 1
     """Expert parallelism for mixture-of-experts models."""
     sequence_parallel: bool = False
@@ -178,6 +178,13 @@ class ParallelConfig:
               "an interleaved pipeline needs pipeline_model_parallel_size > 1")
         check(not self.sequence_parallel or self.tensor_model_parallel_size > 1,
               "sequence_parallel", "needs tensor_model_parallel_size > 1")
+        # Megatron would build the context-parallel groups, but the training loop, collect and
+        # generation give every rank the whole sequence rather than its chunks of it: the
+        # attention would be wrong and nothing would say so.
+        check(self.context_parallel_size == 1, "context_parallel_size",
+              f"{self.context_parallel_size} is not supported yet: the training loop does not "
+              "split sequences over context-parallel ranks; use 1 (tensor parallelism with "
+              "sequence_parallel, and activation recomputation, for long sequences)")
 
     @property
     def model_parallel_size(self) -> int:
@@ -545,10 +552,6 @@ class RecipeConfig:
         check(not p.sequence_parallel or self.data.seq_length % tp == 0, "data.seq_length",
               f"with sequence_parallel, seq_length ({self.data.seq_length}) must be divisible by "
               f"tensor_model_parallel_size ({tp})")
-        cp = p.context_parallel_size
-        check(self.data.seq_length % (2 * cp) == 0 or cp == 1, "data.seq_length",
-              f"with context_parallel_size {cp}, seq_length ({self.data.seq_length}) must be "
-              f"divisible by 2 x context_parallel_size = {2 * cp}")
         check(p.use_distributed_optimizer is False or self.optimizer.type == "adam",
               "parallel.use_distributed_optimizer", "is supported with optimizer.type: adam")
         names = [t.name for t in self.tasks]

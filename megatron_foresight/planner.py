@@ -264,9 +264,6 @@ def plan(cfg: RecipeConfig, nodes: int, gpus_per_node: int, gpu_memory_gib: floa
     if tp > gpus_per_node:
         notes.append(f"tensor_model_parallel_size ({tp}) spans nodes (--gpus-per-node "
                      f"{gpus_per_node}): every layer's all-reduce would leave NVLink")
-    if cp > 1 and m.transformer_impl == "local":
-        raise ConfigError("parallel.context_parallel_size", "context parallelism needs "
-                                                            "Transformer Engine layers on CUDA")
     padded = cfg.padded_vocab_size(vocab_size or cfg.model.vocab_size or _tokenizer_vocab(cfg))
     counts = count_parameters(cfg, padded)
     microbatches = s.global_batch_size // (s.micro_batch_size * dp)

@@ -215,15 +215,6 @@ def test_a_manifest_that_does_not_read_is_one_line_naming_it(tmp_path, text):
     assert "another --out" in message and "\n" not in message
 
 
-def test_context_parallel_layouts_are_refused(capsys):
-    from types import SimpleNamespace
-
-    collect.check_parallel(SimpleNamespace(parallel=SimpleNamespace(context_parallel_size=1)))
-    with pytest.raises(UsageError, match="context_parallel_size=2: collect does not split"):
-        collect.check_parallel(SimpleNamespace(parallel=SimpleNamespace(
-            context_parallel_size=2)))
-
-
 def test_rendered_sources_are_cached_per_render_version(tmp_path, monkeypatch):
     from megatron_foresight.training import sources
 

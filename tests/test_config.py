@@ -51,6 +51,13 @@ def test_heads_not_divisible_by_tensor_parallel(tmp_path):
     assert msg.startswith("command line: model.num_attention_heads")
 
 
+def test_context_parallelism_is_refused_until_the_loop_splits_sequences():
+    # every context-parallel rank would be given the whole sequence: wrong, and silent
+    msg = error_of(LM_RECIPE, ["parallel.context_parallel_size=2"])
+    assert "parallel.context_parallel_size: 2 is not supported yet" in msg
+    assert "does not split sequences" in msg and "use 1" in msg
+
+
 def test_unknown_key_names_the_nearest_valid_one_and_the_line(tmp_path):
     path = write(tmp_path, """
         base: {base}

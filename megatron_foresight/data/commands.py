@@ -254,9 +254,7 @@ def run_data(args) -> int:
 
 def run_collect(args) -> int:
     from megatron_foresight.config import load_recipe
-    from megatron_foresight.collect import (
-        CollectOptions, check_parallel, check_resumable, collect,
-    )
+    from megatron_foresight.collect import CollectOptions, check_resumable, collect
     from megatron_foresight.eval.run import find_weights, policy_path, task_sets_for
     from megatron_foresight.runtime import run_lock
     from megatron_foresight.runtime.dist import read_launch_env
@@ -269,7 +267,6 @@ def run_collect(args) -> int:
         env=args.env, corpus=args.corpus, samples=args.samples, mc=args.mc,
         drop_failed=args.drop_failed, foresight=args.foresight, top_p=args.top_p,
         rollout=args.rollout)
-    check_parallel(cfg)
     checkpoint = find_weights(policy_path(cfg, opts.ckpt, required=True))
     task_sets = task_sets_for(cfg, opts)
     # refused before any process starts; the tokenizer is checked once they have built it

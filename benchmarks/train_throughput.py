@@ -4,14 +4,15 @@
     python benchmarks/train_throughput.py [--steps 20] [--warmup 3] [--repeats 3] \
         [--recipe recipes/tiny-cpu/lm.yaml] [--vs section.key=value] [section.key=value ...]
 
-Both sides: the recipe's model shape, fp32 (with `--vs`, the recipe's precision), global batch split into the same microbatches
-(gradient accumulation), AdamW with the recipe's betas / weight decay, gradient clipping at the
-recipe's value, the recipe's LR schedule, and the same samples read by the same loader. Each side
-runs in its own process (the Megatron side needs the CPU compatibility layer, which the baseline
-must not pay for), the two alternate `--repeats` times, and the medians and their ratio are
-printed. The Megatron side is `megatron_foresight.training.loop.train_step`, what `foresight
-train` runs: schedule, DDP, Megatron optimizer, per-token loss accounting. Its time is also split
-into forward+backward and optimizer step, to show where a gap would come from.
+Both sides: the recipe's model shape, fp32 (with `--vs`, the recipe's precision), global batch
+split into the same microbatches (gradient accumulation), AdamW with the recipe's betas / weight
+decay, gradient clipping at the recipe's value, the recipe's LR schedule, and the same samples read
+by the same loader. Each side runs in its own process (the Megatron side needs the CPU
+compatibility layer, which the baseline must not pay for), the two alternate `--repeats` times, and
+the medians and their ratio are printed. The Megatron side is
+`megatron_foresight.training.loop.train_step`, what `foresight train` runs: schedule, DDP, Megatron
+optimizer, per-token loss accounting. Its time is also split into forward+backward and optimizer
+step, to show where a gap would come from.
 
 With `--vs OVERRIDE` (one override each, repeatable) the baseline is the Megatron path itself
 with the same overrides and those added last, instead of the Hugging Face loop: one setting
@@ -136,7 +137,8 @@ def run_hf(args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
         optimizer.step()
         total_sum = float(sum(sums))
-        return {"loss": total_sum / total_count, "optimizer_s": time.perf_counter() - started - fwd_bwd,
+        return {"loss": total_sum / total_count,
+                "optimizer_s": time.perf_counter() - started - fwd_bwd,
                 "forward_backward_s": fwd_bwd}
 
     result = _timed_steps(step, args)
@@ -144,14 +146,16 @@ def run_hf(args) -> dict:
     return result
 
 
-def _child(impl: str, args) -> dict:
-    vs = [f"--vs={o}" for o in args.vs] if impl == "baseline" else []
-    cmd = [sys.executable, __file__, "--impl", "megatron" if args.vs else impl, "--steps",
+def _child(side: str, args) -> dict:
+    """One run of a side ("megatron" or "baseline") in its own process."""
+    impl = "hf" if side == "baseline" and not args.vs else "megatron"
+    vs = [f"--vs={o}" for o in args.vs] if side == "baseline" else []
+    cmd = [sys.executable, __file__, "--impl", impl, "--steps",
            str(args.steps), "--warmup", str(args.warmup), "--recipe", str(args.recipe),
            "--scratch", args.scratch, *vs, *args.overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
-        raise SystemExit(f"{impl} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{side} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -185,9 +189,8 @@ def main() -> None:
         return
     results = {"megatron": [], "baseline": []}
     for _ in range(args.repeats):
-        for impl in results:
-            results[impl].append(_child("hf" if impl == "baseline" and not args.vs else impl,
-                                        args))
+        for side in results:
+            results[side].append(_child(side, args))
     mega, base = _summary(results["megatron"]), _summary(results["baseline"])
     names = ("Megatron-Core path", "HF transformers loop")
     if args.vs:

@@ -223,12 +223,35 @@ def test_swiglu_gives_megatrons_unfused_mlp_bit_for_bit(megatron_cpu, precision)
     assert all(torch.equal(ours_grads[n], their_grads[n]) for n in ours_grads)
 
 
-def test_document_masks_are_refused_on_transformer_engine_mocked_cuda(monkeypatch):
-    """Per-document masks are wired for the local spec only: on a (mocked) CUDA machine with
-    Transformer Engine the recipe is refused naming the key, not trained with a mask TE's
-    causal kernel would ignore."""
+def test_document_masks_on_transformer_engine_are_packed_sequences_mocked_cuda(monkeypatch):
+    """On a (mocked) CUDA machine with Transformer Engine, data.document_masks gives samples
+    document starts (the loader's THD boundaries) instead of a mask TE's causal kernel would
+    ignore; it needs one sample per microbatch and TE >= 1.7, each refused naming its key."""
     import sys
     import types
+
+    import megatron.core.utils
+
+    from megatron_foresight.config import ConfigError
+    from megatron_foresight.models.provider import document_format, use_transformer_engine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    monkeypatch.setattr(megatron.core.utils, "is_te_min_version", lambda v, **_: True)
+    assert use_transformer_engine(load_recipe(RECIPE))
+    assert document_format(load_recipe(RECIPE)) is None
+    masks = ["data.document_masks=true", "schedule.global_batch_size=4"]
+    assert load_recipe(RECIPE, masks).schedule.micro_batch_size > 1
+    with pytest.raises(ConfigError, match="schedule.micro_batch_size: .* set "
+                                          "schedule.micro_batch_size=1"):
+        use_transformer_engine(load_recipe(RECIPE, masks))
+    one = load_recipe(RECIPE, masks + ["schedule.micro_batch_size=1"])
+    assert use_transformer_engine(one) and document_format(one) == "starts"
+    local = load_recipe(RECIPE, masks + ["model.transformer_impl=local"])
+    assert not use_transformer_engine(local) and document_format(local) == "mask"
+    monkeypatch.setattr(megatron.core.utils, "is_te_min_version", lambda v, **_: v < "1.7")
+    with pytest.raises(ConfigError, match="data.document_masks: .*transformer-engine >= 1.7"):
+        use_transformer_engine(one)
 
 
     from megatron_foresight.config import ConfigError

@@ -190,8 +190,8 @@ def test_document_masks_make_a_packed_document_see_only_itself(tmp_path, megatro
     build = lambda masks, cache: build_gpt_datasets(  # noqa: E731
         [str(tmp_path / "c")], None, seq_length=64, seed=1, split="100,0,0",
         num_samples=(4, 0), tokenizer=ByteTokenizer(), cache_dir=tmp_path / cache,
-        document_masks=masks)[0]
-    plain, masked = build(False, "plain"), build(True, "masked")
+        documents=masks)[0]
+    plain, masked = build(None, "plain"), build("mask", "masked")
     assert "attention_mask" not in plain[0]
     sample = masked[0]
     tokens, mask = sample["tokens"], sample["attention_mask"]
@@ -217,6 +217,105 @@ def test_document_masks_make_a_packed_document_see_only_itself(tmp_path, megatro
     with torch.no_grad():
         trained = model(tokens[None], pos, mask[None])
     assert torch.allclose(trained, with_mask, atol=1e-4)
+
+
+def test_document_boundaries_of_a_packed_sample():
+    """collate turns a sample's document starts into THD boundaries: a document after every
+    EOD, the padding after the last one a document of its own, no empty document when the
+    sample ends on an EOD; refused for more than one sample per microbatch."""
+    from megatron_foresight.training.data import HOST_KEYS, collate, to_device
+
+    eod = 9
+    def boundaries(tokens):
+        starts = torch.ones(len(tokens), dtype=torch.bool)
+        starts[1:] = torch.tensor(tokens[:-1]) == eod
+        batch = collate([{"tokens": torch.tensor(tokens), "document_starts": starts}])
+        assert "document_starts" not in batch and batch["cu_seqlens"].dtype == torch.int32
+        return batch["cu_seqlens"].tolist(), int(batch["max_seqlen"])
+
+    assert boundaries([1, 2, eod, 3, eod, 4, 5, 6]) == ([0, 3, 5, 8], 3)
+    assert boundaries([1, 2, eod, 3, 4, eod]) == ([0, 3, 6], 3)  # ends on an EOD
+    assert boundaries([1, 2, 3, 4]) == ([0, 4], 4)
+    assert boundaries([1, eod, 0, 0, 0, 0]) == ([0, 2, 6], 4)  # padding: its own document
+    starts = torch.ones(2, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="micro_batch_size=1"):
+        collate([{"document_starts": starts[0]}, {"document_starts": starts[1]}])
+    batch = to_device({"cu_seqlens": torch.tensor([0, 4]), "max_seqlen": torch.tensor(4)},
+                      torch.device("meta"))
+    assert HOST_KEYS == {"max_seqlen"}
+    assert batch["cu_seqlens"].is_meta and not batch["max_seqlen"].is_meta
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_packed_sequences_give_the_document_masks_logits(tmp_path, megatron_cpu, pack,
+                                                        monkeypatch):
+    """data.document_masks on Transformer Engine: samples carry document starts instead of a
+    mask, the loader makes them THD boundaries, and the training step passes Megatron's
+    `PackedSeqParams` (no mask). The boundaries are those of Megatron's reset mask, sample by
+    sample, and the real model through Megatron's THD path (batch squeezed, RoPE restarted
+    per document, output reshaped; the SDPA attention standing in for TE's kernel, which
+    needs a GPU) gives the masked path's logits and gradients."""
+    from functools import partial
+
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.data.indexed import build_gpt_datasets
+    from megatron_foresight.data.segmented import dataset_class
+    from megatron_foresight.models.attention import document_spans
+    from megatron_foresight.models.provider import build_model
+    from megatron_foresight.training import loop
+    from megatron_foresight.training.data import collate
+    from helpers.run import REPO
+
+    docs = [f"{'abcdefghij'[i % 10] * (3 + i % 17)}" for i in range(60)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    preprocess([tmp_path / "c.jsonl"], tmp_path / "c", "text", BYTE, progress=False)
+    build = lambda documents: build_gpt_datasets(  # noqa: E731
+        [str(tmp_path / "c")], None, seq_length=64, seed=1, split="100,0,0",
+        num_samples=(6, 0), tokenizer=ByteTokenizer(), cache_dir=tmp_path / documents,
+        dataset_cls=dataset_class(pack, False), documents=documents)[0]
+    masked, packed = build("mask"), build("starts")
+    for i in range(len(masked)):
+        a, b = masked[i], packed[i]
+        assert torch.equal(a["tokens"], b["tokens"]) and "attention_mask" not in b
+        cu = collate([b])["cu_seqlens"].tolist()
+        assert document_spans(a["attention_mask"][None])[0] == list(zip(cu[:-1], cu[1:]))
+    i = max(range(len(packed)), key=lambda i: int(packed[i]["document_starts"].sum()))
+    batch, mask = collate([packed[i]]), masked[i]["attention_mask"][None]
+    assert len(batch["cu_seqlens"]) > 3, "the sample must pack several documents"
+
+    from megatron_foresight.models.attention import SDPADotProductAttention
+
+    packed_calls = []
+    original = SDPADotProductAttention._packed
+    monkeypatch.setattr(SDPADotProductAttention, "_packed", lambda self, q, *a: (
+        packed_calls.append(q.shape), original(self, q, *a))[1])
+    cfg = load_recipe(REPO / "recipes" / "tiny-cpu" / "lm.yaml")
+    (model,) = build_model(cfg, 384)
+    model.train()
+
+    class Plugin:
+        def loss(self, batch, output):
+            return output
+
+    outputs = []
+    for b in (batch, {**{k: v for k, v in batch.items()
+                         if k not in ("cu_seqlens", "max_seqlen")}, "attention_mask": mask}):
+        model.zero_grad()
+        per_token, loss = loop._forward_step(Plugin(), False, iter([b]), model)
+        assert isinstance(loss, partial)
+        loss.func(*loss.args, per_token).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        outputs.append((per_token.detach(), grads))
+    (thd, thd_grads), (masked_loss, masked_grads) = outputs
+    heads, d = cfg.model.num_attention_heads, cfg.model.hidden_size // cfg.model.num_attention_heads
+    assert packed_calls == [(64, heads, d)] * cfg.model.num_layers  # THD: batch squeezed
+    assert torch.allclose(thd, masked_loss, atol=1e-5)
+    assert thd_grads.keys() == masked_grads.keys() and len(thd_grads) > 10
+    assert all(torch.allclose(thd_grads[n], masked_grads[n], atol=1e-5) for n in thd_grads)
+    # without the boundaries the same tokens give other losses: the test can tell
+    no_boundaries = {k: v for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}
+    causal, _ = loop._forward_step(Plugin(), False, iter([no_boundaries]), model)
+    assert not torch.allclose(causal.detach(), thd, atol=1e-3)
 
 
 def test_fe_sft_samples_give_no_loss_to_a_trajectory_cut_at_their_start(trajectories, tmp_path,

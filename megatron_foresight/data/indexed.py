@@ -70,27 +70,38 @@ def file_fingerprint(path: str | Path) -> dict:
 def build_gpt_datasets(prefixes: list[str], weights: list[float] | None, *, seq_length: int,
                        seed: int, split: str, num_samples: tuple[int, int], tokenizer,
                        cache_dir: str | Path, dataset_cls=None,
-                       valid_prefixes: list[str] | None = None, document_masks: bool = False):
+                       valid_prefixes: list[str] | None = None, documents: str | None = None):
     """Train and validation datasets over the blend of `prefixes`, with `num_samples`
     (train, validation) sequences each, built by Megatron's `BlendedMegatronDatasetBuilder`:
     `GPTDataset`s, or `dataset_cls` (e.g. `segmented.SegmentedGPTDataset`). Validation samples
     come from `split` of the same documents, or, when `valid_prefixes` is given, from those
     datasets (held-out files, equally weighted) and the training blend uses all its documents.
-    With `document_masks` each sample carries an `attention_mask` ([1, seq, seq], True where
-    hidden) that keeps every token inside its own document (documents end with the EOD)."""
+    `documents` keeps every token's attention inside its own document (documents end with the
+    EOD): "mask", each sample carries Megatron's reset `attention_mask` ([1, seq, seq], True
+    where hidden: the local layers' form); "starts", a `document_starts` flag per token
+    instead (`dataset_cls` a `segmented.SegmentedGPTDataset`), which the loader turns into
+    packed-sequence boundaries (Transformer Engine's THD form, `training.data.collate`)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    from megatron_foresight.data.segmented import SegmentedDatasetConfig, SegmentedGPTDataset
 
     blend = (prefixes, weights) if len(prefixes) > 1 else (prefixes, None)
     layout = dict(blend=blend, split=split)
     if valid_prefixes:
         layout = dict(blend_per_split=[blend, (valid_prefixes, None), None])
-    config = GPTDatasetConfig(
+    if documents not in (None, "mask", "starts"):
+        raise ValueError(f"documents={documents!r}: None, 'mask' or 'starts'")
+    if documents == "starts" and not issubclass(dataset_cls or GPTDataset, SegmentedGPTDataset):
+        raise ValueError("document starts come from a SegmentedGPTDataset (dataset_cls)")
+    masks = documents == "mask"
+    config = SegmentedDatasetConfig(
         random_seed=seed, sequence_length=seq_length, tokenizer=tokenizer,
-        reset_position_ids=False, reset_attention_mask=document_masks, eod_mask_loss=False,
-        create_attention_mask=document_masks, path_to_cache=str(cache_dir), mmap_bin_files=True, **layout,
+        reset_position_ids=False, reset_attention_mask=masks, eod_mask_loss=False,
+        create_attention_mask=masks, document_starts=documents == "starts",
+        path_to_cache=str(cache_dir), mmap_bin_files=True, **layout,
     )
     train, valid, _ = BlendedMegatronDatasetBuilder(
         dataset_cls or GPTDataset, [num_samples[0], num_samples[1], 0], lambda: True,

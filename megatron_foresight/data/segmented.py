@@ -5,10 +5,11 @@ label token from the parallel `_segments` stream, so a stage weights its loss by
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from megatron.core.datasets.gpt_dataset import GPTDataset
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_foresight.data.preprocess import SEGMENTS_SUFFIX
@@ -16,6 +17,15 @@ from megatron_foresight.data.render import Seg
 from megatron_foresight.errors import UsageError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentedDatasetConfig(GPTDatasetConfig):
+    """Megatron's `GPTDatasetConfig` and what our datasets add to it."""
+
+    document_starts: bool = False
+    """Each sample carries `document_starts` ([seq] bool, True where a document begins: the
+    first token and every token after an EOD, the rule of Megatron's reset attention mask)."""
 
 
 class _SegmentView:
@@ -61,6 +71,13 @@ class SegmentedGPTDataset(GPTDataset):
         segments = torch.from_numpy(segments)
         segments = segments[1:] if self.config.add_extra_token_to_sequence else segments
         item["segments"] = torch.zeros_like(segments) if idx is None else segments
+        if getattr(self.config, "document_starts", False):
+            tokens = item["tokens"]
+            starts = torch.ones_like(tokens, dtype=torch.bool)
+            # padding (token 0) after a sample's last EOD is a document of its own, as in the
+            # reset mask; an EOD id of 0 would make each padding token one (correct, longer)
+            starts[1:] = tokens[:-1] == self.config.tokenizer.eod
+            item["document_starts"] = starts
         if self.mask_cut_start and idx is not None:
             cut = self.cut_start_tokens(idx)
             if cut > 1:  # label j is the sample's token j + 1

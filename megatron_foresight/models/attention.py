@@ -34,9 +34,11 @@ class SDPADotProductAttention(DotProductAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("packed sequences and attention bias need Transformer Engine "
-                             "attention (or model.local_core_attention: megatron for bias)")
+        if attention_bias is not None:
+            raise ValueError("attention bias needs Transformer Engine attention (or "
+                             "model.local_core_attention: megatron)")
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
         sq, b, heads, d = query.shape
         sk = key.size(0)
         if sq == 1 and not self.training:
@@ -69,6 +71,22 @@ class SDPADotProductAttention(DotProductAttention):
         if dropout and not self.config.sequence_parallel:
             return tensor_parallel.get_cuda_rng_tracker().fork()
         return contextlib.nullcontext()
+
+    def _packed(self, query, key, value, packed_seq_params):
+        """A packed sequence (THD: Megatron has squeezed the batch dimension, query [t, heads,
+        d]) whose documents `cu_seqlens` bounds, each attending causally to itself: what
+        Transformer Engine computes for the same parameters, here on the per-document path."""
+        p = packed_seq_params
+        if p.qkv_format != "thd" or p.cu_seqlens_q_padded is not None \
+                or p.cu_seqlens_kv_padded is not None \
+                or not torch.equal(p.cu_seqlens_q, p.cu_seqlens_kv):
+            raise ValueError("SDPA attention takes packed sequences in THD format with the same "
+                             "unpadded boundaries for queries and keys")
+        cu = p.cu_seqlens_q.tolist()
+        dropout = self.attention_dropout.p if self.training else 0.0
+        out = self._by_document(query[:, None], key[:, None], value[:, None],
+                                [list(zip(cu[:-1], cu[1:]))], dropout)
+        return out[:, 0]  # [t, heads * d]
 
     def _by_document(self, query, key, value, documents, dropout):
         """Attention under a per-document mask (`data.document_masks`), one document at a

@@ -55,11 +55,35 @@ def use_transformer_engine(cfg: RecipeConfig) -> bool:
                     "(slower; no FP8). Install the [gpu] extra or use the NGC PyTorch container.")
         return False
     if cfg.data.document_masks:
-        raise ConfigError("data.document_masks", "per-document attention masks are wired for "
-                          "the local layer spec only (Transformer Engine needs packed-sequence "
-                          "parameters, not done yet): set model.transformer_impl=local, or "
-                          "data.document_masks=false")
+        _check_packed_sequences(cfg)
     return True
+
+
+def document_format(cfg: RecipeConfig) -> str | None:
+    """How training samples keep each token's attention inside its document
+    (data.document_masks): None (off), "mask" (a [seq, seq] mask: the local layers) or
+    "starts" (packed-sequence boundaries: Transformer Engine)."""
+    if not cfg.data.document_masks:
+        return None
+    return "starts" if use_transformer_engine(cfg) else "mask"
+
+
+def _check_packed_sequences(cfg: RecipeConfig) -> None:
+    """data.document_masks on Transformer Engine: each microbatch is one packed (THD) sequence,
+    its documents' boundaries in `PackedSeqParams`. Megatron's attention squeezes the batch
+    dimension of THD queries (one sample per microbatch), and TE reads THD causal attention
+    as per-document ("padding_causal") from 1.7 on."""
+    from megatron.core.utils import is_te_min_version
+
+    if cfg.schedule.micro_batch_size != 1:
+        raise ConfigError("schedule.micro_batch_size", f"{cfg.schedule.micro_batch_size}: "
+                          "data.document_masks on Transformer Engine packs each microbatch as "
+                          "one sequence of documents (THD): set schedule.micro_batch_size=1 "
+                          "(global_batch_size stays; more microbatches per step)")
+    if not is_te_min_version("1.7.0"):
+        raise ConfigError("data.document_masks", "per-document attention on Transformer Engine "
+                          "needs transformer-engine >= 1.7 (packed sequences): upgrade it, or "
+                          "set data.document_masks=false")
 
 
 @functools.cache

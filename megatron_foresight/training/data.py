@@ -41,17 +41,53 @@ class StepSampler(Sampler):
         return self.num_steps * (self.g // (self.m * self.dp_size))
 
 
+HOST_KEYS = frozenset({"max_seqlen"})
+"""Batch entries that stay on the host: Megatron reads them as Python numbers."""
+
+
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]
-            if samples[0][k] is not None}
+    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]
+             if samples[0][k] is not None}
+    starts = batch.pop("document_starts", None)
+    if starts is not None:
+        batch.update(document_boundaries(starts))
+    return batch
+
+
+def document_boundaries(starts_BS: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The packed-sequence (THD) form of a microbatch of one sample whose `document_starts`
+    are `starts_BS` [1, seq]: `cu_seqlens` (int32 [documents + 1], where each document begins,
+    then seq) and `max_seqlen` (the longest document, a 0-d int64 kept on the host). Built in
+    the loader's workers, so the training step reads no boundary back from the GPU."""
+    if starts_BS.size(0) != 1:
+        raise ValueError(f"packed-sequence boundaries need one sample per microbatch, got "
+                         f"{starts_BS.size(0)} (schedule.micro_batch_size=1)")
+    starts_S = starts_BS[0].clone()
+    starts_S[0] = True
+    seq = starts_S.numel()
+    cu = torch.cat([starts_S.nonzero().flatten(), torch.tensor([seq])]).to(torch.int32)
+    return {"cu_seqlens": cu, "max_seqlen": (cu[1:] - cu[:-1]).max().to(torch.int64)}
+
+
+def packed_seq_params(batch: dict):
+    """Megatron's `PackedSeqParams` (THD: every document of the row attends only to itself,
+    with RoPE restarting at each) for a batch that `collate` gave `cu_seqlens`; else None."""
+    if "cu_seqlens" not in batch:
+        return None
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu, longest = batch["cu_seqlens"], int(batch["max_seqlen"])
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 def to_device(batch: dict, device) -> dict:
     """A batch's tensors on `device` (a module's device, or None to leave them where they are;
-    tensors already there are not copied)."""
+    tensors already there are not copied), but for the `HOST_KEYS`."""
     if device is None:
         return batch
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v if k in HOST_KEYS else v.to(device, non_blocking=True)
+            for k, v in batch.items()}
 
 
 def loader(dataset, sampler: StepSampler, num_workers: int) -> Iterator[dict]:

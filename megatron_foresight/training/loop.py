@@ -36,7 +36,9 @@ from megatron_foresight.runtime import precision, run_lock
 from megatron_foresight.runtime.log import MetricsWriter, WandbSettings, setup_logging
 from megatron_foresight.runtime.seed import seed_all
 from megatron_foresight.training import checkpoint as ckpt
-from megatron_foresight.training.data import StepSampler, collate, loader, to_device
+from megatron_foresight.training.data import (
+    StepSampler, collate, loader, packed_seq_params, to_device,
+)
 from megatron_foresight.training.optimizer import build_optimizer, build_scheduler
 from megatron_foresight.training.plugin import (
     BuildContext, Stage, StageData, StageRuntime, load_plugin,
@@ -277,13 +279,18 @@ def restore(run: Run, resume: bool) -> None:
 
 def _forward_step(plugin, with_predictions, data_iterator, model):
     batch = next(data_iterator)
-    mask = batch.get("attention_mask")  # data.document_masks
+    # data.document_masks: a [b, 1, s, s] mask (local layers) or packed-sequence boundaries
+    # (Transformer Engine, which then needs no mask)
+    mask, packed = batch.get("attention_mask"), packed_seq_params(batch)
+    thd = {} if packed is None else {"packed_seq_params": packed}
     if not with_predictions:
-        output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
+        output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"],
+                       **thd)
         return output, partial(plugin.loss, batch)
     # Evaluation of a plugin that scores predictions: the full logits (gathered over TP) give
     # both the loss and the argmax; the output of a non-last pipeline stage passes through.
-    output = model(batch["tokens"], batch["position_ids"], mask, runtime_gather_output=True)
+    output = model(batch["tokens"], batch["position_ids"], mask, runtime_gather_output=True,
+                   **thd)
     return output, partial(_loss_with_predictions, plugin, batch)
 
 

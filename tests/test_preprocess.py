@@ -223,7 +223,7 @@ def test_document_boundaries_of_a_packed_sample():
     """collate turns a sample's document starts into THD boundaries: a document after every
     EOD, the padding after the last one a document of its own, no empty document when the
     sample ends on an EOD; refused for more than one sample per microbatch."""
-    from megatron_foresight.training.data import HOST_KEYS, collate, to_device
+    from megatron_foresight.training.data import HOST_KEYS, collate, packed_seq_params, to_device
 
     eod = 9
     def boundaries(tokens):
@@ -233,10 +233,13 @@ def test_document_boundaries_of_a_packed_sample():
         assert "document_starts" not in batch and batch["cu_seqlens"].dtype == torch.int32
         return batch["cu_seqlens"].tolist(), int(batch["max_seqlen"])
 
-    assert boundaries([1, 2, eod, 3, eod, 4, 5, 6]) == ([0, 3, 5, 8], 3)
-    assert boundaries([1, 2, eod, 3, 4, eod]) == ([0, 3, 6], 3)  # ends on an EOD
+    # max_seqlen: the longest document rounded up to 64, at most the sample
+    assert boundaries([1, 2, eod, 3, eod, 4, 5, 6]) == ([0, 3, 5, 8], 8)
+    assert boundaries([1, 2, eod, 3, 4, eod]) == ([0, 3, 6], 6)  # ends on an EOD
     assert boundaries([1, 2, 3, 4]) == ([0, 4], 4)
-    assert boundaries([1, eod, 0, 0, 0, 0]) == ([0, 2, 6], 4)  # padding: its own document
+    assert boundaries([1, eod, 0, 0, 0, 0]) == ([0, 2, 6], 6)  # padding: its own document
+    assert boundaries([1] * 69 + [eod] + [2] * 130) == ([0, 70, 200], 192)
+    assert boundaries([1] * 129 + [eod] + [2] * 70) == ([0, 130, 200], 192)
     starts = torch.ones(2, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match="micro_batch_size=1"):
         collate([{"document_starts": starts[0]}, {"document_starts": starts[1]}])
@@ -244,6 +247,13 @@ def test_document_boundaries_of_a_packed_sample():
                       torch.device("meta"))
     assert HOST_KEYS == {"max_seqlen"}
     assert batch["cu_seqlens"].is_meta and not batch["max_seqlen"].is_meta
+    params = packed_seq_params({"cu_seqlens": torch.tensor([0, 3, 8], dtype=torch.int32),
+                                "max_seqlen": torch.tensor(64)})
+    assert params.qkv_format == "thd" and params.cu_seqlens_q is params.cu_seqlens_kv
+    assert params.cu_seqlens_q.dtype == torch.int32 and params.cu_seqlens_q.tolist() == [0, 3, 8]
+    assert type(params.max_seqlen_q) is int and params.max_seqlen_q == params.max_seqlen_kv == 64
+    assert params.cu_seqlens_q_padded is None and params.cu_seqlens_kv_padded is None
+    assert packed_seq_params({"tokens": torch.zeros(1, 8)}) is None
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -298,8 +308,8 @@ def test_packed_sequences_give_the_document_masks_logits(tmp_path, megatron_cpu,
             return output
 
     outputs = []
-    for b in (batch, {**{k: v for k, v in batch.items()
-                         if k not in ("cu_seqlens", "max_seqlen")}, "attention_mask": mask}):
+    no_mask = {k: v for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}
+    for b in (batch, {**no_mask, "attention_mask": mask}):
         model.zero_grad()
         per_token, loss = loop._forward_step(Plugin(), False, iter([b]), model)
         assert isinstance(loss, partial)
@@ -312,9 +322,14 @@ def test_packed_sequences_give_the_document_masks_logits(tmp_path, megatron_cpu,
     assert torch.allclose(thd, masked_loss, atol=1e-5)
     assert thd_grads.keys() == masked_grads.keys() and len(thd_grads) > 10
     assert all(torch.allclose(thd_grads[n], masked_grads[n], atol=1e-5) for n in thd_grads)
+    # evaluation's branch (the gathered logits, for the predictions) passes them too
+    with torch.no_grad():
+        logits = [loop._forward_step(Plugin(), True, iter([b]), model)[0] for b in (
+            batch, {**no_mask, "attention_mask": mask})]
+    assert len(packed_calls) == 2 * cfg.model.num_layers
+    assert torch.allclose(logits[0], logits[1], atol=1e-4)
     # without the boundaries the same tokens give other losses: the test can tell
-    no_boundaries = {k: v for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}
-    causal, _ = loop._forward_step(Plugin(), False, iter([no_boundaries]), model)
+    causal, _ = loop._forward_step(Plugin(), False, iter([no_mask]), model)
     assert not torch.allclose(causal.detach(), thd, atol=1e-3)
 
 

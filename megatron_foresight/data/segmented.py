@@ -63,6 +63,10 @@ class SegmentedGPTDataset(GPTDataset):
             raise UsageError(f"{prefix} does not match {indexed_dataset.path_prefix} (different "
                              "documents); preprocess them again")
         self._segment_view = _SegmentView(self, segments)
+        # GPTDataset caches the first sample's loss mask after zeroing its padding in place, so
+        # every later sample would lose the loss where the first one was padded (Megatron-LM
+        # issues #1269 and #1711, still so in megatron-core 0.16.1): no cache here
+        self.masks_and_position_ids_are_cacheable = False
 
     def __getitem__(self, idx):
         item = super().__getitem__(idx)
@@ -169,15 +173,6 @@ class PackedGPTDataset(SegmentedGPTDataset):
     within their epoch and the epochs follow each other, so every document is seen once before
     any is seen twice. The index is built on load, not cached: ~1 s per 100,000 documents
     (padding ~5% for lengths around half a sample, 14% for FE-SFT's foresight traces)."""
-
-    def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split,
-                 config):
-        super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples,
-                         index_split, config)
-        # GPTDataset caches the first sample's loss mask after zeroing its padding in place, so
-        # every later sample would lose the loss where the first one was padded (Megatron-LM
-        # issues #1269 and #1711, still so in megatron-core 0.16.1): no cache here
-        self.masks_and_position_ids_are_cacheable = False
 
     def _build_document_sample_shuffle_indices(self):
         """The packed indices, in place of GPTDataset's (which would be built and cached on

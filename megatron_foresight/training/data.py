@@ -57,8 +57,10 @@ def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
 def document_boundaries(starts_BS: torch.Tensor) -> dict[str, torch.Tensor]:
     """The packed-sequence (THD) form of a microbatch of one sample whose `document_starts`
     are `starts_BS` [1, seq]: `cu_seqlens` (int32 [documents + 1], where each document begins,
-    then seq) and `max_seqlen` (the longest document, a 0-d int64 kept on the host). Built in
-    the loader's workers, so the training step reads no boundary back from the GPU."""
+    then seq) and `max_seqlen` (a 0-d int64 kept on the host: the longest document rounded up
+    to a multiple of 64, at most seq, as TE rounds it when it derives it itself, so its
+    kernels see a few lengths, not one per sample). Built in the loader's workers, so the
+    training step reads no boundary back from the GPU."""
     if starts_BS.size(0) != 1:
         raise ValueError(f"packed-sequence boundaries need one sample per microbatch, got "
                          f"{starts_BS.size(0)} (schedule.micro_batch_size=1)")
@@ -66,7 +68,8 @@ def document_boundaries(starts_BS: torch.Tensor) -> dict[str, torch.Tensor]:
     starts_S[0] = True
     seq = starts_S.numel()
     cu = torch.cat([starts_S.nonzero().flatten(), torch.tensor([seq])]).to(torch.int32)
-    return {"cu_seqlens": cu, "max_seqlen": (cu[1:] - cu[:-1]).max().to(torch.int64)}
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"cu_seqlens": cu, "max_seqlen": torch.tensor(min(seq, -(-longest // 64) * 64))}
 
 
 def packed_seq_params(batch: dict):

@@ -282,6 +282,8 @@ def _forward_step(plugin, with_predictions, data_iterator, model):
     # data.document_masks: a [b, 1, s, s] mask (local layers) or packed-sequence boundaries
     # (Transformer Engine, which then needs no mask)
     mask, packed = batch.get("attention_mask"), packed_seq_params(batch)
+    # TE reads a mask given with THD boundaries as a padding mask: never both
+    assert mask is None or packed is None, "a batch with both a mask and THD boundaries"
     thd = {} if packed is None else {"packed_seq_params": packed}
     if not with_predictions:
         output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"],

@@ -1,7 +1,10 @@
 """The CUDA path, on a GPU: the one-process world is NCCL with the model on the device (no CPU
 compatibility layer), the fused decode step and the CUDA-graphed decode step give the module
 path's tokens there, and a recipe trains a few steps. Every test here is skipped where torch
-sees no GPU (the CPU machines CI runs on); `tools/cuda_check.sh` runs them on a GPU node."""
+sees no GPU (the CPU machines CI runs on), the Transformer Engine one also where TE does not
+import; `tools/cuda_check.sh` runs them on a GPU node."""
+
+import importlib.util
 
 import pytest
 import torch
@@ -76,3 +79,41 @@ def test_a_recipe_trains_and_resumes_on_the_gpu(tmp_path):
     out = train(run_dir, over, extra=["--resume"]).stdout
     assert "step_0000020" in out
     assert [m["step"] for m in metrics(run_dir)] == list(range(1, 31))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None,
+                    reason="needs Transformer Engine")
+def test_transformer_engine_attends_each_packed_document_alone_on_the_gpu(megatron_cpu):
+    """data.document_masks on Transformer Engine: a sample of three documents, its THD
+    boundaries from the loader's collate, gives each document the logits it gets alone from
+    position 0 (bf16, TE's kernel); the same tokens without boundaries give other logits."""
+    from helpers.run import REPO
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.models.provider import build_model
+    from megatron_foresight.training.data import collate, packed_seq_params, to_device
+
+    cfg = load_recipe(REPO / "recipes" / "tiny-cpu" / "lm.yaml", [
+        "model.transformer_impl=transformer_engine", "model.precision=bf16",
+        "data.document_masks=true", "schedule.micro_batch_size=1"])
+    (model,) = build_model(cfg, 384)
+    model.eval()
+    eod, gen = ByteTokenizer().eod, torch.Generator().manual_seed(0)
+    lengths = [40, 70, 18]
+    docs = [torch.randint(0, 256, (n - 1,), generator=gen).tolist() + [eod] for n in lengths]
+    tokens = torch.tensor(sum(docs, []))
+    starts = torch.ones_like(tokens, dtype=torch.bool)
+    starts[1:] = tokens[:-1] == eod
+    batch = to_device(collate([{"tokens": tokens, "document_starts": starts}]),
+                      torch.device("cuda"))
+    assert batch["cu_seqlens"].tolist() == [0, 40, 110, 128] and not batch["max_seqlen"].is_cuda
+    ids = tokens[None].cuda()
+    pos = torch.arange(len(tokens), device="cuda")[None]
+    with torch.no_grad():
+        packed = model(ids, pos, None, packed_seq_params=packed_seq_params(batch)).float()
+        causal = model(ids, pos, None).float()
+        begin = 0
+        for n in lengths:
+            alone = model(ids[:, begin:begin + n], pos[:, :n], None).float()
+            assert torch.allclose(packed[0, begin:begin + n], alone[0], atol=0.1), begin
+            begin += n
+    assert not torch.allclose(packed[0, 40:], causal[0, 40:], atol=0.1)

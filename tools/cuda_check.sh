@@ -9,8 +9,9 @@
 #
 # OUT gets the logs and the pipeline's report.json (small files); WORK (default
 # /tmp/cuda_check) the pipeline's runs and checkpoints. Needs the project's dependencies
-# importable by $PYTHON (default python3). It does not check Transformer Engine or FP8: the
-# tiny recipes use Megatron-Core's local layers; run a recipe with model.fp8 for that.
+# importable by $PYTHON (default python3). Of Transformer Engine it checks only per-document
+# attention on packed sequences (where TE imports), not FP8: the tiny recipes use Megatron-Core's
+# local layers; run a recipe with model.fp8 for that.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash tools/cuda_check.sh OUT [WORK]}

@@ -242,13 +242,14 @@ def test_document_masks_on_transformer_engine_are_packed_sequences_mocked_cuda(m
     assert document_format(load_recipe(RECIPE)) is None
     masks = ["data.document_masks=true", "schedule.global_batch_size=4"]
     assert load_recipe(RECIPE, masks).schedule.micro_batch_size > 1
+    assert use_transformer_engine(load_recipe(RECIPE, masks))  # the model does not mind
     with pytest.raises(ConfigError, match="schedule.micro_batch_size: .* set "
                                           "schedule.micro_batch_size=1"):
-        use_transformer_engine(load_recipe(RECIPE, masks))
+        document_format(load_recipe(RECIPE, masks))  # the packed samples do
     one = load_recipe(RECIPE, masks + ["schedule.micro_batch_size=1"])
     assert use_transformer_engine(one) and document_format(one) == "starts"
     local = load_recipe(RECIPE, masks + ["model.transformer_impl=local"])
     assert not use_transformer_engine(local) and document_format(local) == "mask"
     monkeypatch.setattr(megatron.core.utils, "is_te_min_version", lambda v, **_: False)
     with pytest.raises(ConfigError, match="data.document_masks: .*transformer-engine >= 1.7"):
-        use_transformer_engine(one)
+        document_format(one)

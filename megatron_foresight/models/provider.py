@@ -54,18 +54,20 @@ def use_transformer_engine(cfg: RecipeConfig) -> bool:
         log.warning("Transformer Engine is not installed: using Megatron-Core's local layers "
                     "(slower; no FP8). Install the [gpu] extra or use the NGC PyTorch container.")
         return False
-    if cfg.data.document_masks:
-        _check_packed_sequences(cfg)
     return True
 
 
 def document_format(cfg: RecipeConfig) -> str | None:
     """How training samples keep each token's attention inside its document
     (data.document_masks): None (off), "mask" (a [seq, seq] mask: the local layers) or
-    "starts" (packed-sequence boundaries: Transformer Engine)."""
+    "starts" (packed-sequence boundaries: Transformer Engine). Asked by the stages that read
+    packed samples (not FC-RL, whose batches are single episodes)."""
     if not cfg.data.document_masks:
         return None
-    return "starts" if use_transformer_engine(cfg) else "mask"
+    if not use_transformer_engine(cfg):
+        return "mask"
+    _check_packed_sequences(cfg)
+    return "starts"
 
 
 def _check_packed_sequences(cfg: RecipeConfig) -> None:

@@ -316,8 +316,8 @@ class DataConfig:
     episode alone; off, a document also sees the tail of the one packed before it. Training on
     the local spec's SDPA attention attends document by document (the causal kernel on each):
     on 2 CPU cores FE-SFT's step as fast as without the mask, WM-AMT's 0.91x (not measured on a
-    GPU). RoPE is relative, so positions need no reset. On Transformer Engine (one sample per
-    microbatch) the samples carry packed-sequence (THD) boundaries instead of the mask."""
+    GPU). RoPE is relative, so positions need no reset. On Transformer Engine a microbatch is
+    one packed row with its documents' (THD) boundaries instead of the mask."""
 
     def __post_init__(self):
         check_at_least(self, 2, "seq_length")

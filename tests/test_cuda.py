@@ -94,7 +94,7 @@ def test_transformer_engine_attends_each_packed_document_alone_on_the_gpu(megatr
 
     cfg = load_recipe(REPO / "recipes" / "tiny-cpu" / "lm.yaml", [
         "model.transformer_impl=transformer_engine", "model.precision=bf16",
-        "data.document_masks=true", "schedule.micro_batch_size=1"])
+        "data.document_masks=true"])
     (model,) = build_model(cfg, 384)
     model.eval()
     eod, gen = ByteTokenizer().eod, torch.Generator().manual_seed(0)

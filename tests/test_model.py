@@ -226,7 +226,7 @@ def test_swiglu_gives_megatrons_unfused_mlp_bit_for_bit(megatron_cpu, precision)
 def test_document_masks_on_transformer_engine_are_packed_sequences_mocked_cuda(monkeypatch):
     """On a (mocked) CUDA machine with Transformer Engine, data.document_masks gives samples
     document starts (the loader's THD boundaries) instead of a mask TE's causal kernel would
-    ignore; it needs one sample per microbatch and TE >= 1.7, each refused naming its key."""
+    ignore; it needs TE >= 1.7, else refused naming the key."""
     import sys
     import types
 
@@ -240,13 +240,8 @@ def test_document_masks_on_transformer_engine_are_packed_sequences_mocked_cuda(m
     monkeypatch.setattr(megatron.core.utils, "is_te_min_version", lambda v, **_: True)
     assert use_transformer_engine(load_recipe(RECIPE))
     assert document_format(load_recipe(RECIPE)) is None
-    masks = ["data.document_masks=true", "schedule.global_batch_size=4"]
-    assert load_recipe(RECIPE, masks).schedule.micro_batch_size > 1
-    assert use_transformer_engine(load_recipe(RECIPE, masks))  # the model does not mind
-    with pytest.raises(ConfigError, match="schedule.micro_batch_size: .* set "
-                                          "schedule.micro_batch_size=1"):
-        document_format(load_recipe(RECIPE, masks))  # the packed samples do
-    one = load_recipe(RECIPE, masks + ["schedule.micro_batch_size=1"])
+    masks = ["data.document_masks=true"]
+    one = load_recipe(RECIPE, masks)
     assert use_transformer_engine(one) and document_format(one) == "starts"
     local = load_recipe(RECIPE, masks + ["model.transformer_impl=local"])
     assert not use_transformer_engine(local) and document_format(local) == "mask"

@@ -222,7 +222,7 @@ def test_document_masks_make_a_packed_document_see_only_itself(tmp_path, megatro
 def test_document_boundaries_of_a_packed_sample():
     """collate turns a sample's document starts into THD boundaries: a document after every
     EOD, the padding after the last one a document of its own, no empty document when the
-    sample ends on an EOD; refused for more than one sample per microbatch."""
+    sample ends on an EOD; a microbatch of several samples becomes one row."""
     from megatron_foresight.training.data import HOST_KEYS, collate, packed_seq_params, to_device
 
     eod = 9
@@ -240,9 +240,17 @@ def test_document_boundaries_of_a_packed_sample():
     assert boundaries([1, eod, 0, 0, 0, 0]) == ([0, 2, 6], 6)  # padding: its own document
     assert boundaries([1] * 69 + [eod] + [2] * 130) == ([0, 70, 200], 192)
     assert boundaries([1] * 129 + [eod] + [2] * 70) == ([0, 130, 200], 192)
-    starts = torch.ones(2, 4, dtype=torch.bool)
-    with pytest.raises(ValueError, match="micro_batch_size=1"):
-        collate([{"document_starts": starts[0]}, {"document_starts": starts[1]}])
+    # a microbatch of two samples: one row, each sample's first token a document start
+    rows = [torch.tensor([1, 2, eod, 3]), torch.tensor([4, eod, 5, 6])]
+    batch = collate([{"tokens": r, "labels": r + 1, "document_starts": torch.tensor(
+        [True, False, False, True] if i == 0 else [True, False, True, False])}
+        for i, r in enumerate(rows)])
+    assert batch["cu_seqlens"].tolist() == [0, 3, 4, 6, 8] and int(batch["max_seqlen"]) == 4
+    assert batch["tokens"].tolist() == [[1, 2, eod, 3, 4, eod, 5, 6]]
+    assert torch.equal(batch["labels"], batch["tokens"] + 1)
+    with pytest.raises(ValueError, match="per-token entries only, got tokens"):
+        collate([{"tokens": torch.zeros(4), "mask": torch.zeros(4, 4),
+                  "document_starts": torch.ones(4, dtype=torch.bool)}])
     batch = to_device({"cu_seqlens": torch.tensor([0, 4]), "max_seqlen": torch.tensor(4)},
                       torch.device("meta"))
     assert HOST_KEYS == {"max_seqlen"}
@@ -289,9 +297,11 @@ def test_packed_sequences_give_the_document_masks_logits(tmp_path, megatron_cpu,
         assert torch.equal(a["tokens"], b["tokens"]) and "attention_mask" not in b
         cu = collate([b])["cu_seqlens"].tolist()
         assert document_spans(a["attention_mask"][None])[0] == list(zip(cu[:-1], cu[1:]))
-    i = max(range(len(packed)), key=lambda i: int(packed[i]["document_starts"].sum()))
-    batch, mask = collate([packed[i]]), masked[i]["attention_mask"][None]
-    assert len(batch["cu_seqlens"]) > 3, "the sample must pack several documents"
+    # a microbatch of the two samples with the most documents: one packed row of 128 tokens
+    most = sorted(range(len(packed)), key=lambda i: -int(packed[i]["document_starts"].sum()))[:2]
+    batch = collate([packed[i] for i in most])
+    mask = torch.stack([masked[i]["attention_mask"] for i in most])  # [2, 1, 64, 64]
+    assert len(batch["cu_seqlens"]) > 5, "the samples must pack several documents"
 
     from megatron_foresight.models.attention import SDPADotProductAttention
 
@@ -308,8 +318,8 @@ def test_packed_sequences_give_the_document_masks_logits(tmp_path, megatron_cpu,
             return output
 
     outputs = []
-    no_mask = {k: v for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}
-    for b in (batch, {**no_mask, "attention_mask": mask}):
+    rows = {k: v.view(2, 64) for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}
+    for b in (batch, {**rows, "attention_mask": mask}):
         model.zero_grad()
         per_token, loss = loop._forward_step(Plugin(), False, iter([b]), model)
         assert isinstance(loss, partial)
@@ -318,19 +328,19 @@ def test_packed_sequences_give_the_document_masks_logits(tmp_path, megatron_cpu,
         outputs.append((per_token.detach(), grads))
     (thd, thd_grads), (masked_loss, masked_grads) = outputs
     heads, d = cfg.model.num_attention_heads, cfg.model.hidden_size // cfg.model.num_attention_heads
-    assert packed_calls == [(64, heads, d)] * cfg.model.num_layers  # THD: batch squeezed
-    assert torch.allclose(thd, masked_loss, atol=1e-5)
+    assert packed_calls == [(128, heads, d)] * cfg.model.num_layers  # THD: batch squeezed
+    assert thd.shape == (1, 128) and torch.allclose(thd, masked_loss.view(1, 128), atol=1e-5)
     assert thd_grads.keys() == masked_grads.keys() and len(thd_grads) > 10
     assert all(torch.allclose(thd_grads[n], masked_grads[n], atol=1e-5) for n in thd_grads)
     # evaluation's branch (the gathered logits, for the predictions) passes them too
     with torch.no_grad():
         logits = [loop._forward_step(Plugin(), True, iter([b]), model)[0] for b in (
-            batch, {**no_mask, "attention_mask": mask})]
+            batch, {**rows, "attention_mask": mask})]
     assert len(packed_calls) == 2 * cfg.model.num_layers
-    assert torch.allclose(logits[0], logits[1], atol=1e-4)
+    assert torch.allclose(logits[0], logits[1].view(1, 128, -1), atol=1e-4)
     # without the boundaries the same tokens give other losses: the test can tell
-    causal, _ = loop._forward_step(Plugin(), False, iter([no_mask]), model)
-    assert not torch.allclose(causal.detach(), thd, atol=1e-3)
+    causal, _ = loop._forward_step(Plugin(), False, iter([rows]), model)
+    assert not torch.allclose(causal.detach().view(1, 128), thd, atol=1e-3)
 
 
 def test_fe_sft_samples_give_no_loss_to_a_trajectory_cut_at_their_start(trajectories, tmp_path,

@@ -71,17 +71,10 @@ def document_format(cfg: RecipeConfig) -> str | None:
 
 
 def _check_packed_sequences(cfg: RecipeConfig) -> None:
-    """data.document_masks on Transformer Engine: each microbatch is one packed (THD) sequence,
-    its documents' boundaries in `PackedSeqParams`. Megatron's attention squeezes the batch
-    dimension of THD queries (one sample per microbatch), and TE reads THD causal attention
-    as per-document ("padding_causal") from 1.7 on."""
+    """Transformer Engine reads THD causal attention as per-document ("padding_causal") from
+    1.7 on."""
     from megatron.core.utils import is_te_min_version
 
-    if cfg.schedule.micro_batch_size != 1:
-        raise ConfigError("schedule.micro_batch_size", f"{cfg.schedule.micro_batch_size}: "
-                          "data.document_masks on Transformer Engine packs each microbatch as "
-                          "one sequence of documents (THD): set schedule.micro_batch_size=1 "
-                          "(global_batch_size stays; more microbatches per step)")
     if not is_te_min_version("1.7.0"):
         raise ConfigError("data.document_masks", "per-document attention on Transformer Engine "
                           "needs transformer-engine >= 1.7 (packed sequences): upgrade it, or "

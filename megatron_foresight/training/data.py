@@ -46,28 +46,33 @@ HOST_KEYS = frozenset({"max_seqlen"})
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Samples stacked into a microbatch, [micro_batch, seq] each. Samples that carry
+    `document_starts` (data.document_masks on Transformer Engine) become one packed row
+    instead, [1, micro_batch * seq], with its documents' boundaries (`document_boundaries`)."""
     batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]
              if samples[0][k] is not None}
     starts = batch.pop("document_starts", None)
-    if starts is not None:
-        batch.update(document_boundaries(starts))
-    return batch
+    if starts is None:
+        return batch
+    if any(v.shape != starts.shape for v in batch.values()):
+        raise ValueError("packing a microbatch into one row needs per-token entries only, got "
+                         + ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items()))
+    return {**{k: v.reshape(1, -1) for k, v in batch.items()}, **document_boundaries(starts)}
 
 
 def document_boundaries(starts_BS: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The packed-sequence (THD) form of a microbatch of one sample whose `document_starts`
-    are `starts_BS` [1, seq]: `cu_seqlens` (int32 [documents + 1], where each document begins,
-    then seq) and `max_seqlen` (a 0-d int64 kept on the host: the longest document rounded up
-    to a multiple of 64, at most seq, as TE rounds it when it derives it itself, so its
-    kernels see a few lengths, not one per sample). Built in the loader's workers, so the
-    training step reads no boundary back from the GPU."""
-    if starts_BS.size(0) != 1:
-        raise ValueError(f"packed-sequence boundaries need one sample per microbatch, got "
-                         f"{starts_BS.size(0)} (schedule.micro_batch_size=1)")
-    starts_S = starts_BS[0].clone()
-    starts_S[0] = True
-    seq = starts_S.numel()
-    cu = torch.cat([starts_S.nonzero().flatten(), torch.tensor([seq])]).to(torch.int32)
+    """The packed-sequence (THD) boundaries of a microbatch whose rows, laid end to end, are
+    one sequence, from `starts_BS` [rows, seq] (True where a document begins; a row's first
+    token always does): `cu_seqlens` (int32 [documents + 1]: where each begins, then rows x
+    seq) and `max_seqlen` (a 0-d int64 kept on the host: the longest document rounded up to a
+    multiple of 64, at most seq, as TE rounds it when it derives it itself, so its kernels
+    see a few lengths, not one per batch). Built in the loader's workers, so the training
+    step reads no boundary back from the GPU."""
+    starts = starts_BS.clone()
+    starts[:, 0] = True
+    seq = starts.size(1)
+    cu = torch.cat([starts.flatten().nonzero().flatten(),
+                    torch.tensor([starts.numel()])]).to(torch.int32)
     longest = int((cu[1:] - cu[:-1]).max())
     return {"cu_seqlens": cu, "max_seqlen": torch.tensor(min(seq, -(-longest // 64) * 64))}
 

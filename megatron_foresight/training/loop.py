@@ -27,7 +27,7 @@ from tqdm import tqdm
 from megatron_foresight.config import RecipeConfig
 from megatron_foresight.data.tokenizer import build_tokenizer
 from megatron_foresight.errors import UsageError
-from megatron_foresight.models.provider import build_model, use_transformer_engine
+from megatron_foresight.models.provider import build_model, document_format, use_transformer_engine
 from megatron_foresight.runtime.dist import (
     ParallelContext, barrier, broadcast_object, init_distributed, init_parallel_state,
     read_launch_env, shutdown,
@@ -68,6 +68,9 @@ class Run:
     stop_requested: bool = False
     nonfinite_skipped: int = 0
     """Steps skipped for a non-finite loss or gradient so far (optimizer.skip_nonfinite)."""
+    packed_rows: bool = False
+    """Each microbatch is one packed (THD) row of micro_batch_size x seq_length tokens
+    (data.document_masks on Transformer Engine: `training.data.collate`)."""
 
     def runtime(self) -> StageRuntime:
         return StageRuntime(chunks=self.chunks, ctx=self.ctx, step=self.step)
@@ -218,7 +221,8 @@ def build_run(cfg: RecipeConfig, ctx: ParallelContext, run_dir: Path) -> Run:
     config.no_sync_func = [d.no_sync for d in ddp] if len(ddp) > 1 else ddp[0].no_sync
     return Run(cfg=cfg, ctx=ctx, run_dir=run_dir, plugin=plugin, chunks=chunks, ddp=ddp,
                optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer),
-               train_data=data.train, valid_data=data.valid, fresh_modules=fresh)
+               train_data=data.train, valid_data=data.valid, fresh_modules=fresh,
+               packed_rows=not plugin.on_policy and document_format(cfg) == "starts")
 
 
 def _resume(run: Run) -> bool:
@@ -317,12 +321,15 @@ def _run_schedule(run: Run, iterators, forward_only: bool) -> list[dict]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     with_predictions = forward_only and run.plugin.eval_predictions
+    seq, micro = run.cfg.data.seq_length, run.cfg.schedule.micro_batch_size
+    if run.packed_rows:  # the shapes pipeline stages send each other: [seq, micro, hidden]
+        seq, micro = seq * micro, 1
     return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, run.plugin, with_predictions),
         data_iterator=iterators,
         model=run.ddp if len(run.ddp) > 1 else run.ddp[0],
-        num_microbatches=run.num_microbatches, seq_length=run.cfg.data.seq_length,
-        micro_batch_size=run.cfg.schedule.micro_batch_size, forward_only=forward_only)
+        num_microbatches=run.num_microbatches, seq_length=seq, micro_batch_size=micro,
+        forward_only=forward_only)
 
 
 def _reduce_metrics(run: Run, outputs: list[dict]) -> dict[str, float]:

@@ -518,3 +518,36 @@ def test_packed_samples_hold_whole_trajectories_and_keep_the_loss_that_cutting_m
     assert repeated and seen == short
     loss = lambda ds: sum(float(ds[i]["loss_mask"].sum()) for i in range(60))  # noqa: E731
     assert loss(packed) > 1.1 * loss(cut), (loss(packed), loss(cut))  # 1.21 measured
+
+
+def test_training_steps_on_packed_rows_match_the_masked_ones(tmp_path, megatron_cpu, monkeypatch):
+    """`foresight train`'s loop with data.document_masks as Transformer Engine gets it (samples
+    with document starts, one packed THD row a microbatch, the schedule told its shape), the
+    SDPA attention standing in for TE's kernel: the same losses and gradient norms, step by
+    step, as the loop with the local layers' masks."""
+    from megatron_foresight.config import load_recipe
+    from megatron_foresight.runtime.seed import seed_all
+    from megatron_foresight.training import loop
+    from helpers.run import REPO
+
+    cfg = load_recipe(REPO / "recipes" / "tiny-cpu" / "lm.yaml", [
+        "data.document_masks=true", "data.seq_length=128", "data.num_workers=0",
+        "schedule.train_steps=3", "schedule.global_batch_size=4", "schedule.micro_batch_size=2",
+        "schedule.warmup_steps=1", "schedule.eval_steps=0", "checkpoint.save_interval=0",
+        "lm.builtin_docs=200",
+        f"data.cache_dir={tmp_path / 'cache'}"])
+    steps = {}
+    for documents in ("mask", "starts"):
+        monkeypatch.setattr(loop, "document_format", lambda cfg, d=documents: d)
+        seed_all(cfg.seed)
+        run = loop.build_run(cfg, megatron_cpu, tmp_path / documents)
+        assert run.packed_rows == (documents == "starts")
+        batch = next(loop._iterators(run, run.train_data, 0, 1))
+        assert ("cu_seqlens" in batch) == (documents == "starts")
+        assert batch["tokens"].shape == ((1, 256) if documents == "starts" else (2, 128))
+        iterators = loop._iterators(run, run.train_data, 0, None)
+        steps[documents] = [loop.train_step(run, iterators) for _ in range(3)]
+    for masked, packed in zip(steps["mask"], steps["starts"]):
+        assert packed["lm_loss"] == pytest.approx(masked["lm_loss"], rel=1e-4)
+        assert packed["grad_norm"] == pytest.approx(masked["grad_norm"], rel=1e-3)
+    assert steps["starts"][2]["lm_loss"] < steps["starts"][0]["lm_loss"]

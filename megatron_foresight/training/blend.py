@@ -19,7 +19,6 @@ from megatron_foresight.data.indexed import build_gpt_datasets
 from megatron_foresight.data.render import RENDERERS, TEXT_RENDERER, Seg
 from megatron_foresight.data.segmented import dataset_class, segment_weight_table
 from megatron_foresight.config import StageConfig
-from megatron_foresight.models.provider import document_format
 from megatron_foresight.training.plugin import (
     BuildContext, StageData, SupervisedStage, masked_token_loss,
 )
@@ -119,7 +118,7 @@ class BlendStage(SupervisedStage):
             cache_dir=ctx.cache_dir,
             dataset_cls=dataset_class(stage.pack_documents, stage.mask_cut_documents),
             valid_prefixes=[prefix(s) for s in stage.valid_sources or []],
-            documents=document_format(ctx.cfg))
+            documents=ctx.documents)
         self.logged = [] if stage.segment_weights is None else sorted(
             (Seg[n.upper()] for n, w in stage.segment_weights.items() if w > 0), key=int)
         self.weight_table = (None if stage.segment_weights is None else

@@ -197,11 +197,12 @@ def build_run(cfg: RecipeConfig, ctx: ParallelContext, run_dir: Path) -> Run:
     plugin = load_plugin(cfg.stage)(cfg)
     tokenizer = recipe_tokenizer(cfg)
     s = cfg.schedule
+    documents = None if plugin.on_policy else document_format(cfg)  # on-policy: no packing
     build = BuildContext(
         cfg=cfg, stage_cfg=cfg.stage_config, tokenizer=tokenizer,
         num_train_samples=s.train_steps * s.global_batch_size,
         num_valid_samples=s.eval_steps * s.global_batch_size if s.eval_steps else 0,
-        cache_dir=cache_dir(cfg), progress=ctx.is_logging_rank)
+        cache_dir=cache_dir(cfg), progress=ctx.is_logging_rank, documents=documents)
     if plugin.on_policy:  # it makes its samples while training
         plugin.setup(build)
         data = StageData(train=[])
@@ -222,7 +223,7 @@ def build_run(cfg: RecipeConfig, ctx: ParallelContext, run_dir: Path) -> Run:
     return Run(cfg=cfg, ctx=ctx, run_dir=run_dir, plugin=plugin, chunks=chunks, ddp=ddp,
                optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer),
                train_data=data.train, valid_data=data.valid, fresh_modules=fresh,
-               packed_rows=not plugin.on_policy and document_format(cfg) == "starts")
+               packed_rows=documents == "starts")
 
 
 def _resume(run: Run) -> bool:

@@ -73,6 +73,9 @@ class BuildContext:
     cache_dir: Path
     progress: bool = True
     """Whether this process may show progress bars (the logging rank)."""
+    documents: str | None = None
+    """How packed samples keep attention inside each document (data.document_masks): None,
+    "mask" or "starts" (`models.provider.document_format`, decided once per run)."""
 
 
 @dataclass

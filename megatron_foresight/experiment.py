@@ -18,7 +18,8 @@ The base is the WM-AMT recipe's `checkpoint.init_from` (null: fresh weights from
 Runs are shared by path: `seed<S>/<chain prefix>` is trained once per seed and reused by every
 row that starts with it (one WM-AMT per seed; the FE-SFT after it is reused by both RL rows).
 One world serves every seed. `runs.jsonl` records each training and evaluation this command
-performed (how shared runs are counted); `experiment.json` and `experiment.md` hold the table.
+performed (how shared runs are counted); `experiment.json` and `experiment.md` hold the table
+(each task set's success is a column of its own, as the paper's figures are search only).
 
 Re-running with the same --run-dir continues: a run trained to its last step is not started
 again, a run cut short resumes from its checkpoint, evaluations already written are read."""
@@ -75,6 +76,30 @@ and, where both rows have them, on fidelity (higher is better) and Brier (lower 
 
 HIGHER_IS_BETTER = {"task_success": True, "format_validity": True, "rollout_fidelity": True,
                     "value_brier": False, "value_ece": False, "value_auroc": True}
+
+SET_SUCCESS = "/task_success"
+"""The suffix of an evaluation's success on one task set (`search/task_success`): the paper's
+figures are search only, so each set's success is a column (and a tested metric) of its own."""
+
+
+def row_metrics(metrics: dict) -> dict:
+    """What the table keeps of one evaluation: the report's metrics, then each task set's
+    success (in the evaluation's order)."""
+    return {**{m: metrics.get(m) for m in REPORT_METRICS},
+            **{k: v for k, v in metrics.items() if k.endswith(SET_SUCCESS)}}
+
+
+def _set_metrics(per_seed: dict[int, dict[str, dict]]) -> list[str]:
+    """The per-set success keys any row of any seed has, first seen first."""
+    found = {}
+    for rows in per_seed.values():
+        for metrics in rows.values():
+            found.update((k, None) for k in metrics if k.endswith(SET_SUCCESS))
+    return list(found)
+
+
+def _higher_is_better(metric: str) -> bool:
+    return True if metric.endswith(SET_SUCCESS) else HIGHER_IS_BETTER[metric]
 
 # two-sided 95% quantiles of Student's t by degrees of freedom (1..30)
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -315,8 +340,7 @@ class Experiment:
             for row in self.rows:
                 self.ensure_trained(seed, row.chain, done)
                 metrics = self.evaluate(seed, row)
-                per_seed.setdefault(seed, {})[row.key] = {m: metrics.get(m)
-                                                          for m in REPORT_METRICS}
+                per_seed.setdefault(seed, {})[row.key] = row_metrics(metrics)
         summary = summarize(per_seed, self.rows)
         summary["tasks"] = self.tasks
         summary["wall_time_s_this_call"] = round(time.monotonic() - started, 1)
@@ -398,28 +422,30 @@ def _recipe_keys(cfg, base: bool) -> dict:
 
 def summarize(per_seed: dict[int, dict[str, dict]], rows: Sequence[Row]) -> dict:
     seeds = sorted(per_seed)
+    sets = _set_metrics(per_seed)
     table = {}
     for row in rows:
         table[row.key] = {"label": row.label, **{
-            m: mean_interval([per_seed[s][row.key][m] for s in seeds]) for m in REPORT_METRICS}}
+            m: mean_interval([per_seed[s][row.key].get(m) for s in seeds])
+            for m in (*REPORT_METRICS, *sets)}}
     keys = {r.key for r in rows}
     orderings = []
     for a, b, relation, statement in ORDERINGS:
         if a not in keys or b not in keys:
             continue
         tests = {}
-        for metric in ("task_success", "rollout_fidelity", "value_brier"):
+        for metric in ("task_success", *sets, "rollout_fidelity", "value_brier"):
             diffs = [per_seed[s][a][metric] - per_seed[s][b][metric] for s in seeds
-                     if per_seed[s][a][metric] is not None
-                     and per_seed[s][b][metric] is not None]
+                     if per_seed[s][a].get(metric) is not None
+                     and per_seed[s][b].get(metric) is not None]
             if not diffs:
                 continue
             d = mean_interval(diffs)
-            tests[metric] = {**d, "verdict": _verdict(d, relation, HIGHER_IS_BETTER[metric])}
+            tests[metric] = {**d, "verdict": _verdict(d, relation, _higher_is_better(metric))}
         orderings.append({"claim": statement, "a": a, "b": b, "relation": relation,
                           "tests": tests})
     return {"seeds": seeds, "per_seed": {str(s): per_seed[s] for s in seeds},
-            "rows": table, "orderings": orderings}
+            "rows": table, "task_sets": sets, "orderings": orderings}
 
 
 def _verdict(d: dict, relation: str, higher_better: bool) -> str:
@@ -448,14 +474,19 @@ def format_summary(summary: dict) -> str:
     """The table as Markdown: mean [95% interval] per row and metric, then the orderings."""
     lines = [f"seeds: {', '.join(map(str, summary['seeds']))}; {summary.get('tasks', '?')} "
              "validation tasks per evaluation; mean [95% t interval] over seeds "
-             "(n < seeds where a metric was undefined)", "",
-             "| row | " + " | ".join(REPORT_METRICS) + " |",
-             "|---|" + "---|" * len(REPORT_METRICS)]
-    for key, stats in summary["rows"].items():
-        lines.append(f"| {stats['label']} | " + " | ".join(
-            _cell(stats[m]) + ("" if stats[m]["n"] in (0, len(summary["seeds"]))
-                               else f" (n={stats[m]['n']})")
-            for m in REPORT_METRICS) + " |")
+             "(n < seeds where a metric was undefined)", ""]
+    sets = summary.get("task_sets", [])
+    for metrics in (REPORT_METRICS, sets):
+        if not metrics:
+            continue
+        if metrics is sets:
+            lines += ["", "Success by task set:", ""]
+        lines += ["| row | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        for stats in summary["rows"].values():
+            lines.append(f"| {stats['label']} | " + " | ".join(
+                _cell(stats[m]) + ("" if stats[m]["n"] in (0, len(summary["seeds"]))
+                                   else f" (n={stats[m]['n']})")
+                for m in metrics) + " |")
     if summary["orderings"]:
         lines += ["", "| claim (paired over seeds) | metric | a - b | verdict |",
                   "|---|---|---|---|"]

@@ -15,8 +15,8 @@ from megatron_foresight.configtree import ConfigError
 from megatron_foresight.config import load_recipe
 from megatron_foresight.errors import UsageError
 from megatron_foresight.experiment import (
-    ROWS, Experiment, _stage_defaults, format_summary, mean_interval, parse_rows, summarize,
-    t975,
+    ROWS, Experiment, _stage_defaults, format_summary, mean_interval, parse_rows, row_metrics,
+    summarize, t975,
 )
 from megatron_foresight.foresight.format import AgentTurn
 from megatron_foresight.foresight.formats import FORMATS
@@ -74,6 +74,37 @@ def test_orderings_are_tested_on_paired_differences():
     assert verdict.startswith("consistent (interval spans 0")
     table = format_summary(held)
     assert "| WM-AMT + FE-SFT | 0.500 [" in table and "| holds |" in table
+    assert "by task set" not in table  # no evaluation named a set
+
+
+def test_each_task_sets_success_is_a_column_and_tested_paired():
+    """The paper's figures are search only: each set's success (`search/task_success` in an
+    evaluation) gets its own column and its own paired test, next to the overall success."""
+    evaluation = {"task_success": 0.3, "value_brier": 0.2, "search/task_success": 0.5,
+                  "search/f1": 0.6, "math/task_success": 0.1, "math/value_brier": 0.3}
+    kept = row_metrics(evaluation)
+    assert list(kept) == [*REPORT_METRICS, "search/task_success", "math/task_success"]
+    assert kept["search/task_success"] == 0.5 and kept["format_validity"] is None
+    rows = [r for r in ROWS if r.key in ("fe_sft", "wm_amt+fe_sft")]
+    per_seed = _per_seed([0.2, 0.5, 0.8], [0.25, 0.45, 0.85])  # overall: not resolved
+    for seed, (a, b) in enumerate([(0.4, 0.1), (0.6, 0.2), (0.9, 0.7)]):
+        per_seed[seed]["wm_amt+fe_sft"]["search/task_success"] = a
+        per_seed[seed]["fe_sft"]["search/task_success"] = b
+    summary = summarize(per_seed, rows)
+    assert summary["task_sets"] == ["search/task_success"]
+    assert summary["rows"]["fe_sft"]["search/task_success"]["mean"] == pytest.approx(1 / 3)
+    tests = summary["orderings"][0]["tests"]
+    assert list(tests) == ["task_success", "search/task_success"]
+    assert tests["task_success"]["verdict"].startswith("not resolved")
+    assert tests["search/task_success"]["mean"] == pytest.approx(0.3)
+    assert tests["search/task_success"]["verdict"] == "holds"  # 0.3, 0.4, 0.2 on the seeds
+    table = format_summary(summary)
+    assert "Success by task set:\n\n| row | search/task_success |" in table
+    assert "| FE-SFT | 0.333 [" in table
+    assert "| WM-AMT + FE-SFT > FE-SFT | search/task_success | 0.300 [" in table
+    # a set one row lacks (an older evaluation) is left out of that row's mean, not an error
+    del per_seed[0]["fe_sft"]["search/task_success"]
+    assert summarize(per_seed, rows)["rows"]["fe_sft"]["search/task_success"]["n"] == 2
 
 
 def test_rows_are_named_and_unknown_rows_refused():
@@ -145,15 +176,19 @@ def test_experiment_smoke_two_rows_two_seeds_shares_runs(small_world, tmp_path):
     summary = json.loads((run_dir / "experiment.json").read_text())
     assert summary["seeds"] == [1234, 1235]
     assert list(summary["rows"]) == ["wm_amt+fe_sft", "wm_amt+fe_sft+rl"]
+    sets = summary["task_sets"]
     for stats in summary["rows"].values():
-        assert set(stats) == {"label", *REPORT_METRICS}
-        for metric in REPORT_METRICS:
+        assert set(stats) == {"label", *REPORT_METRICS, *sets}
+        for metric in (*REPORT_METRICS, *sets):
             assert set(stats[metric]) == {"n", "mean", "sd", "low", "high"}
     for seed in ("1234", "1235"):
         for row in ("wm_amt+fe_sft", "wm_amt+fe_sft+rl"):
             evaluated = json.loads((run_dir / f"seed{seed}" / f"eval_{row}.json").read_text())
-            assert summary["per_seed"][seed][row] == {m: evaluated["metrics"].get(m)
-                                                      for m in REPORT_METRICS}
+            played = [k for k in evaluated["metrics"] if k.endswith("/task_success")]
+            assert played and set(played) <= set(sets)
+            assert summary["per_seed"][seed][row] == {
+                **{m: evaluated["metrics"].get(m) for m in REPORT_METRICS},
+                **{k: evaluated["metrics"][k] for k in played}}
     assert "| WM-AMT + FE-SFT + RL |" in (run_dir / "experiment.md").read_text()
     assert (run_dir / "experiment.png").stat().st_size > 0
     assert "table: " in proc.stdout

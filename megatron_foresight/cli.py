@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "FE-SFT after it reused by both RL rows); every row's final model plays the "
                     "same validation tasks. Writes experiment.json, experiment.md (mean and 95% "
                     "t interval per row and metric, each task set's success too; the paper's "
-                    "orderings tested on paired per-seed differences), experiment.png and runs.jsonl (each training and "
-                    "evaluation performed). Re-running with the same --run-dir continues; a run "
+                    "orderings tested on paired per-seed differences), experiment.png and "
+                    "runs.jsonl (each training and evaluation performed). Re-running with the same --run-dir continues; a run "
                     "directory trained from another recipe is refused (recipes.json keeps "
                     "each step's).",
         epilog="Examples:\n"

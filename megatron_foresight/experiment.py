@@ -470,23 +470,26 @@ def _cell(stat: dict) -> str:
     return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
 
 
+def _metric_table(summary: dict, metrics: Sequence[str]) -> list[str]:
+    """A Markdown table of each row's mean [interval] of `metrics`, with the count of seeds
+    where a metric was defined when it is not all of them."""
+    lines = ["| row | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for stats in summary["rows"].values():
+        lines.append(f"| {stats['label']} | " + " | ".join(
+            _cell(stats[m]) + ("" if stats[m]["n"] in (0, len(summary["seeds"]))
+                               else f" (n={stats[m]['n']})")
+            for m in metrics) + " |")
+    return lines
+
+
 def format_summary(summary: dict) -> str:
     """The table as Markdown: mean [95% interval] per row and metric, then the orderings."""
     lines = [f"seeds: {', '.join(map(str, summary['seeds']))}; {summary.get('tasks', '?')} "
              "validation tasks per evaluation; mean [95% t interval] over seeds "
-             "(n < seeds where a metric was undefined)", ""]
-    sets = summary.get("task_sets", [])
-    for metrics in (REPORT_METRICS, sets):
-        if not metrics:
-            continue
-        if metrics is sets:
-            lines += ["", "Success by task set:", ""]
-        lines += ["| row | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
-        for stats in summary["rows"].values():
-            lines.append(f"| {stats['label']} | " + " | ".join(
-                _cell(stats[m]) + ("" if stats[m]["n"] in (0, len(summary["seeds"]))
-                                   else f" (n={stats[m]['n']})")
-                for m in metrics) + " |")
+             "(n < seeds where a metric was undefined)", "",
+             *_metric_table(summary, REPORT_METRICS)]
+    if summary.get("task_sets"):
+        lines += ["", "Success by task set:", "", *_metric_table(summary, summary["task_sets"])]
     if summary["orderings"]:
         lines += ["", "| claim (paired over seeds) | metric | a - b | verdict |",
                   "|---|---|---|---|"]

@@ -119,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "same validation tasks. Writes experiment.json, experiment.md (mean and 95% "
                     "t interval per row and metric, each task set's success too; the paper's "
                     "orderings tested on paired per-seed differences), experiment.png and "
-                    "runs.jsonl (each training and evaluation performed). Re-running with the same --run-dir continues; a run "
-                    "directory trained from another recipe is refused (recipes.json keeps "
-                    "each step's).",
+                    "runs.jsonl (each training and evaluation performed). Re-running with "
+                    "the same --run-dir continues; a run directory trained from another recipe "
+                    "is refused (recipes.json keeps each step's).",
         epilog="Examples:\n"
                "  foresight experiment recipes/tiny-cpu --run-dir runs/experiment --seeds 3\n"
                "  foresight experiment recipes/tiny-cpu --rows fe_sft,wm_amt+fe_sft --seeds 5 "

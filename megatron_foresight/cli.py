@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n"
                "  foresight eval recipes/tiny-cpu/fe_sft.yaml --ckpt runs/fe_sft\n"
                "  foresight eval recipes/tiny-cpu/wm_amt.yaml --ckpt runs/wm_amt --tasks 0\n"
-               "  foresight eval recipes/8b/fc_rl.yaml --ckpt runs/fc_rl_8b --set nq --split test\n"
+               "  foresight eval recipes/8b/fc_rl.yaml --ckpt runs/fc_rl_8b --set nq --tasks 1000\n"
                "  foresight eval R --ckpt C --tasks-file nq_dev.jsonl --env search "
                "--corpus psgs.jsonl\n"
                "  foresight eval R --ckpt C --tasks-file gsm8k_test.jsonl --env math --tasks 500",

@@ -1,2 +1,2 @@
-"""The foresight format (DESIGN.md section 2): its tags, and the parsers every other part calls.
-No one outside this package looks for tags in model text."""
+"""The foresight format (README, "Two versions of the foresight format"): its tags, and the
+parsers every other part calls. No one outside this package looks for tags in model text."""

@@ -1,7 +1,7 @@
-"""The foresight format (DESIGN.md section 2): rendering an agent turn, and reading one back,
-strictly (a typed turn, or a `FormatError` with the offending offset) or leniently (whatever can
-be recovered from partly malformed model output, with the problems listed). Neither raises on
-any text: malformed output is data for the format reward.
+"""The foresight format (v1; README, "Two versions of the foresight format"): rendering an agent
+turn, and reading one back, strictly (a typed turn, or a `FormatError` with the offending
+offset) or leniently (whatever can be recovered from partly malformed model output, with the
+problems listed). Neither raises on any text: malformed output is data for the format reward.
 
     <think> free reasoning </think>                  (optional)
     <foresight>

@@ -3,7 +3,7 @@ instruction and stop strings; a recipe names one (`foresight_format: v1 | v2`) a
 that writes or reads a turn (FE-SFT's hindsight traces, the agent loop, rewards, evaluation)
 takes it from there.
 
-v1 (`format.py`, DESIGN.md section 2):
+v1 (`format.py`):
 
     <think> ... </think>                                  (optional)
     <foresight> <plan> .. </plan> <rollout> .. </rollout> <value> 0.75 </value> </foresight>

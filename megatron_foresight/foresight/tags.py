@@ -1,5 +1,5 @@
 """The tag sets of the foresight format. A recipe names the version it trains in
-(`foresight_format`, `foresight.formats`): v1 is the format of DESIGN.md (a <foresight> block of
+(`foresight_format`, `foresight.formats`): v1 is the project's own format (a <foresight> block of
 plan, rollout and value before the action); v2 is the tag set a secondary summary of arXiv
 2606.27483 reports (not confirmed from the paper itself): <imaginary> (the rollout), <keyword>,
 <analysis>, <confidence> (0-100%), then <think> and the <action>. A tokenizer for the tiny

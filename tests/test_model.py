@@ -248,3 +248,22 @@ def test_document_masks_on_transformer_engine_are_packed_sequences_mocked_cuda(m
     monkeypatch.setattr(megatron.core.utils, "is_te_min_version", lambda v, **_: False)
     with pytest.raises(ConfigError, match="data.document_masks: .*transformer-engine >= 1.7"):
         document_format(one)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_transformer_engine_config_builds_for_each_activation_te_rope_kernel_mocked(
+        monkeypatch, activation):
+    """The TransformerConfig a TE run gets (use_te=True) is accepted by Megatron for both
+    activations: GeLU has no bias to fuse (Megatron refuses bias-GeLU fusion without one), so
+    only SwiGLU asks for the fused activation. TE's fused RoPE kernel is absent here and stood
+    in for (Megatron checks it exists); nothing runs on it."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megatron_foresight.models.provider import transformer_config
+
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", lambda *a, **k: None)
+    cfg = load_recipe(RECIPE, [f"model.activation={activation}"])
+    config = transformer_config(cfg, use_te=True)
+    assert config.bias_activation_fusion == (activation == "swiglu")
+    assert config.gated_linear_unit == (activation == "swiglu")
+    assert config.apply_rope_fusion and config.masked_softmax_fusion and not config.add_bias_linear

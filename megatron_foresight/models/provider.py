@@ -158,8 +158,9 @@ def transformer_config(cfg: RecipeConfig, use_te: bool):
         use_cpu_initialization=m.init_on_cpu if m.init_on_cpu is not None else not cuda,
         # The fused kernels need CUDA (and TE or Apex for some); the local CPU path runs the
         # plain torch versions of the same math.
-        # SwiGLU takes the fused call on the local path too, where `models.swiglu` serves it
-        bias_activation_fusion=use_te or m.activation == "swiglu",
+        # SwiGLU takes the fused call on the local path too, where `models.swiglu` serves it.
+        # GeLU only has a bias-GeLU fusion, and these models have no bias (Megatron refuses it)
+        bias_activation_fusion=m.activation == "swiglu",
         bias_dropout_fusion=use_te, masked_softmax_fusion=use_te,
         apply_rope_fusion=use_te, persist_layer_norm=use_te,
         gradient_accumulation_fusion=use_te and grad_accum_fusion_available(),

@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  foresight experiment recipes/tiny-cpu --rows fe_sft,wm_amt+fe_sft --seeds 5 "
                "--tasks 128",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_stages_args(exp, ", FE-SFT's also to format-free SFT, FC-RL's to plain RL",
+    _add_stages_args(exp, ", FE-SFT's also to format-free SFT, FC-RL's to plain RL; "
+                     "sft:key=value or rl:key=value to that step alone",
                      "runs/experiment", "seed<S>/<chain>/ per run, seed<S>/eval_<row>.json per "
                      "evaluation, and the table", 96, "row")
     exp.add_argument("--seeds", type=int, default=3,

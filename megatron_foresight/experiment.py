@@ -49,6 +49,11 @@ STEPS = {"wm_amt": "wm_amt", "sft": "fe_sft", "fe_sft": "fe_sft", "rl": "fc_rl",
          "fc_rl": "fc_rl"}
 """Each kind of step and the stage (recipe) it runs."""
 
+STEP_ONLY = ("sft", "rl")
+"""The steps that run another stage's recipe, so that `sft:key=value` (or `rl:`) can reach
+them alone: format-free SFT at its own budget (`sft:schedule.train_steps=325`: as many
+trajectories as FE-SFT's 600 steps see in the tiny recipes, not as many tokens; README)."""
+
 
 @dataclass(frozen=True)
 class Row:
@@ -190,8 +195,17 @@ class Experiment:
             raise UsageError("--tasks: each row's evaluation plays at least 1 task")
         self.recipe_dir, self.run_dir = Path(recipe_dir), Path(run_dir)
         self.seeds, self.rows, self.tasks = list(seeds), list(rows), tasks
-        self.overrides = list(overrides)
-        seeded = [o for o in self.overrides if o.split("=", 1)[0].rsplit(":", 1)[-1] == "seed"]
+        # `sft:key=value` and `rl:key=value` reach that step only (not FE-SFT or FC-RL, whose
+        # recipes the steps run); every other override is the pipeline's (`for_stage`)
+        self.step_only: dict[str, list[str]] = {kind: [] for kind in STEP_ONLY}
+        self.overrides = []
+        for o in overrides:
+            kind = o.split(":", 1)[0] if ":" in o.split("=", 1)[0] else None
+            if kind in STEP_ONLY:
+                self.step_only[kind].append(o.split(":", 1)[1])
+            else:
+                self.overrides.append(o)
+        seeded = [o for o in overrides if o.split("=", 1)[0].rsplit(":", 1)[-1] == "seed"]
         if seeded:
             raise UsageError(f"{seeded[0]}: the experiment sets each run's seed itself (the "
                              "recipe's seed and the ones after it, --seeds of them); leave "
@@ -207,7 +221,7 @@ class Experiment:
         path = self.recipes[stage]
         mine = [*for_stage(self.overrides, stage, self.tasks), f"seed={seed}"]
         base = load_recipe(path, mine)
-        mine += step_overrides(kind, base)
+        mine += step_overrides(kind, base) + self.step_only.get(kind, [])
         if len(chain) > 1:
             mine.append(f"checkpoint.init_from={json.dumps(str(self.run_path(seed, chain[:-1])))}")
         elif stage != "wm_amt":

@@ -134,6 +134,34 @@ def test_step_recipes_format_free_sft_plain_rl_and_shared_prefixes(tmp_path):
         str(tmp_path / "seed7" / "wm_amt+fe_sft")
 
 
+def test_overrides_addressed_to_the_sft_or_rl_step_reach_that_step_alone(tmp_path):
+    """`sft:` and `rl:` reach the step that runs another stage's recipe, not that stage
+    (format-free SFT at its own budget); `fe_sft:` still reaches both."""
+    exp = Experiment(TINY_CPU, tmp_path, [7], ROWS, tasks=4, overrides=[
+        "sft:schedule.train_steps=240", "sft:schedule.anneal_steps=40",
+        "rl:fc_rl.group_size=2", "fe_sft:schedule.eval_interval=60"])
+    fe_steps = load_recipe(TINY_CPU / "fe_sft.yaml").schedule.train_steps
+    assert fe_steps != 240
+    for chain in (("sft",), ("wm_amt", "sft")):
+        sft = exp.config(7, chain)
+        assert (sft.schedule.train_steps, sft.schedule.anneal_steps) == (240, 40)
+        assert sft.schedule.eval_interval == 60 and sft.foresight_format == "none"
+    for chain in (("fe_sft",), ("wm_amt", "fe_sft")):
+        fe = exp.config(7, chain)
+        assert fe.schedule.train_steps == fe_steps and fe.schedule.eval_interval == 60
+    fc_rl = load_recipe(TINY_CPU / "fc_rl.yaml").stage_config.group_size
+    assert fc_rl != 2
+    assert exp.config(7, ("wm_amt", "fe_sft", "rl")).stage_config.group_size == 2
+    assert exp.config(7, ("wm_amt", "fe_sft", "fc_rl")).stage_config.group_size == fc_rl
+    assert exp.config(7, ("wm_amt",)).schedule.train_steps == \
+        load_recipe(TINY_CPU / "wm_amt.yaml").schedule.train_steps
+    with pytest.raises(UsageError, match="sft:seed=3: the experiment sets each run's seed"):
+        Experiment(TINY_CPU, tmp_path, [7], ROWS, tasks=4, overrides=["sft:seed=3"])
+    with pytest.raises(ConfigError, match="train_step"):  # a misspelt key is still refused
+        Experiment(TINY_CPU, tmp_path, [7], ROWS, tasks=4,
+                   overrides=["sft:schedule.train_step=240"]).config(7, ("sft",))
+
+
 def test_overrides_addressed_to_a_stage_reach_only_that_stage():
     overrides = ["data.world=/w", "fe_sft:schedule.train_steps=150", "fc_rl.group_size=2",
                  "fe_sft.sources=[foresight:world:train]"]

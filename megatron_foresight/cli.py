@@ -390,14 +390,14 @@ def by_column(metrics: dict, set_names: list[str]) -> tuple[dict, list]:
 def _cmd_experiment(args) -> int:
     from megatron_foresight.config import load_recipe
     from megatron_foresight.errors import UsageError
-    from megatron_foresight.experiment import Experiment, parse_rows
+    from megatron_foresight.experiment import Experiment, parse_rows, split_step_only
     from megatron_foresight.pipeline import Stopped, for_stage, stage_recipes
 
     if args.seeds < 1:
         raise UsageError("--seeds: at least 1")
     rows = parse_rows(args.rows)  # a typo fails before any recipe loads
     first = load_recipe(dict(stage_recipes(Path(args.recipe_dir)))["wm_amt"],
-                        for_stage(args.overrides, "wm_amt"))
+                        for_stage(split_step_only(args.overrides)[0], "wm_amt"))
     try:
         Experiment(args.recipe_dir, args.run_dir, [first.seed + i for i in range(args.seeds)],
                    rows, args.tasks, args.overrides).run()

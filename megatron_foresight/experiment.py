@@ -186,6 +186,19 @@ def step_overrides(kind: str, cfg) -> list[str]:
     return []
 
 
+def split_step_only(overrides: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """The overrides of the stages (`for_stage` reads them), and by step kind those addressed
+    to one step alone (`sft:key=value`, `rl:key=value`, prefix removed)."""
+    stages, step_only = [], {kind: [] for kind in STEP_ONLY}
+    for o in overrides:
+        kind = o.split(":", 1)[0] if ":" in o.split("=", 1)[0] else None
+        if kind in STEP_ONLY:
+            step_only[kind].append(o.split(":", 1)[1])
+        else:
+            stages.append(o)
+    return stages, step_only
+
+
 class Experiment:
     def __init__(self, recipe_dir, run_dir, seeds: Sequence[int], rows: Sequence[Row],
                  tasks: int, overrides: Sequence[str] = ()):
@@ -195,16 +208,7 @@ class Experiment:
             raise UsageError("--tasks: each row's evaluation plays at least 1 task")
         self.recipe_dir, self.run_dir = Path(recipe_dir), Path(run_dir)
         self.seeds, self.rows, self.tasks = list(seeds), list(rows), tasks
-        # `sft:key=value` and `rl:key=value` reach that step only (not FE-SFT or FC-RL, whose
-        # recipes the steps run); every other override is the pipeline's (`for_stage`)
-        self.step_only: dict[str, list[str]] = {kind: [] for kind in STEP_ONLY}
-        self.overrides = []
-        for o in overrides:
-            kind = o.split(":", 1)[0] if ":" in o.split("=", 1)[0] else None
-            if kind in STEP_ONLY:
-                self.step_only[kind].append(o.split(":", 1)[1])
-            else:
-                self.overrides.append(o)
+        self.overrides, self.step_only = split_step_only(overrides)
         seeded = [o for o in overrides if o.split("=", 1)[0].rsplit(":", 1)[-1] == "seed"]
         if seeded:
             raise UsageError(f"{seeded[0]}: the experiment sets each run's seed itself (the "

@@ -162,6 +162,16 @@ def test_overrides_addressed_to_the_sft_or_rl_step_reach_that_step_alone(tmp_pat
                    overrides=["sft:schedule.train_step=240"]).config(7, ("sft",))
 
 
+def test_the_command_takes_a_step_override_and_refuses_its_misspelt_key(tmp_path):
+    """From the command line an `sft:` override reaches the recipes' checks (a misspelt key is
+    refused naming it, before anything trains), not the stage-prefix check."""
+    proc = foresight(["experiment", str(TINY_CPU), "--run-dir", str(tmp_path / "exp"),
+                      "sft:schedule.train_step=325"], check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "schedule.train_step" in proc.stderr and "not a stage" not in proc.stderr
+    assert not (tmp_path / "exp" / "runs.jsonl").exists()
+
+
 def test_overrides_addressed_to_a_stage_reach_only_that_stage():
     overrides = ["data.world=/w", "fe_sft:schedule.train_steps=150", "fc_rl.group_size=2",
                  "fe_sft.sources=[foresight:world:train]"]

@@ -106,6 +106,7 @@ def _set_metrics(per_seed: dict[int, dict[str, dict]]) -> list[str]:
 def _higher_is_better(metric: str) -> bool:
     return True if metric.endswith(SET_SUCCESS) else HIGHER_IS_BETTER[metric]
 
+
 # two-sided 95% quantiles of Student's t by degrees of freedom (1..30)
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
          2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,

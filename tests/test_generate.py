@@ -77,6 +77,52 @@ def test_sampling_is_seeded_and_top_p_restricts_the_draw(megatron_cpu, slots):
     assert all(c.ids == greedy[0].ids for c in tiny_p)  # only the top token survives
 
 
+def test_inverse_cdf_draws_by_probability_and_never_a_zero_probability_token():
+    """The device-side draw (`inverse_cdf`, what sampling on CUDA uses): the first token whose
+    cumulative probability exceeds u of the row's total; zero-probability tokens (first, inner,
+    last) never drawn, even for u at the ends of [0, 1); frequencies follow the probabilities."""
+    from megatron_foresight.inference.generate import inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.25, 0.0],  # binary fractions: exact sums
+                          [0.125, 0.0, 0.0, 0.0, 0.0, 0.875]])
+    edges = torch.tensor([0.0, 0.1249, 0.125, 0.4999, 0.5, 0.8, 1 - 2 ** -53],
+                         dtype=torch.float64)
+    for row, expected in ((0, [1, 1, 1, 1, 3, 4, 4]), (1, [0, 0, 5, 5, 5, 5, 5])):
+        got = inverse_cdf(probs[row].expand(len(edges), -1), edges).tolist()
+        assert got == expected, (row, got)
+    # rounding past the total falls back to the last token of positive probability
+    assert inverse_cdf(probs, torch.tensor([1.0, 1.0], dtype=torch.float64)).tolist() == [4, 5]
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(40_000, generator=g, dtype=torch.float64)
+    ids = inverse_cdf(probs[:1].expand(len(u), -1), u)
+    freq = torch.bincount(ids, minlength=6).double() / len(u)
+    assert torch.allclose(freq, probs[0].double(), atol=0.01), freq
+    assert freq[[0, 2, 5]].sum() == 0
+
+
+def test_device_side_sampling_keeps_each_rows_stream_its_own_forced_on_cpu(monkeypatch):
+    """With the device path taken (as on CUDA; forced here, there is no GPU), a row's token
+    depends on its own generator only, not on the rows beside it, and its log-probability is
+    the drawn token's."""
+    from megatron_foresight.inference import generate
+
+    monkeypatch.setattr(generate, "_draws_on_device", lambda device: True)
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    sampling = Sampling(temperature=1.0, max_new_tokens=1)
+
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    ids, logp = generate._draw(logits, sampling, gens(5, 6, 7))
+    alone, _ = generate._draw(logits[1:2], sampling, gens(6))
+    assert ids[1] == alone[0]
+    assert torch.allclose(logp, torch.log_softmax(logits, -1).gather(-1, ids[:, None])[:, 0])
+    again, _ = generate._draw(logits, sampling, gens(5, 6, 7))
+    assert again.tolist() == ids.tolist()
+    shared, _ = generate._draw(logits, sampling, torch.Generator().manual_seed(5))
+    assert shared.shape == (3,)
+
+
 @pytest.mark.parametrize("slots", [True, False], ids=["slots", "static"])
 def test_sequence_limit_ends_rows_with_context(megatron_cpu, slots):
     gen = Generator(_model(), ByteTokenizer(), max_sequence_length=10, slot_cache=slots)

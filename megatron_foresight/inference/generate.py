@@ -95,12 +95,39 @@ def _draw(logits_BV: torch.Tensor, sampling: Sampling,
         outside = sorted_p.cumsum(-1) - sorted_p >= sampling.top_p  # keep the first token always
         sorted_p = sorted_p.masked_fill(outside, 0)
         probs_BV = torch.zeros_like(probs_BV).scatter(-1, order, sorted_p)
-    if isinstance(gen, list):
+    if _draws_on_device(probs_BV.device):
+        # one uniform per row from its (host) stream; the draw itself stays on the device
+        u_B = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gen]) \
+            if isinstance(gen, list) else \
+            torch.rand(probs_BV.size(0), generator=gen, dtype=torch.float64)
+        ids_B = inverse_cdf(probs_BV, u_B.to(probs_BV.device))
+    elif isinstance(gen, list):
         ids_B = torch.cat([torch.multinomial(p[None], 1, generator=g)[0]
                            for p, g in zip(probs_BV.cpu(), gen)]).to(logits_BV.device)
     else:
         ids_B = torch.multinomial(probs_BV.cpu(), 1, generator=gen)[:, 0].to(logits_BV.device)
     return ids_B, logp_BV.gather(-1, ids_B[:, None])[:, 0]
+
+
+def _draws_on_device(device: torch.device) -> bool:
+    """Whether a draw stays on `device` (`inverse_cdf`) rather than copying the B x V
+    probabilities to the host for `torch.multinomial` (CUDA: 39 MB a step at 152k tokens and
+    64 rows, and a host multinomial per row). The host path, kept on the CPU, is what every
+    figure measured here sampled."""
+    return device.type == "cuda"
+
+
+def inverse_cdf(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+    """Row b's token: the first whose cumulative probability exceeds u_B[b] (in [0, 1)) of the
+    row's total, so token v is drawn with probability p_v / sum(p). One pass over the batch on
+    its device; a token of probability 0 is never drawn (rounding at the top end falls back to
+    the row's last token of positive probability)."""
+    cdf_BV = probs_BV.double().cumsum(-1)
+    target_B1 = (u_B.double() * cdf_BV[:, -1])[:, None]
+    ids_B = torch.searchsorted(cdf_BV, target_B1, right=True)[:, 0]
+    positive_BV = probs_BV > 0
+    last_B = probs_BV.size(-1) - 1 - positive_BV.flip(-1).int().argmax(-1)
+    return torch.minimum(ids_B, last_B)
 
 
 def _te_core_attention(model) -> bool:

@@ -39,8 +39,8 @@ from typing import Sequence
 from megatron_foresight.config import load_recipe
 from megatron_foresight.errors import UsageError
 from megatron_foresight.pipeline import (
-    REPORT_METRICS, _wandb_names, for_stage, read_evaluation, stage_recipes, train_to_end,
-    trained_step,
+    _STAGE_PREFIX, REPORT_METRICS, _wandb_names, for_stage, read_evaluation, stage_recipes,
+    train_to_end, trained_step,
 )
 
 log = logging.getLogger(__name__)
@@ -187,14 +187,33 @@ def step_overrides(kind: str, cfg) -> list[str]:
     return []
 
 
+def _check_step(kind: str, cfg, addressed: Sequence[str]) -> None:
+    """What makes a step the row it stands for must survive the overrides addressed to it:
+    format-free SFT writes no foresight, plain-reward RL weighs no foresight term."""
+    from megatron_foresight.rl.rewards import REWARD_TERMS
+
+    wrong = None
+    if kind == "sft" and cfg.foresight_format != "none":
+        wrong = f"foresight_format: {cfg.foresight_format} (format-free SFT writes none)"
+    if kind == "rl":
+        kept = [k for k, w in cfg.stage_config.reward_weights.items()
+                if w and REWARD_TERMS[k].credit not in ("episode", "turn")]
+        if kept:
+            wrong = (f"fc_rl.reward_weights weighs {', '.join(kept)} (plain-reward RL keeps "
+                     "the terms of whole turns or episodes)")
+    if wrong:
+        raise UsageError(f"{' '.join(f'{kind}:{o}' for o in addressed)}: the {kind} step would "
+                         f"no longer be its row: {wrong}")
+
+
 def split_step_only(overrides: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
     """The overrides of the stages (`for_stage` reads them), and by step kind those addressed
     to one step alone (`sft:key=value`, `rl:key=value`, prefix removed)."""
     stages, step_only = [], {kind: [] for kind in STEP_ONLY}
     for o in overrides:
-        kind = o.split(":", 1)[0] if ":" in o.split("=", 1)[0] else None
-        if kind in STEP_ONLY:
-            step_only[kind].append(o.split(":", 1)[1])
+        addressed = _STAGE_PREFIX.match(o)  # as `for_stage` reads a prefix (not `http://`)
+        if addressed and addressed.group(1) in STEP_ONLY:
+            step_only[addressed.group(1)].append(o[addressed.end():])
         else:
             stages.append(o)
     return stages, step_only
@@ -235,6 +254,7 @@ class Experiment:
                 *for_stage(self.overrides, "wm_amt", self.tasks), f"seed={seed}"])
             mine.append(f"checkpoint.init_from={json.dumps(start.checkpoint.init_from)}")
         cfg = load_recipe(path, mine)
+        _check_step(kind, cfg, self.step_only.get(kind, []))
         group = self.run_dir.resolve().parent / f"{self.run_dir.resolve().name}-seed{seed}"
         names = _wandb_names(cfg, group, "+".join(chain))
         return load_recipe(path, mine + names) if names else cfg

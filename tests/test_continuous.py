@@ -129,6 +129,21 @@ def test_continuous_is_the_same_under_model_parallelism(tmp_path, tp, pp):
     _same_records(out[2], out[1])
 
 
+def test_device_draws_agree_across_tensor_parallel_ranks_forced_on_cpu(tmp_path):
+    """Sampled episodes drawn as on CUDA (the device path forced: no GPU here) are the same at
+    TP 2 as in one process: the TP ranks take rank 0's tokens (a broadcast every step; on gloo
+    their own draws would agree anyway, so this checks the path runs and agrees, not that
+    CUDA's cumulative sums differ)."""
+    out = {}
+    for n, layout in ((1, (1, 1)), (2, (2, 1))):
+        path = tmp_path / f"{n}.json"
+        python(["tests/helpers/continuous_episodes.py", str(path), *map(str, layout),
+                "device-draw"], nproc=n)
+        out[n] = json.loads(path.read_text())
+    assert len({tuple(t["ids"]) for r in out[1] for t in r["turns"]}) > 1
+    _same_records(out[2], out[1])
+
+
 class _NoHostReads(torch.overrides.TorchFunctionMode):
     """Fails on anything that reads a tensor's value back to the host (or sizes a result by
     it): a captured CUDA graph could not do that."""

@@ -155,6 +155,15 @@ def test_overrides_addressed_to_the_sft_or_rl_step_reach_that_step_alone(tmp_pat
     assert exp.config(7, ("wm_amt", "fe_sft", "fc_rl")).stage_config.group_size == fc_rl
     assert exp.config(7, ("wm_amt",)).schedule.train_steps == \
         load_recipe(TINY_CPU / "wm_amt.yaml").schedule.train_steps
+    undone = Experiment(TINY_CPU, tmp_path, [7], ROWS, tasks=4,
+                        overrides=['rl:fc_rl.reward_weights={"task": 1.0, "fidelity": 1.0}'])
+    with pytest.raises(UsageError, match="the rl step would no longer be its row: "
+                                         "fc_rl.reward_weights weighs fidelity"):
+        undone.config(7, ("wm_amt", "fe_sft", "rl"))
+    assert undone.config(7, ("wm_amt", "fe_sft", "fc_rl")).stage_config.reward_weights
+    with pytest.raises(UsageError, match="the sft step would no longer be its row"):
+        Experiment(TINY_CPU, tmp_path, [7], ROWS, tasks=4,
+                   overrides=["sft:foresight_format=v1"]).config(7, ("sft",))
     with pytest.raises(UsageError, match="sft:seed=3: the experiment sets each run's seed"):
         Experiment(TINY_CPU, tmp_path, [7], ROWS, tasks=4, overrides=["sft:seed=3"])
     with pytest.raises(ConfigError, match="train_step"):  # a misspelt key is still refused

@@ -98,6 +98,11 @@ def test_inverse_cdf_draws_by_probability_and_never_a_zero_probability_token():
     freq = torch.bincount(ids, minlength=6).double() / len(u)
     assert torch.allclose(freq, probs[0].double(), atol=0.01), freq
     assert freq[[0, 2, 5]].sum() == 0
+    # a row of NaN or of zeros is refused, as torch.multinomial refuses it on the host path
+    for bad in (float("nan"), 0.0):
+        rows = torch.cat([probs[:1], torch.full((1, 6), bad)])
+        with pytest.raises(RuntimeError, match=r"row\(s\) \[1\] are not finite or sum to 0"):
+            inverse_cdf(rows, torch.tensor([0.5, 0.5], dtype=torch.float64))
 
 
 def test_device_side_sampling_keeps_each_rows_stream_its_own_forced_on_cpu(monkeypatch):
@@ -120,7 +125,8 @@ def test_device_side_sampling_keeps_each_rows_stream_its_own_forced_on_cpu(monke
     again, _ = generate._draw(logits, sampling, gens(5, 6, 7))
     assert again.tolist() == ids.tolist()
     shared, _ = generate._draw(logits, sampling, torch.Generator().manual_seed(5))
-    assert shared.shape == (3,)
+    u = torch.rand(3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert shared.tolist() == generate.inverse_cdf(torch.softmax(logits, -1), u).tolist()
 
 
 @pytest.mark.parametrize("slots", [True, False], ids=["slots", "static"])

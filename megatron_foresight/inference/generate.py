@@ -121,9 +121,15 @@ def inverse_cdf(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
     """Row b's token: the first whose cumulative probability exceeds u_B[b] (in [0, 1)) of the
     row's total, so token v is drawn with probability p_v / sum(p). One pass over the batch on
     its device; a token of probability 0 is never drawn (rounding at the top end falls back to
-    the row's last token of positive probability)."""
+    the row's last token of positive probability); a row of NaN or of zeros is refused, as
+    `torch.multinomial` refuses it (one host sync a step: the ids are read back anyway)."""
     cdf_BV = probs_BV.double().cumsum(-1)
-    target_B1 = (u_B.double() * cdf_BV[:, -1])[:, None]
+    total_B = cdf_BV[:, -1]
+    if not bool((total_B > 0).all()):  # NaN fails the comparison too; as torch.multinomial
+        bad = (~(total_B > 0)).nonzero()[:, 0].tolist()
+        raise RuntimeError(f"sampling: the probabilities of row(s) {bad} are not finite or sum "
+                           "to 0 (the model's logits are NaN or -inf there)")
+    target_B1 = (u_B.double() * total_B)[:, None]
     ids_B = torch.searchsorted(cdf_BV, target_B1, right=True)[:, 0]
     positive_BV = probs_BV > 0
     last_B = probs_BV.size(-1) - 1 - positive_BV.flip(-1).int().argmax(-1)
@@ -205,6 +211,12 @@ class Generator:
                              "parallel.virtual_pipeline_model_parallel_size=null (checkpoints "
                              "load at any TP/PP)")
         self.pipelined = ps.get_pipeline_model_parallel_world_size() > 1
+        # A device draw's cumulative sum is not bitwise reproducible on CUDA, so TP ranks take
+        # TP rank 0's tokens rather than trusting theirs to agree (`_next_tokens`)
+        self.tp_group = ps.get_tensor_model_parallel_group() \
+            if ps.get_tensor_model_parallel_world_size() > 1 else None
+        self.tp_src = ps.get_tensor_model_parallel_src_rank() if self.tp_group is not None \
+            else None
         if self.pipelined:
             self.first = ps.is_pipeline_first_stage(ignore_virtual=True)
             self.last = ps.is_pipeline_last_stage(ignore_virtual=True)
@@ -277,16 +289,29 @@ class Generator:
         """Each row's next token and its log-probability, the same on every rank: drawn on the
         last pipeline stage, broadcast to the others."""
         if not self.pipelined:
-            return _draw(logits_BV, sampling, gen)
+            return self._draw_agreed(logits_BV, sampling, gen)
         import torch.distributed as dist
 
         if self.last:
-            ids_B, logp_B = _draw(logits_BV, sampling, gen)
+            ids_B, logp_B = self._draw_agreed(logits_BV, sampling, gen)
         else:
             ids_B = torch.empty(rows, dtype=torch.long, device=self.device)
             logp_B = torch.empty(rows, dtype=torch.float32, device=self.device)
         dist.broadcast(ids_B, self.last_rank, group=self.pp_group)
         dist.broadcast(logp_B, self.last_rank, group=self.pp_group)
+        return ids_B, logp_B
+
+    def _draw_agreed(self, logits_BV, sampling: Sampling, gen):
+        """`_draw`, with a device draw's tokens (and so their log-probabilities) taken from TP
+        rank 0 of the group: each rank's own cumulative sums may differ in the last bit."""
+        ids_B, logp_B = _draw(logits_BV, sampling, gen)
+        if self.tp_group is not None and sampling.temperature > 0 and \
+                _draws_on_device(logits_BV.device):
+            import torch.distributed as dist
+
+            dist.broadcast(ids_B, self.tp_src, group=self.tp_group)
+            logp_B = torch.log_softmax(logits_BV.float() / sampling.temperature, -1).gather(
+                -1, ids_B[:, None])[:, 0]
         return ids_B, logp_B
 
     def stop_condition(self, stop_texts: tuple[str, ...]):

@@ -152,8 +152,6 @@ def step_overrides(kind: str, cfg) -> list[str]:
     """What turns a stage's recipe (loaded as `cfg`) into the step `kind`: format-free SFT
     reads FE-SFT's `foresight:X` sources as X and plays without foresight; plain-reward RL
     keeps the reward terms credited to whole turns or episodes."""
-    from megatron_foresight.rl.rewards import REWARD_TERMS
-
     if kind == "sft":
         st = cfg.stage_config
 
@@ -178,8 +176,7 @@ def step_overrides(kind: str, cfg) -> list[str]:
             out.append(f"fe_sft.segment_weights={json.dumps(kept)}")
         return out
     if kind == "rl":
-        kept = {k: v for k, v in cfg.stage_config.reward_weights.items()
-                if REWARD_TERMS[k].credit in ("episode", "turn")}
+        kept = {k: v for k, v in cfg.stage_config.reward_weights.items() if _plain_term(k)}
         if not kept:
             raise UsageError("plain-reward RL keeps the reward terms of whole turns or episodes "
                              "(task, format); the FC-RL recipe weighs none")
@@ -187,20 +184,26 @@ def step_overrides(kind: str, cfg) -> list[str]:
     return []
 
 
+def _plain_term(term: str) -> bool:
+    """Whether a reward term is plain RL's: credited to whole turns or episodes (task, format),
+    not to the foresight's parts."""
+    from megatron_foresight.rl.rewards import REWARD_TERMS
+
+    return REWARD_TERMS[term].credit in ("episode", "turn")
+
+
 def _check_step(kind: str, cfg, addressed: Sequence[str]) -> None:
     """What makes a step the row it stands for must survive the overrides addressed to it:
     format-free SFT writes no foresight, plain-reward RL weighs no foresight term."""
-    from megatron_foresight.rl.rewards import REWARD_TERMS
-
     wrong = None
     if kind == "sft" and cfg.foresight_format != "none":
         wrong = f"foresight_format: {cfg.foresight_format} (format-free SFT writes none)"
     if kind == "rl":
-        kept = [k for k, w in cfg.stage_config.reward_weights.items()
-                if w and REWARD_TERMS[k].credit not in ("episode", "turn")]
-        if kept:
-            wrong = (f"fc_rl.reward_weights weighs {', '.join(kept)} (plain-reward RL keeps "
-                     "the terms of whole turns or episodes)")
+        foresight = [k for k, w in cfg.stage_config.reward_weights.items()
+                     if w and not _plain_term(k)]
+        if foresight:
+            wrong = (f"fc_rl.reward_weights weighs {', '.join(foresight)} (plain-reward RL "
+                     "keeps the terms of whole turns or episodes)")
     if wrong:
         raise UsageError(f"{' '.join(f'{kind}:{o}' for o in addressed)}: the {kind} step would "
                          f"no longer be its row: {wrong}")

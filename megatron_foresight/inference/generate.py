@@ -81,9 +81,10 @@ class DecodeStats:
 
 
 def _draw(logits_BV: torch.Tensor, sampling: Sampling,
-          gen: torch.Generator | list[torch.Generator]):
+          gen: torch.Generator | list[torch.Generator], tp_src: tuple | None = None):
     """Next token per row and its log-probability; `gen` one generator for the batch, or one
-    per row."""
+    per row. `tp_src` (the TP group and its rank 0): a device draw takes that rank's tokens,
+    since each rank's cumulative sums may differ in the last bit on CUDA."""
     logits_BV = logits_BV.float()
     if sampling.temperature == 0:
         ids_B = logits_BV.argmax(-1)
@@ -101,6 +102,10 @@ def _draw(logits_BV: torch.Tensor, sampling: Sampling,
             if isinstance(gen, list) else \
             torch.rand(probs_BV.size(0), generator=gen, dtype=torch.float64)
         ids_B = inverse_cdf(probs_BV, u_B.to(probs_BV.device))
+        if tp_src is not None:
+            import torch.distributed as dist
+
+            dist.broadcast(ids_B, tp_src[1], group=tp_src[0])
     elif isinstance(gen, list):
         ids_B = torch.cat([torch.multinomial(p[None], 1, generator=g)[0]
                            for p, g in zip(probs_BV.cpu(), gen)]).to(logits_BV.device)
@@ -131,8 +136,8 @@ def inverse_cdf(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
                            "to 0 (the model's logits are NaN or -inf there)")
     target_B1 = (u_B.double() * total_B)[:, None]
     ids_B = torch.searchsorted(cdf_BV, target_B1, right=True)[:, 0]
-    positive_BV = probs_BV > 0
-    last_B = probs_BV.size(-1) - 1 - positive_BV.flip(-1).int().argmax(-1)
+    # the last token of positive probability: where the cumulative sum first reaches the total
+    last_B = torch.searchsorted(cdf_BV, total_B[:, None])[:, 0]
     return torch.minimum(ids_B, last_B)
 
 
@@ -212,11 +217,10 @@ class Generator:
                              "load at any TP/PP)")
         self.pipelined = ps.get_pipeline_model_parallel_world_size() > 1
         # A device draw's cumulative sum is not bitwise reproducible on CUDA, so TP ranks take
-        # TP rank 0's tokens rather than trusting theirs to agree (`_next_tokens`)
-        self.tp_group = ps.get_tensor_model_parallel_group() \
+        # TP rank 0's tokens rather than trusting theirs to agree (`_draw`)
+        self.tp_src = (ps.get_tensor_model_parallel_group(),
+                       ps.get_tensor_model_parallel_src_rank()) \
             if ps.get_tensor_model_parallel_world_size() > 1 else None
-        self.tp_src = ps.get_tensor_model_parallel_src_rank() if self.tp_group is not None \
-            else None
         if self.pipelined:
             self.first = ps.is_pipeline_first_stage(ignore_virtual=True)
             self.last = ps.is_pipeline_last_stage(ignore_virtual=True)
@@ -289,29 +293,16 @@ class Generator:
         """Each row's next token and its log-probability, the same on every rank: drawn on the
         last pipeline stage, broadcast to the others."""
         if not self.pipelined:
-            return self._draw_agreed(logits_BV, sampling, gen)
+            return _draw(logits_BV, sampling, gen, self.tp_src)
         import torch.distributed as dist
 
         if self.last:
-            ids_B, logp_B = self._draw_agreed(logits_BV, sampling, gen)
+            ids_B, logp_B = _draw(logits_BV, sampling, gen, self.tp_src)
         else:
             ids_B = torch.empty(rows, dtype=torch.long, device=self.device)
             logp_B = torch.empty(rows, dtype=torch.float32, device=self.device)
         dist.broadcast(ids_B, self.last_rank, group=self.pp_group)
         dist.broadcast(logp_B, self.last_rank, group=self.pp_group)
-        return ids_B, logp_B
-
-    def _draw_agreed(self, logits_BV, sampling: Sampling, gen):
-        """`_draw`, with a device draw's tokens (and so their log-probabilities) taken from TP
-        rank 0 of the group: each rank's own cumulative sums may differ in the last bit."""
-        ids_B, logp_B = _draw(logits_BV, sampling, gen)
-        if self.tp_group is not None and sampling.temperature > 0 and \
-                _draws_on_device(logits_BV.device):
-            import torch.distributed as dist
-
-            dist.broadcast(ids_B, self.tp_src, group=self.tp_group)
-            logp_B = torch.log_softmax(logits_BV.float() / sampling.temperature, -1).gather(
-                -1, ids_B[:, None])[:, 0]
         return ids_B, logp_B
 
     def stop_condition(self, stop_texts: tuple[str, ...]):
